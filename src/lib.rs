@@ -1,0 +1,14 @@
+//! unibus: a secure message bus for endpoints that talk in rooms.
+//!
+//! One binary is a cluster node, the operator's CLI and a client library. A node
+//! supervises a local `nats-server` (the data plane), keeps the control plane (users,
+//! rooms, members, room keys) in a [`membership`] store and admits NATS connections only
+//! after checking that store. The shared picture lives in `DESIGN.md`; this crate is laid
+//! out a folder per concept:
+//!
+//! - [`config`]: figment layers (defaults, `unibus.toml`, `UNIBUS_*`, CLI) and feature flags;
+//! - [`node`]: the node runtime: nats-server supervision, lifecycle, admin HTTP;
+//! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV).
+pub mod config;
+pub mod membership;
+pub mod node;
