@@ -1,0 +1,1 @@
+//! The node runtime (being written).
