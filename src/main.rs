@@ -1,1 +1,207 @@
-fn main() {}
+//! The `unibus` command line: parse, call the library, print. Nothing else lives here.
+//!
+//! Exit codes: 0 ok, 1 refused or failed at run time (`node status`: not ready),
+//! 2 bad usage or local error.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use unibus::config::{Config, ConfigError, parse_flag};
+use unibus::node::{self, http, readiness::Readyz};
+
+#[derive(Parser)]
+#[command(name = "unibus", version, about = "A secure message bus for endpoints that talk in rooms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run or inspect a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Start a node: supervise nats-server, serve the control plane, until SIGTERM.
+    Up(UpArgs),
+    /// Print a node's readiness (exit 0 when ready, 1 when not): a container healthcheck.
+    Status {
+        /// The node's admin HTTP address.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "UNIBUS_HTTP")]
+        http: String,
+        /// Print the /readyz JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// A unibus.toml file (layered over the defaults, under UNIBUS_* and these flags).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Node name (default: host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Data directory (default: ./data/NAME).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// NATS client listener (default 127.0.0.1:4222).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Route listener (default 127.0.0.1:6222).
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_listen: Option<String>,
+    /// Route addresses of the other nodes (comma list or repeated).
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// The node's admin HTTP (default 127.0.0.1:8080).
+    #[arg(long, value_name = "HOST:PORT")]
+    http: Option<String>,
+    /// nats-server's monitoring listener (default 127.0.0.1:8222).
+    #[arg(long, value_name = "HOST:PORT")]
+    nats_http: Option<String>,
+    /// The nats-server binary (else UNIBUS_NATS_SERVER, else beside unibus, else the one
+    /// scripts/setup installed, else PATH).
+    #[arg(long, value_name = "PATH")]
+    nats_server: Option<PathBuf>,
+    /// A feature flag, NAME=VALUE (repeatable): bus-auth=off|soft|enforce,
+    /// bus-tls=true|false, decentralized=true|false.
+    #[arg(long = "flag", value_name = "NAME=VALUE")]
+    flags: Vec<String>,
+}
+
+impl UpArgs {
+    /// Only the options given on the command line, as config keys.
+    fn overrides(&self) -> Result<BTreeMap<String, serde_json::Value>, ConfigError> {
+        let mut out = BTreeMap::new();
+        let mut put = |key: &str, value: Option<serde_json::Value>| {
+            if let Some(v) = value {
+                out.insert(key.to_string(), v);
+            }
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into());
+        put("name", self.name.clone().map(Into::into));
+        put("data", path(&self.data));
+        put("listen", self.listen.clone().map(Into::into));
+        put("cluster_listen", self.cluster_listen.clone().map(Into::into));
+        put("http", self.http.clone().map(Into::into));
+        put("nats_http", self.nats_http.clone().map(Into::into));
+        put("nats_server", path(&self.nats_server));
+        if !self.peers.is_empty() {
+            put("peers", Some(self.peers.clone().into()));
+        }
+        for flag in &self.flags {
+            let (key, value) = parse_flag(flag)?;
+            out.insert(key, value);
+        }
+        Ok(out)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UNIBUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Node(NodeCommand::Up(args)) => node_up(args).await,
+            Command::Node(NodeCommand::Status { http, json }) => node_status(&http, json).await,
+        }
+    });
+    ExitCode::from(code)
+}
+
+async fn node_up(args: UpArgs) -> u8 {
+    let config = args
+        .overrides()
+        .and_then(|cli| Config::load(args.config.as_deref(), cli));
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match node::run(config).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code() as u8
+        }
+    }
+}
+
+async fn node_status(addr: &str, json: bool) -> u8 {
+    let response = match http::get(addr, "/readyz", Duration::from_secs(3)).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("not ready: cannot reach the node's admin HTTP at {addr}: {e}");
+            return 1;
+        }
+    };
+    let readyz: Readyz = match serde_json::from_str(&response.body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("not ready: {addr}/readyz returned {} with a body that is not readiness JSON: {e}", response.status);
+            return 1;
+        }
+    };
+    if json {
+        println!("{}", response.body.trim_end());
+    } else {
+        print!("{}", status_table(&readyz));
+    }
+    if readyz.ready { 0 } else { 1 }
+}
+
+fn status_table(r: &Readyz) -> String {
+    let mut out = format!(
+        "node {}: {}\n",
+        r.node,
+        if r.ready {
+            "ready"
+        } else if r.shutting_down {
+            "shutting down"
+        } else {
+            "not ready"
+        }
+    );
+    out.push_str(&format!("{:<14} {:<9} {}\n", "STAGE", "STATE", "DETAIL"));
+    for (name, stage) in r.stages.named() {
+        let state = serde_json::to_value(stage.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push_str(&format!("{name:<14} {state:<9} {}\n", stage.detail.as_deref().unwrap_or("")));
+    }
+    if let Some(c) = &r.cluster {
+        out.push_str(&format!(
+            "cluster: meta leader {}, peers seen {} of {}: {}\n",
+            c.meta_leader.as_deref().unwrap_or("(none)"),
+            c.peers.len(),
+            c.cluster_size,
+            c.peers.join(", ")
+        ));
+    }
+    out
+}

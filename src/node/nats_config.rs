@@ -1,0 +1,105 @@
+//! Renders nats-server's configuration from the node's [`Config`].
+//!
+//! The node owns nats-server's config: it is written into the data dir on every start, so
+//! the file always matches the flags the node was started with, and an operator reads one
+//! file to see what the server runs. Rendering is a pure function (tested on its own);
+//! strings are quoted with JSON escaping, which nats-server's config parser accepts.
+
+use std::path::Path;
+
+use crate::config::Config;
+
+/// File names inside the data dir.
+pub const CONF_FILE: &str = "nats-server.conf";
+pub const PID_FILE: &str = "nats-server.pid";
+
+fn quote(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// The nats-server config for this node. `data_dir` should be absolute so the server does
+/// not depend on its working directory.
+pub fn render(config: &Config, data_dir: &Path) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line(&mut out, "# Written by unibus on every start; edits are overwritten.".into());
+    line(&mut out, format!("server_name: {}", quote(&config.name)));
+    line(&mut out, format!("listen: {}", quote(&config.listen)));
+    line(&mut out, format!("http: {}", quote(&config.nats_http)));
+    line(
+        &mut out,
+        format!(
+            "lame_duck_duration: \"{}s\"\nlame_duck_grace_period: \"{}s\"",
+            config.lame_duck_duration_secs, config.lame_duck_grace_secs
+        ),
+    );
+    // nats-server keeps its streams in `<store_dir>/jetstream`.
+    let store_dir = data_dir;
+    line(
+        &mut out,
+        format!(
+            "jetstream {{\n  store_dir: {}\n  sync_interval: {}\n}}",
+            quote(&store_dir.to_string_lossy()),
+            // `always` is a bare keyword; durations are strings.
+            if config.jetstream_sync == "always" {
+                "always".to_string()
+            } else {
+                quote(&config.jetstream_sync)
+            }
+        ),
+    );
+    // Only a clustered node gets a cluster block, and it gets one from its first boot:
+    // nats-server deletes a standalone server's streams when it later turns clustered.
+    if config.clustered() {
+        let routes: Vec<String> = config
+            .peers
+            .iter()
+            .map(|p| quote(&format!("nats-route://{p}")))
+            .collect();
+        line(
+            &mut out,
+            format!(
+                "cluster {{\n  name: {}\n  listen: {}\n  routes: [{}]\n}}",
+                quote(&config.cluster_name),
+                quote(&config.cluster_listen),
+                routes.join(", ")
+            ),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_node_has_no_cluster_block_and_fsyncs_always() {
+        let config = Config {
+            name: "n1".into(),
+            ..Config::default()
+        };
+        let text = render(&config, Path::new("/d"));
+        assert!(text.contains("server_name: \"n1\""));
+        assert!(text.contains("sync_interval: always"));
+        assert!(text.contains("store_dir: \"/d\""));
+        assert!(!text.contains("cluster {"));
+    }
+
+    #[test]
+    fn peers_become_routes_and_sync_can_be_relaxed() {
+        let config = Config {
+            name: "n1".into(),
+            peers: vec!["n2:6222".into(), "n3:6222".into()],
+            jetstream_sync: "2m".into(),
+            ..Config::default()
+        };
+        let text = render(&config, Path::new("/d"));
+        assert!(text.contains("routes: [\"nats-route://n2:6222\", \"nats-route://n3:6222\"]"));
+        assert!(text.contains("sync_interval: \"2m\""));
+        assert!(text.contains("name: \"unibus\""));
+    }
+}
