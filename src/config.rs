@@ -94,7 +94,10 @@ pub const FLAG_NAMES: [(&str, &str); 3] = [
 pub fn parse_flag(arg: &str) -> Result<(String, serde_json::Value), ConfigError> {
     let field = "--flag";
     let (name, value) = arg.split_once('=').ok_or_else(|| {
-        ConfigError::new(field, format!("`{arg}` is not NAME=VALUE (e.g. bus-auth=soft)"))
+        ConfigError::new(
+            field,
+            format!("`{arg}` is not NAME=VALUE (e.g. bus-auth=soft)"),
+        )
     })?;
     let (name, value) = (name.trim(), value.trim());
     let Some((_, allowed)) = FLAG_NAMES.iter().find(|(n, _)| *n == name) else {
@@ -238,16 +241,17 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(
-                    "--config",
-                    format!("cannot read {}: {e}", path.display()),
-                )
+                ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
             })?;
             // Parse once ourselves so a syntax error names its line and column.
             if let Err(e) = text.parse::<toml::Table>() {
                 return Err(ConfigError::new(
                     "--config",
-                    format!("{} does not parse: {}", path.display(), toml_error_line(&text, &e)),
+                    format!(
+                        "{} does not parse: {}",
+                        path.display(),
+                        toml_error_line(&text, &e)
+                    ),
                 ));
             }
             figment = figment.merge(Toml::string(&text));
@@ -260,8 +264,13 @@ impl Config {
             )
             .merge(
                 // UNIBUS_FLAG_BUS_AUTH=soft → flags.bus-auth
-                Env::prefixed("UNIBUS_FLAG_")
-                    .map(|k| format!("flags.{}", k.as_str().to_ascii_lowercase().replace('_', "-")).into()),
+                Env::prefixed("UNIBUS_FLAG_").map(|k| {
+                    format!(
+                        "flags.{}",
+                        k.as_str().to_ascii_lowercase().replace('_', "-")
+                    )
+                    .into()
+                }),
             );
         for (key, value) in cli {
             figment = figment.merge(Serialized::default(&key, value));
@@ -307,7 +316,9 @@ impl Config {
             if let Some((other, _)) = ports.iter().find(|(_, p)| *p == port) {
                 return Err(ConfigError::new(
                     field,
-                    format!("port {port} is also given to {other}; each listener needs its own port"),
+                    format!(
+                        "port {port} is also given to {other}; each listener needs its own port"
+                    ),
                 ));
             }
             ports.push((field, port));
@@ -405,7 +416,12 @@ fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::
 
 /// A listener address: `HOST:PORT` where HOST resolves locally (an IP or `localhost`).
 fn parse_listen_addr(field: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |why: String| ConfigError::new(field, format!("`{addr}` {why}; use HOST:PORT, e.g. 127.0.0.1:4222"));
+    let bad = |why: String| {
+        ConfigError::new(
+            field,
+            format!("`{addr}` {why}; use HOST:PORT, e.g. 127.0.0.1:4222"),
+        )
+    };
     let (host, port) = split_host_port(addr).ok_or_else(|| bad("is not HOST:PORT".into()))?;
     if port == 0 {
         return Err(bad("has port 0".into()));
@@ -432,7 +448,10 @@ pub fn parse_peer(peer: &str) -> Result<(String, u16), ConfigError> {
 
 fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() {
         return None;
     }
@@ -454,7 +473,10 @@ fn check_data_dir(dir: &Path) -> Result<(), ConfigError> {
     let fail = |e: std::io::Error| {
         ConfigError::new(
             "--data",
-            format!("cannot create or write {}: {e}; pick a writable directory", dir.display()),
+            format!(
+                "cannot create or write {}: {e}; pick a writable directory",
+                dir.display()
+            ),
         )
     };
     std::fs::create_dir_all(dir).map_err(fail)?;
@@ -479,7 +501,7 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
 }
 
 fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().to_string();
+    let msg = e.message().trim().replace('\n', "; ");
     match e.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -545,11 +567,41 @@ mod tests {
     }
 
     #[test]
+    fn compiled_flag_defaults_equal_dev_feature_flags_json() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dev/feature_flags.json");
+        let recorded: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let compiled = serde_json::to_value(Flags::default()).unwrap();
+        let compiled = compiled.as_object().unwrap();
+        let names: Vec<&str> = FLAG_NAMES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            recorded.as_object().unwrap().len(),
+            names.len(),
+            "a flag is missing on one side"
+        );
+        for name in names {
+            assert_eq!(
+                recorded[name]["default"], compiled[name],
+                "flag {name}: dev/feature_flags.json and Flags::default() disagree"
+            );
+            assert!(recorded[name]["issue"].is_u64() && recorded[name]["description"].is_string());
+        }
+    }
+
+    #[test]
     fn peers_must_be_host_port() {
         assert!(parse_peer("n2:6222").is_ok());
         assert!(parse_peer("10.0.0.2:6222").is_ok());
         assert!(parse_peer("[::1]:6222").is_ok());
-        for bad in ["n2", "n2:", ":6222", "n2:0", "n2:99999", "bad host:1", "a..b:1"] {
+        for bad in [
+            "n2",
+            "n2:",
+            ":6222",
+            "n2:0",
+            "n2:99999",
+            "bad host:1",
+            "a..b:1",
+        ] {
             assert!(parse_peer(bad).is_err(), "{bad} should be refused");
         }
     }

@@ -13,7 +13,11 @@ use unibus::config::{Config, ConfigError, parse_flag};
 use unibus::node::{self, http, readiness::Readyz};
 
 #[derive(Parser)]
-#[command(name = "unibus", version, about = "A secure message bus for endpoints that talk in rooms")]
+#[command(
+    name = "unibus",
+    version,
+    about = "A secure message bus for endpoints that talk in rooms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,7 +33,7 @@ enum Command {
 #[derive(Subcommand)]
 enum NodeCommand {
     /// Start a node: supervise nats-server, serve the control plane, until SIGTERM.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Print a node's readiness (exit 0 when ready, 1 when not): a container healthcheck.
     Status {
         /// The node's admin HTTP address.
@@ -90,7 +94,10 @@ impl UpArgs {
         put("name", self.name.clone().map(Into::into));
         put("data", path(&self.data));
         put("listen", self.listen.clone().map(Into::into));
-        put("cluster_listen", self.cluster_listen.clone().map(Into::into));
+        put(
+            "cluster_listen",
+            self.cluster_listen.clone().map(Into::into),
+        );
         put("http", self.http.clone().map(Into::into));
         put("nats_http", self.nats_http.clone().map(Into::into));
         put("nats_server", path(&self.nats_server));
@@ -115,7 +122,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -124,7 +134,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Node(NodeCommand::Up(args)) => node_up(args).await,
+            Command::Node(NodeCommand::Up(args)) => node_up(*args).await,
             Command::Node(NodeCommand::Status { http, json }) => node_status(&http, json).await,
         }
     });
@@ -162,7 +172,10 @@ async fn node_status(addr: &str, json: bool) -> u8 {
     let readyz: Readyz = match serde_json::from_str(&response.body) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("not ready: {addr}/readyz returned {} with a body that is not readiness JSON: {e}", response.status);
+            eprintln!(
+                "not ready: {addr}/readyz returned {} with a body that is not readiness JSON: {e}",
+                response.status
+            );
             return 1;
         }
     };
@@ -192,7 +205,10 @@ fn status_table(r: &Readyz) -> String {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
-        out.push_str(&format!("{name:<14} {state:<9} {}\n", stage.detail.as_deref().unwrap_or("")));
+        out.push_str(&format!(
+            "{name:<14} {state:<9} {}\n",
+            stage.detail.as_deref().unwrap_or("")
+        ));
     }
     if let Some(c) = &r.cluster {
         out.push_str(&format!(

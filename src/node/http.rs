@@ -83,7 +83,11 @@ async fn handle(mut stream: TcpStream, readiness: &Readiness) -> std::io::Result
             let body = serde_json::to_string_pretty(&snapshot).unwrap_or_default();
             (status, "application/json", body + "\n")
         }
-        ("GET", _) => (404, "text/plain", "not found: try /healthz or /readyz\n".into()),
+        ("GET", _) => (
+            404,
+            "text/plain",
+            "not found: try /healthz or /readyz\n".into(),
+        ),
         _ => (405, "text/plain", "only GET is served\n".into()),
     };
     let reason = match status {
@@ -104,7 +108,12 @@ async fn handle(mut stream: TcpStream, readiness: &Readiness) -> std::io::Result
 pub async fn get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<Response> {
     tokio::time::timeout(timeout, get_inner(addr, path))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("GET http://{addr}{path} timed out")))?
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("GET http://{addr}{path} timed out"),
+            )
+        })?
 }
 
 async fn get_inner(addr: &str, path: &str) -> std::io::Result<Response> {
@@ -112,14 +121,19 @@ async fn get_inner(addr: &str, path: &str) -> std::io::Result<Response> {
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    (&mut stream).take(MAX_RESPONSE as u64).read_to_end(&mut raw).await?;
+    (&mut stream)
+        .take(MAX_RESPONSE as u64)
+        .read_to_end(&mut raw)
+        .await?;
     parse_response(&raw)
 }
 
 fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
     let status = head
         .lines()
         .next()
@@ -139,7 +153,8 @@ mod tests {
 
     #[test]
     fn responses_parse() {
-        let r = parse_response(b"HTTP/1.1 503 Service Unavailable\r\nA: b\r\n\r\n{\"x\":1}").unwrap();
+        let r =
+            parse_response(b"HTTP/1.1 503 Service Unavailable\r\nA: b\r\n\r\n{\"x\":1}").unwrap();
         assert_eq!(r.status, 503);
         assert_eq!(r.body, "{\"x\":1}");
         assert!(parse_response(b"garbage").is_err());

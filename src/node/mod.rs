@@ -134,7 +134,10 @@ fn flatten(result: Result<Result<(), NodeError>, tokio::task::JoinError>) -> Res
 /// Waits for SIGTERM or SIGINT and names which one came.
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; the node can only be killed");
         return std::future::pending().await;
     };
@@ -145,7 +148,8 @@ async fn shutdown_signal() -> &'static str {
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, NodeError> {
-    std::path::absolute(path).map_err(|e| ConfigError::new("--data", format!("{}: {e}", path.display())).into())
+    std::path::absolute(path)
+        .map_err(|e| ConfigError::new("--data", format!("{}: {e}", path.display())).into())
 }
 
 /// Takes an exclusive `flock` on `DIR/node.lock`; the kernel drops it when the process
@@ -177,8 +181,9 @@ fn lock_data_dir(dir: &Path) -> Result<File, NodeError> {
 /// binds), so a port in use is reported before anything is spawned.
 fn bind_listeners(config: &Config) -> Result<tokio::net::TcpListener, NodeError> {
     config.check_ports_free()?;
-    let std_listener = std::net::TcpListener::bind(&config.http)
-        .map_err(|e| ConfigError::new("--http", format!("cannot listen on {}: {e}", config.http)))?;
+    let std_listener = std::net::TcpListener::bind(&config.http).map_err(|e| {
+        ConfigError::new("--http", format!("cannot listen on {}: {e}", config.http))
+    })?;
     std_listener
         .set_nonblocking(true)
         .map_err(|e| NodeError::Io(e.to_string()))?;

@@ -80,7 +80,10 @@ async fn observe(addr: &str, node: &str, clustered: bool) -> (Stage, Stage, Clus
     let health = match http::get(addr, "/healthz", REQUEST_TIMEOUT).await {
         Ok(r) => r,
         Err(e) => {
-            let down = Stage::with_detail(StageState::Down, format!("nats-server monitoring at {addr}: {e}"));
+            let down = Stage::with_detail(
+                StageState::Down,
+                format!("nats-server monitoring at {addr}: {e}"),
+            );
             return (down.clone(), down, ClusterView::default());
         }
     };
@@ -96,8 +99,13 @@ async fn observe(addr: &str, node: &str, clustered: bool) -> (Stage, Stage, Clus
     };
     let mut cluster = ClusterView::default();
     if clustered {
-        let meta = fetch::<Jsz>(addr, "/jsz").await.and_then(|j| j.meta_cluster);
-        let routes = fetch::<Routez>(addr, "/routez").await.map(|r| r.routes).unwrap_or_default();
+        let meta = fetch::<Jsz>(addr, "/jsz")
+            .await
+            .and_then(|j| j.meta_cluster);
+        let routes = fetch::<Routez>(addr, "/routez")
+            .await
+            .map(|r| r.routes)
+            .unwrap_or_default();
         cluster = cluster_view(node, meta, routes);
         if jetstream.state == StageState::Up && cluster.meta_leader.is_none() {
             jetstream = Stage::with_detail(StageState::Down, "no JetStream meta leader yet");
@@ -143,7 +151,8 @@ mod tests {
 
     #[test]
     fn the_cluster_view_names_each_routed_peer_once() {
-        let meta: MetaCluster = serde_json::from_str(r#"{"leader":"n1","cluster_size":3}"#).unwrap();
+        let meta: MetaCluster =
+            serde_json::from_str(r#"{"leader":"n1","cluster_size":3}"#).unwrap();
         let routes: Routez = serde_json::from_str(
             r#"{"routes":[{"remote_name":"n1"},{"remote_name":"n1"},{"remote_name":"n3"}]}"#,
         )
@@ -153,6 +162,9 @@ mod tests {
         assert_eq!(view.peers, vec!["n1", "n2", "n3"]);
         assert_eq!(view.cluster_size, 3);
         let alone = cluster_view("n2", None, Vec::new());
-        assert_eq!((alone.meta_leader, alone.peers), (None, vec!["n2".to_string()]));
+        assert_eq!(
+            (alone.meta_leader, alone.peers),
+            (None, vec!["n2".to_string()])
+        );
     }
 }

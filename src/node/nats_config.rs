@@ -25,7 +25,10 @@ pub fn render(config: &Config, data_dir: &Path) -> String {
         out.push_str(&text);
         out.push('\n');
     };
-    line(&mut out, "# Written by unibus on every start; edits are overwritten.".into());
+    line(
+        &mut out,
+        "# Written by unibus on every start; edits are overwritten.".into(),
+    );
     line(&mut out, format!("server_name: {}", quote(&config.name)));
     line(&mut out, format!("listen: {}", quote(&config.listen)));
     line(&mut out, format!("http: {}", quote(&config.nats_http)));

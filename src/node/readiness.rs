@@ -127,8 +127,7 @@ impl Readiness {
         // values, so keep serving it rather than taking the node down.
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut guard);
-        guard.ready =
-            !guard.shutting_down && guard.stages.named().iter().all(|(_, s)| s.ready());
+        guard.ready = !guard.shutting_down && guard.stages.named().iter().all(|(_, s)| s.ready());
     }
 
     pub fn snapshot(&self) -> Readyz {

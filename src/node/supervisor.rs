@@ -61,7 +61,8 @@ pub fn locate_nats_server(configured: Option<&Path>) -> Result<PathBuf, ConfigEr
             )
         })?,
     };
-    let version = nats_version(&path).map_err(|why| ConfigError::new(field, format!("{}: {why}", path.display())))?;
+    let version = nats_version(&path)
+        .map_err(|why| ConfigError::new(field, format!("{}: {why}", path.display())))?;
     if version < MIN_NATS_VERSION {
         return Err(ConfigError::new(
             field,
@@ -98,8 +99,14 @@ fn nats_version(path: &Path) -> Result<(u32, u32), String> {
         .arg("--version")
         .output()
         .map_err(|e| format!("cannot run it: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    parse_version(&text).ok_or_else(|| format!("not a nats-server (its --version printed `{}`)", text.trim()))
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    parse_version(&text).ok_or_else(|| {
+        format!(
+            "not a nats-server (its --version printed `{}`)",
+            text.trim()
+        )
+    })
 }
 
 fn parse_version(text: &str) -> Option<(u32, u32)> {
@@ -121,7 +128,10 @@ pub fn reap_stale(data_dir: &Path) {
         && pid > 0
         && process_runs_config(pid, &conf)
     {
-        tracing::warn!(pid, "a nats-server from an earlier run of this node is still running; stopping it");
+        tracing::warn!(
+            pid,
+            "a nats-server from an earlier run of this node is still running; stopping it"
+        );
         signal(pid, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while alive(pid) && Instant::now() < deadline {
@@ -147,7 +157,9 @@ fn process_runs_config(pid: i32, conf: &Path) -> bool {
 fn alive(pid: i32) -> bool {
     // A zombie still answers kill(0); /proc's state tells them apart.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -221,11 +233,17 @@ impl Supervisor {
             }
             let now = Instant::now();
             exits.push_back(now);
-            while exits.front().is_some_and(|t| now.duration_since(*t) > window) {
+            while exits
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
                 exits.pop_front();
             }
             if exits.len() > self.policy.max_restarts as usize {
-                tracing::error!("nats-server {why}; it died {} times within {window:?}, giving up", exits.len());
+                tracing::error!(
+                    "nats-server {why}; it died {} times within {window:?}, giving up",
+                    exits.len()
+                );
                 return Err(NodeError::TooManyRestarts {
                     count: exits.len(),
                     window,
@@ -295,7 +313,10 @@ impl Supervisor {
             Ok(Ok(status)) => tracing::info!("nats-server stopped: {}", describe_exit(status)),
             Ok(Err(e)) => tracing::warn!("waiting for nats-server failed: {e}; killing it"),
             Err(_) => {
-                tracing::warn!("nats-server still running after {:?}; killing it", self.shutdown_timeout);
+                tracing::warn!(
+                    "nats-server still running after {:?}; killing it",
+                    self.shutdown_timeout
+                );
                 let _ = child.kill().await;
             }
         }
@@ -355,7 +376,7 @@ mod tests {
     fn versions_parse() {
         assert_eq!(parse_version("nats-server: v2.15.1\n"), Some((2, 15)));
         assert_eq!(parse_version("nats-server: v2.9.25"), Some((2, 9)));
-        assert!(parse_version("hello") .is_none());
+        assert!(parse_version("hello").is_none());
         assert!((2, 9) < MIN_NATS_VERSION && (2, 15) >= MIN_NATS_VERSION);
     }
 }
