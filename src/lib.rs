@@ -9,6 +9,8 @@
 //! - [`config`]: figment layers (defaults, `unibus.toml`, `UNIBUS_*`, CLI) and feature flags;
 //! - [`node`]: the node runtime: nats-server supervision, lifecycle, admin HTTP;
 //! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV).
+pub mod bench;
 pub mod config;
+pub mod localnet;
 pub mod membership;
 pub mod node;

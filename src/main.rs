@@ -28,6 +28,15 @@ enum Command {
     /// Run or inspect a node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Measure unibus side by side with raw NATS (starts its own local nodes).
+    Bench {
+        /// A shorter run (under 3 minutes on 2 cores).
+        #[arg(long)]
+        quick: bool,
+        /// Print JSON: {"machine": …, "workloads": [{"name", "unibus", "raw", "ratio", …}]}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +145,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Node(NodeCommand::Up(args)) => node_up(*args).await,
             Command::Node(NodeCommand::Status { http, json }) => node_status(&http, json).await,
+            Command::Bench { quick, json } => bench(quick, json).await,
         }
     });
     ExitCode::from(code)
@@ -157,6 +167,43 @@ async fn node_up(args: UpArgs) -> u8 {
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code() as u8
+        }
+    }
+}
+
+async fn bench(quick: bool, json: bool) -> u8 {
+    let nats_server = match unibus::node::supervisor::locate_nats_server(None) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let unibus = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot find the unibus binary: {e}");
+            return 2;
+        }
+    };
+    let opts = unibus::bench::Options { quick };
+    let report =
+        tokio::task::spawn_blocking(move || unibus::bench::run(&unibus, &nats_server, opts)).await;
+    match report {
+        Ok(report) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            0
+        }
+        Ok(report) => {
+            print!("{}", unibus::bench::table(&report));
+            0
+        }
+        Err(e) => {
+            eprintln!("error: the benchmark failed: {e}");
+            1
         }
     }
 }

@@ -8,24 +8,9 @@ use common::*;
 
 const READY: Duration = Duration::from_secs(20);
 
-fn cluster_ports(n: usize) -> (Vec<Ports>, Vec<Vec<String>>) {
-    let ports: Vec<Ports> = (0..n).map(|_| Ports::pick()).collect();
-    let peers = (0..n)
-        .map(|i| {
-            ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| p.cluster.clone())
-                .collect()
-        })
-        .collect();
-    (ports, peers)
-}
-
 #[test]
 fn one_node_comes_up_ready_and_sigterm_stops_it_cleanly() {
-    let mut node = Node::start("solo", &Ports::pick(), &[], &[]);
+    let mut node = start("solo", &Ports::pick(), &[], &[]);
     let ready = node.wait_ready(READY);
     assert_eq!(ready["node"], "solo");
     assert_eq!(ready["stages"]["nats"]["state"], "up");
@@ -72,7 +57,7 @@ fn one_node_comes_up_ready_and_sigterm_stops_it_cleanly() {
 fn three_nodes_form_a_cluster_with_a_meta_leader_and_three_peers() {
     let (ports, peers) = cluster_ports(3);
     let nodes: Vec<Node> = (0..3)
-        .map(|i| Node::start(&format!("n{}", i + 1), &ports[i], &peers[i], &[]))
+        .map(|i| start(&format!("n{}", i + 1), &ports[i], &peers[i], &[]))
         .collect();
     for node in &nodes {
         let ready = node.wait_ready(READY);
@@ -101,7 +86,7 @@ fn three_nodes_form_a_cluster_with_a_meta_leader_and_three_peers() {
 
 #[test]
 fn a_killed_nats_server_is_restarted_and_the_node_becomes_ready_again() {
-    let node = Node::start("phoenix", &Ports::pick(), &[], &[]);
+    let node = start("phoenix", &Ports::pick(), &[], &[]);
     node.wait_ready(READY);
     let first = node.nats_pid().unwrap();
     kill(first, libc::SIGKILL);
@@ -124,7 +109,7 @@ fn a_nats_server_that_keeps_dying_makes_the_node_exit_non_zero() {
         "[supervision]\nmax_restarts = 1\nrestart_window_secs = 600\nbackoff_initial_ms = 10\n",
     )
     .unwrap();
-    let mut node = Node::start(
+    let mut node = start(
         "flaky",
         &Ports::pick(),
         &[],
@@ -144,7 +129,7 @@ fn a_nats_server_that_keeps_dying_makes_the_node_exit_non_zero() {
 
 #[test]
 fn a_sigkilled_node_takes_its_nats_server_with_it() {
-    let mut node = Node::start("doomed", &Ports::pick(), &[], &[]);
+    let mut node = start("doomed", &Ports::pick(), &[], &[]);
     node.wait_ready(READY);
     let nats = node.nats_pid().unwrap();
     node.signal(libc::SIGKILL);
@@ -164,7 +149,7 @@ fn a_stale_nats_server_left_by_a_crash_is_reaped_on_the_next_start() {
     let data = dir.path().join("crashy");
     // A first run renders the config; stop it cleanly.
     {
-        let mut node = Node::start_in("crashy", &ports, &[], &[], &data);
+        let mut node = start_in("crashy", &ports, &[], &[], &data);
         node.wait_ready(READY);
         node.signal(libc::SIGTERM);
         node.wait_exit(Duration::from_secs(30)).unwrap();
@@ -183,7 +168,7 @@ fn a_stale_nats_server_left_by_a_crash_is_reaped_on_the_next_start() {
     std::fs::write(data.join("nats-server.pid"), format!("{stale_pid}\n")).unwrap();
     poll(READY, || http_get(&ports.nats_http, "/healthz")).expect("stale server up");
 
-    let node = Node::start_in("crashy", &ports, &[], &[], &data);
+    let node = start_in("crashy", &ports, &[], &[], &data);
     node.wait_ready(READY);
     let reaped = poll(Duration::from_secs(10), || stale.try_wait().ok().flatten());
     assert!(
@@ -197,7 +182,7 @@ fn a_stale_nats_server_left_by_a_crash_is_reaped_on_the_next_start() {
 #[test]
 fn a_node_whose_peers_are_down_stays_up_not_ready_until_they_start() {
     let (ports, peers) = cluster_ports(3);
-    let first = Node::start("n1", &ports[0], &peers[0], &[]);
+    let first = start("n1", &ports[0], &peers[0], &[]);
     // Up (alive) but not ready: the meta layer needs a quorum.
     let (status, body) = poll(READY, || {
         first
@@ -212,7 +197,7 @@ fn a_node_whose_peers_are_down_stays_up_not_ready_until_they_start() {
     let (code, out, _) = unibus(&["node", "status", "--http", &first.ports.http]);
     assert_eq!(code, 1, "{out}");
 
-    let _n2 = Node::start("n2", &ports[1], &peers[1], &[]);
-    let _n3 = Node::start("n3", &ports[2], &peers[2], &[]);
+    let _n2 = start("n2", &ports[1], &peers[1], &[]);
+    let _n3 = start("n3", &ports[2], &peers[2], &[]);
     first.wait_ready(Duration::from_secs(40));
 }

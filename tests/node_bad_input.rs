@@ -134,7 +134,7 @@ fn decentralized_without_peers() {
 
 #[test]
 fn a_data_dir_held_by_a_running_node() {
-    let node = Node::start("holder", &Ports::pick(), &[], &[]);
+    let node = start("holder", &Ports::pick(), &[], &[]);
     node.wait_ready(std::time::Duration::from_secs(20));
     let p = Ports::pick();
     let data = node.data.to_string_lossy().to_string();
