@@ -17,7 +17,9 @@ use super::http;
 use super::readiness::{ClusterView, Readiness, Stage, StageState};
 use super::shutdown::Shutdown;
 
-const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Poll fast while not ready (start-up time is what operators wait on), slowly after.
+const POLL_NOT_READY: Duration = Duration::from_millis(50);
+const POLL_READY: Duration = Duration::from_millis(500);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Deserialize)]
@@ -62,6 +64,7 @@ pub async fn run(
 ) {
     loop {
         let (nats, jetstream, cluster) = observe(&nats_http, &node, clustered).await;
+        let up = nats.state == StageState::Up && jetstream.state == StageState::Up;
         readiness.update(|r| {
             r.stages.nats = nats;
             r.stages.jetstream = jetstream;
@@ -69,8 +72,9 @@ pub async fn run(
                 r.cluster = Some(cluster);
             }
         });
+        let pause = if up { POLL_READY } else { POLL_NOT_READY };
         tokio::select! {
-            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.wait() => return,
         }
     }
