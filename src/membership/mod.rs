@@ -1,1 +1,378 @@
-//! The membership store (being written).
+//! The membership store: users, rooms, members and room keys — the control plane that the
+//! authenticator consults before it admits a NATS connection.
+//!
+//! # Shape
+//!
+//! [`Store`] is a plain enum over two backends, and every operation is an inherent `async
+//! fn` that matches on it. Two backends do not need a trait object: an enum keeps the call
+//! sites monomorphic, the set of backends visible in one place, and lets a backend expose
+//! extra tools (the KV backend's [`jetstream::KvStore::reconcile`] and replica management)
+//! without widening a shared interface.
+//!
+//! - [`sqlite::SqliteStore`]: the single-node default. One SQLite file (WAL, foreign keys on,
+//!   schema migrated in code); cascades and uniqueness are SQL constraints, every operation
+//!   is one transaction.
+//! - [`jetstream::KvStore`]: five replicated JetStream KV buckets (`rooms`, `members`,
+//!   `rooms_by_member`, `room_keys`, `users`) for a cluster. Replication and consensus are
+//!   NATS's job; this module only decides key layout, write order and read path.
+//!
+//! Both backends run the same conformance suite (`tests/store_conformance.rs`) and return
+//! the same [`StoreError`]s for the same inputs.
+//!
+//! # Validation
+//!
+//! Every identifier is checked in [`ids`] before it reaches SQL or NATS: a room id is a
+//! subject token and a KV key token, so `.`, `*`, `>`, spaces, non-ASCII or over-long ids
+//! are refused as [`StoreError::Invalid`] naming the field. User keys are nkey user public
+//! keys, checksum-verified and normalised to upper case.
+//!
+//! # Two-bucket writes (KV backend)
+//!
+//! `members` is authoritative; `rooms_by_member` is a derived reverse index. The rule is
+//! that the index may lag behind `members` but never runs ahead of it:
+//!
+//! - adding a member writes `members` first, then the index;
+//! - removing a member deletes the index entry first, then `members`;
+//! - deleting a room removes index entries, then members, then room keys, and the room
+//!   record last, so an interrupted delete leaves a room that still exists and can be
+//!   deleted again.
+//!
+//! A crash between the two writes therefore leaves a member without an index entry (the
+//! member is missing from `list_rooms_for_endpoint`: under-granting, never over-granting).
+//! Every write is idempotent on retry and [`jetstream::KvStore::reconcile`] repairs what is
+//! left. On top of that, `list_rooms_for_endpoint` re-reads each `members` record the index
+//! points to, so a stale index entry grants nothing.
+//!
+//! # Failing closed
+//!
+//! [`Store::is_authorized`] and [`Store::has_admin`] return `bool`, not `Result`: any error
+//! — backend down, quorum lost, timeout, corrupt record — is logged and answered `false`.
+//! The KV backend bounds every call by `op_timeout` and turns an expiry into
+//! [`StoreError::Unavailable`].
+
+pub mod ids;
+pub mod jetstream;
+pub mod sqlite;
+
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A user: an endpoint's identity, keyed by its nkey user public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// nkey user public key (`U…`, 56 chars, upper case).
+    pub key: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Admins manage users.
+    pub admin: bool,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// Unix milliseconds; a revoked user is never authorized again.
+    pub revoked_at: Option<u64>,
+}
+
+/// A room: a subject namespace `unibus.room.<id>.>` shared by its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Room {
+    /// `^[a-z0-9][a-z0-9_-]{0,62}$`
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// User key of the owner.
+    pub owner: String,
+    /// Whether messages in the room are end-to-end encrypted with room keys.
+    pub encrypted: bool,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+/// A member's role in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Manages the room.
+    Owner,
+    /// Reads and writes the room.
+    Member,
+}
+
+/// Whether a member has accepted the invitation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Added, has not joined yet.
+    Invited,
+    /// Has joined.
+    Joined,
+}
+
+impl Role {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Member => "member",
+        }
+    }
+}
+
+impl MemberState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Invited => "invited",
+            MemberState::Joined => "joined",
+        }
+    }
+}
+
+/// Membership of one endpoint in one room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Room id.
+    pub room: String,
+    /// User key of the member.
+    pub endpoint: String,
+    /// Owner or member.
+    pub role: Role,
+    /// Invited or joined.
+    pub state: MemberState,
+    /// User key of whoever added this member.
+    pub added_by: String,
+    /// Unix milliseconds.
+    pub added_at: u64,
+}
+
+/// One epoch of a room's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomKey {
+    /// Room id.
+    pub room: String,
+    /// Starts at 1; `rekey` creates latest + 1.
+    pub epoch: u32,
+    /// Opaque key material (base64 in JSON).
+    #[serde(with = "b64")]
+    pub material: Vec<u8>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The one error type of the store. `NotFound` is the storage-agnostic "no such record".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The record does not exist.
+    #[error("{what} not found; check the id or key, or create it first")]
+    NotFound {
+        /// What was looked for, with its id.
+        what: String,
+    },
+    /// The record already exists or changed underneath the caller.
+    #[error("{what}; read the current record and retry if still needed")]
+    Conflict {
+        /// What collided.
+        what: String,
+    },
+    /// An argument was refused before anything was written.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The argument's name.
+        field: &'static str,
+        /// What was wrong and what is accepted.
+        reason: String,
+    },
+    /// The backend did not answer in time or is down (no quorum, connection closed).
+    #[error("store unavailable: {0}; check that the NATS cluster has a quorum and retry")]
+    Unavailable(String),
+    /// Any other backend failure (I/O, corrupt record, unexpected server error).
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        StoreError::NotFound { what: what.into() }
+    }
+
+    pub(crate) fn conflict(what: impl Into<String>) -> Self {
+        StoreError::Conflict { what: what.into() }
+    }
+}
+
+/// Result alias for the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Unix milliseconds now (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The membership store; see the module docs.
+// A `KvStore` is a few hundred bytes (client and JetStream context handles); a store is
+// built once per node and shared by reference, so boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Store {
+    /// Single-node SQLite file.
+    Sqlite(sqlite::SqliteStore),
+    /// Replicated JetStream KV buckets.
+    JetStream(jetstream::KvStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Store::Sqlite(s) => s.$method($($arg),*).await,
+            Store::JetStream(s) => s.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// `"sqlite"` or `"jetstream"`, for status pages and logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::JetStream(_) => "jetstream",
+        }
+    }
+
+    // ---- users
+
+    /// Adds a user; `Conflict` if the key exists (revoked or not).
+    pub async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User> {
+        dispatch!(self.add_user(key, name, admin))
+    }
+
+    /// Reads a user by key (any case).
+    pub async fn get_user(&self, key: &str) -> Result<User> {
+        dispatch!(self.get_user(key))
+    }
+
+    /// All users, ordered by key.
+    pub async fn list_users(&self) -> Result<Vec<User>> {
+        dispatch!(self.list_users())
+    }
+
+    /// Marks a user revoked (idempotent: the first revocation time is kept).
+    pub async fn revoke_user(&self, key: &str) -> Result<User> {
+        dispatch!(self.revoke_user(key))
+    }
+
+    /// True only if the user exists and is not revoked. Fails closed: any error is `false`.
+    pub async fn is_authorized(&self, key: &str) -> bool {
+        dispatch!(self.is_authorized(key))
+    }
+
+    /// True only if a non-revoked admin exists. Fails closed: any error is `false`.
+    pub async fn has_admin(&self) -> bool {
+        dispatch!(self.has_admin())
+    }
+
+    // ---- rooms
+
+    /// Creates a room and adds `owner` as a joined owner.
+    pub async fn create_room(
+        &self,
+        id: &str,
+        name: &str,
+        owner: &str,
+        encrypted: bool,
+    ) -> Result<Room> {
+        dispatch!(self.create_room(id, name, owner, encrypted))
+    }
+
+    /// Reads a room.
+    pub async fn get_room(&self, id: &str) -> Result<Room> {
+        dispatch!(self.get_room(id))
+    }
+
+    /// All rooms, ordered by id.
+    pub async fn list_rooms(&self) -> Result<Vec<Room>> {
+        dispatch!(self.list_rooms())
+    }
+
+    /// Deletes a room with its members, index entries and keys.
+    pub async fn delete_room(&self, id: &str) -> Result<()> {
+        dispatch!(self.delete_room(id))
+    }
+
+    // ---- members
+
+    /// Adds a member to an existing room; `Conflict` if already a member.
+    pub async fn add_member(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        dispatch!(self.add_member(room, endpoint, role, state, added_by))
+    }
+
+    /// Marks an invited member joined (idempotent for a joined member).
+    pub async fn join(&self, room: &str, endpoint: &str) -> Result<Member> {
+        dispatch!(self.join(room, endpoint))
+    }
+
+    /// Removes a member.
+    pub async fn remove_member(&self, room: &str, endpoint: &str) -> Result<()> {
+        dispatch!(self.remove_member(room, endpoint))
+    }
+
+    /// Members of a room ordered by endpoint; `NotFound` if the room does not exist.
+    pub async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
+        dispatch!(self.list_members(room))
+    }
+
+    /// The memberships of one endpoint, ordered by room id (empty if none).
+    pub async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
+        dispatch!(self.list_rooms_for_endpoint(endpoint))
+    }
+
+    // ---- room keys
+
+    /// Stores a key for an explicit epoch (≥ 1); `Conflict` if that epoch exists.
+    pub async fn put_room_key(&self, room: &str, epoch: u32, material: &[u8]) -> Result<RoomKey> {
+        dispatch!(self.put_room_key(room, epoch, material))
+    }
+
+    /// Reads one epoch of a room's key.
+    pub async fn get_room_key(&self, room: &str, epoch: u32) -> Result<RoomKey> {
+        dispatch!(self.get_room_key(room, epoch))
+    }
+
+    /// The highest epoch of a room's key; `None` if the room has no key yet, `NotFound` if
+    /// the room does not exist.
+    pub async fn latest_room_key(&self, room: &str) -> Result<Option<RoomKey>> {
+        dispatch!(self.latest_room_key(room))
+    }
+
+    /// Stores `material` as epoch latest + 1 (1 for the first key) and returns it.
+    pub async fn rekey(&self, room: &str, material: &[u8]) -> Result<RoomKey> {
+        dispatch!(self.rekey(room, material))
+    }
+
+    /// Flushes and releases the backend.
+    pub async fn close(&self) -> Result<()> {
+        dispatch!(self.close())
+    }
+}

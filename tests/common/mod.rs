@@ -4,6 +4,10 @@
 use std::path::Path;
 use std::process::Command;
 
+pub mod nats;
+
+#[allow(unused_imports)]
+pub use nats::*;
 pub use unibus::localnet::*;
 
 pub const UNIBUS: &str = env!("CARGO_BIN_EXE_unibus");

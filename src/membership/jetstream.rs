@@ -1,0 +1,1090 @@
+//! JetStream KV backend: the control plane replicated across a NATS cluster.
+//!
+//! # Buckets and keys
+//!
+//! | bucket | key | value |
+//! |---|---|---|
+//! | `users` | `<KEY>` | [`User`] JSON |
+//! | `rooms` | `<room>` | [`Room`] JSON |
+//! | `members` | `<room>.<endpoint>` | [`Member`] JSON (authoritative) |
+//! | `rooms_by_member` | `<endpoint>.<room>` | the room id (derived index) |
+//! | `room_keys` | `<room>.<epoch as 10 digits>` | [`RoomKey`] JSON |
+//!
+//! Every id is validated by [`ids`] first, so a key can never carry `.`, `*` or `>` beyond
+//! the separators placed here. Buckets keep one revision per key (`history: 1`).
+//!
+//! # Reads see the caller's writes (leader reads)
+//!
+//! async-nats' `kv::Store::get`/`entry` use the *direct get* API whenever the bucket allows
+//! it (`allow_direct`, which `create_key_value` turns on). Direct gets may be answered by
+//! any replica, including a follower that has not applied the latest write, so a read right
+//! after an acknowledged write could be stale. This backend therefore never reads through
+//! `kv::Store::get`: single keys are read with `$JS.API.STREAM.MSG.GET` (the stream's
+//! `get_last_raw_message_by_subject`), and listings enumerate subjects with a stream info
+//! request filtered by subject. Both APIs are answered only by the stream's Raft leader,
+//! which holds every acknowledged (committed) write — so a caller's read after its own
+//! write sees it, whichever node the request enters through.
+//!
+//! # Deletes
+//!
+//! A key is deleted by purging its subject from the stream (no tombstone left), so subject
+//! listings contain live keys only. Reads still ignore `DEL`/`PURGE` markers written by
+//! other KV clients.
+//!
+//! # Two-bucket writes
+//!
+//! See the [module docs](super): `members` first on add, index first on remove, room record
+//! last on room delete; [`KvStore::reconcile`] repairs interrupted writes and
+//! `list_rooms_for_endpoint` re-checks `members` and `rooms` for every index entry.
+//!
+//! # Timeouts and failing closed
+//!
+//! Every NATS request is bounded by `op_timeout` (an expiry is
+//! [`StoreError::Unavailable`]); listings bound each request, so a large listing may take
+//! several `op_timeout`s but never hangs. `is_authorized` and `has_admin` bound their whole
+//! call by one `op_timeout` and answer `false` on any error.
+//!
+//! # Replicas and cluster size
+//!
+//! Replicas must be 1..=5. NATS does not expose the meta group's size to ordinary accounts,
+//! so for `n > 1` the backend asks the server's own placement logic: it creates a tiny
+//! memory stream with `n` replicas and deletes it again. If the servers cannot place `n`
+//! replicas ("insufficient resources"), the cluster has fewer than `n` JetStream servers
+//! available and the request is refused before any bucket is created or changed.
+//! Changing replicas later edits each `KV_<bucket>` stream config (`update_stream`), never
+//! `update_key_value`, which would rebuild the config and reset fields.
+
+use super::{Member, MemberState, Result, Role, Room, RoomKey, StoreError, User, ids, now_ms};
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The five buckets, in the order they are opened and reported.
+pub const BUCKETS: [&str; 5] = ["users", "rooms", "members", "rooms_by_member", "room_keys"];
+
+/// How [`KvStore::open`] binds the buckets.
+#[derive(Debug, Clone)]
+pub struct KvOptions {
+    /// Replicas for buckets this call creates (1..=5, at most the cluster's size).
+    pub replicas: usize,
+    /// Bound on every NATS request.
+    pub op_timeout: Duration,
+    /// Create missing buckets (otherwise a missing bucket is `NotFound`).
+    pub create: bool,
+    /// How long `open` waits for every bucket's stream to have a leader.
+    pub leader_timeout: Duration,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            op_timeout: Duration::from_secs(2),
+            create: true,
+            leader_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Replication state of one bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BucketStatus {
+    /// Bucket name (`users`, ...); its stream is `KV_<bucket>`.
+    pub bucket: String,
+    /// Configured replicas.
+    pub replicas_wanted: usize,
+    /// Replicas that are current (the leader counts as one).
+    pub replicas_current: usize,
+    /// Server name of the stream's leader, if it has one.
+    pub leader: Option<String>,
+}
+
+/// What [`KvStore::reconcile`] repaired.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Index entries written for members that had none.
+    pub index_added: usize,
+    /// Index entries deleted because their member (or room) does not exist.
+    pub index_removed: usize,
+    /// Members and room keys deleted because their room does not exist.
+    pub orphans_removed: usize,
+}
+
+/// The JetStream KV store.
+#[derive(Clone)]
+pub struct KvStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    op_timeout: Duration,
+    // Boxed behind `Arc`: a `kv::Store` carries the stream's cached info (kilobytes), and
+    // `Store` is an enum passed around by value.
+    users: Arc<kv::Store>,
+    rooms: Arc<kv::Store>,
+    members: Arc<kv::Store>,
+    index: Arc<kv::Store>,
+    keys: Arc<kv::Store>,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("op_timeout", &self.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {err}"))
+}
+
+fn js_code(err: &jetstream::Error) -> jetstream::ErrorCode {
+    err.error_code()
+}
+
+/// Runs `fut` bounded by `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(res) => res,
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "{what}: no answer within {limit:?}"
+        ))),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Backend(format!("encode record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        StoreError::Backend(format!(
+            "corrupt {what} record ({e}); inspect it with `nats kv get` and repair or delete it"
+        ))
+    })
+}
+
+fn epoch_key(room: &str, epoch: u32) -> String {
+    format!("{room}.{epoch:010}")
+}
+
+/// Validates replicas against the static range.
+fn replicas_in_range(n: usize) -> Result<usize> {
+    if (1..=5).contains(&n) {
+        Ok(n)
+    } else {
+        Err(StoreError::Invalid {
+            field: "replicas",
+            reason: format!("{n} is outside 1..=5; use 1 for a single copy, 3 or 5 for quorum"),
+        })
+    }
+}
+
+// ---- single-bucket primitives, each one NATS request bounded by op_timeout
+
+impl KvStore {
+    async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
+        let subject = format!("{}{key}", kv.prefix);
+        let what = format!("read {}/{key}", kv.name);
+        bounded(self.op_timeout, &what, async {
+            match kv.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(msg) => {
+                    let op = msg
+                        .headers
+                        .get("KV-Operation")
+                        .map(|v| v.as_str().to_string());
+                    match op.as_deref() {
+                        Some("DEL") | Some("PURGE") => Ok(None),
+                        _ => Ok(Some((msg.payload, msg.sequence))),
+                    }
+                }
+                Err(err) => match err.kind() {
+                    stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                    stream::LastRawMessageErrorKind::JetStream(e)
+                        if js_code(&e) == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
+                    {
+                        Ok(None)
+                    }
+                    _ => Err(unavailable(&what, err)),
+                },
+            }
+        })
+        .await
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        kv: &kv::Store,
+        key: &str,
+    ) -> Result<Option<(T, u64)>> {
+        match self.get_raw(kv, key).await? {
+            Some((bytes, rev)) => Ok(Some((decode(&kv.name, &bytes)?, rev))),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates `key`; `Ok(false)` if it already exists.
+    async fn create(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<bool> {
+        let what = format!("create {}/{key}", kv.name);
+        bounded(self.op_timeout, &what, async {
+            match kv.create(key, value).await {
+                Ok(_) => Ok(true),
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(err) => Err(unavailable(&what, err)),
+            }
+        })
+        .await
+    }
+
+    async fn put(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
+        let what = format!("write {}/{key}", kv.name);
+        bounded(self.op_timeout, &what, async {
+            kv.put(key, value).await.map_err(|e| unavailable(&what, e))
+        })
+        .await
+    }
+
+    /// Compare-and-set; `Ok(false)` if the revision moved.
+    async fn update(&self, kv: &kv::Store, key: &str, value: Bytes, rev: u64) -> Result<bool> {
+        let what = format!("update {}/{key}", kv.name);
+        bounded(self.op_timeout, &what, async {
+            match kv.update(key, value, rev).await {
+                Ok(_) => Ok(true),
+                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(err) => Err(unavailable(&what, err)),
+            }
+        })
+        .await
+    }
+
+    /// Removes every message of `key` (a key or a `prefix.>` wildcard). Idempotent.
+    async fn purge(&self, kv: &kv::Store, key: &str) -> Result<()> {
+        let what = format!("delete {}/{key}", kv.name);
+        let subject = format!("{}{key}", kv.prefix);
+        bounded(self.op_timeout, &what, async {
+            kv.stream
+                .purge()
+                .filter(subject)
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable(&what, e))
+        })
+        .await
+    }
+
+    /// Live keys matching `filter` (`>` or `prefix.>`), sorted, read from the leader.
+    async fn keys(&self, kv: &kv::Store, filter: &str) -> Result<Vec<String>> {
+        let what = format!("list {}/{filter}", kv.name);
+        let subject = format!("{}{filter}", kv.prefix);
+        let mut info = bounded(self.op_timeout, &what, async {
+            kv.stream
+                .info_with_subjects(subject)
+                .await
+                .map_err(|e| unavailable(&what, e))
+        })
+        .await?;
+        let mut keys = Vec::new();
+        loop {
+            let next = bounded(self.op_timeout, &what, async { Ok(info.next().await) }).await?;
+            match next {
+                None => break,
+                Some(Err(e)) => return Err(unavailable(&what, e)),
+                Some(Ok((subject, count))) => {
+                    if count == 0 {
+                        continue;
+                    }
+                    if let Some(key) = subject.strip_prefix(kv.prefix.as_str()) {
+                        keys.push(key.to_string());
+                    }
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn require_room(&self, id: &str) -> Result<Room> {
+        match self.get_json::<Room>(&self.rooms, id).await? {
+            Some((room, _)) => Ok(room),
+            None => Err(StoreError::not_found(format!("room {id:?}"))),
+        }
+    }
+
+    async fn write_index(&self, room: &str, endpoint: &str) -> Result<()> {
+        self.put(
+            &self.index,
+            &format!("{endpoint}.{room}"),
+            Bytes::from(room.to_string()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes every member (index entry first), then every room key, of `room`.
+    async fn purge_room_children(&self, room: &str) -> Result<()> {
+        for key in self.keys(&self.members, &format!("{room}.>")).await? {
+            if let Some((_, endpoint)) = key.split_once('.') {
+                self.purge(&self.index, &format!("{endpoint}.{room}"))
+                    .await?;
+            }
+        }
+        self.purge(&self.members, &format!("{room}.>")).await?;
+        self.purge(&self.keys, &format!("{room}.>")).await?;
+        Ok(())
+    }
+}
+
+// ---- opening, replicas, status
+
+impl KvStore {
+    /// Binds (or with `create`, creates) the five buckets and waits until each has a leader.
+    pub async fn open(client: async_nats::Client, opts: KvOptions) -> Result<Self> {
+        let replicas = replicas_in_range(opts.replicas)?;
+        if opts.op_timeout.is_zero() {
+            return Err(StoreError::Invalid {
+                field: "op_timeout",
+                reason: "0 would fail every call; use a positive duration such as 2s".into(),
+            });
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(opts.op_timeout)
+            .build(client.clone());
+        let mut checked_size = false;
+        let mut stores = Vec::with_capacity(BUCKETS.len());
+        for bucket in BUCKETS {
+            let stream_name = format!("KV_{bucket}");
+            let what = format!("look up bucket {bucket}");
+            let existing = bounded(opts.op_timeout, &what, async {
+                match js.get_stream(&stream_name).await {
+                    Ok(s) => Ok(Some(s)),
+                    Err(err) => match err.kind() {
+                        jetstream::context::GetStreamErrorKind::JetStream(e)
+                            if js_code(&e) == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                        {
+                            Ok(None)
+                        }
+                        _ => Err(unavailable(&what, err)),
+                    },
+                }
+            })
+            .await?;
+            if let Some(s) = &existing {
+                let have = s.cached_info().config.num_replicas;
+                if have != replicas {
+                    tracing::warn!(
+                        bucket,
+                        have,
+                        wanted = replicas,
+                        "bucket exists with other replicas; bound as is (change with `unibus cluster replicas`)"
+                    );
+                }
+            } else {
+                if !opts.create {
+                    return Err(StoreError::not_found(format!(
+                        "bucket {bucket} (stream {stream_name}); open with create or run `unibus migrate`"
+                    )));
+                }
+                if !checked_size {
+                    check_cluster_size(&client, &js, replicas, opts.op_timeout).await?;
+                    checked_size = true;
+                }
+                let what = format!("create bucket {bucket}");
+                bounded(opts.op_timeout, &what, async {
+                    js.create_key_value(kv::Config {
+                        bucket: bucket.to_string(),
+                        description: format!("unibus membership: {bucket}"),
+                        history: 1,
+                        num_replicas: replicas,
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| {
+                        StoreError::Backend(format!(
+                            "{what} with {replicas} replicas: {e}; check `unibus cluster status`"
+                        ))
+                    })
+                })
+                .await?;
+            }
+            let what = format!("bind bucket {bucket}");
+            let store = bounded(opts.op_timeout, &what, async {
+                js.get_key_value(bucket)
+                    .await
+                    .map_err(|e| unavailable(&what, e))
+            })
+            .await?;
+            stores.push(store);
+        }
+        let mut it = stores.into_iter();
+        let (Some(users), Some(rooms), Some(members), Some(index), Some(keys)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(StoreError::Backend("bucket list incomplete".into()));
+        };
+        let store = Self {
+            client,
+            js,
+            op_timeout: opts.op_timeout,
+            users: Arc::new(users),
+            rooms: Arc::new(rooms),
+            members: Arc::new(members),
+            index: Arc::new(index),
+            keys: Arc::new(keys),
+        };
+        store.wait_for_leaders(opts.leader_timeout).await?;
+        Ok(store)
+    }
+
+    /// The NATS connection this store uses.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The per-request bound.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// The underlying KV handle of one of [`BUCKETS`] (for tooling and tests).
+    pub fn bucket(&self, name: &str) -> Option<&kv::Store> {
+        match name {
+            "users" => Some(&self.users),
+            "rooms" => Some(&self.rooms),
+            "members" => Some(&self.members),
+            "rooms_by_member" => Some(&self.index),
+            "room_keys" => Some(&self.keys),
+            _ => None,
+        }
+    }
+
+    async fn wait_for_leaders(&self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let last = match self.bucket_status().await {
+                Ok(status) if status.iter().all(|b| b.leader.is_some()) => return Ok(()),
+                Ok(status) => format!("{status:?}"),
+                Err(err) => err.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "buckets have no leader after {limit:?} (last: {last}); check that a quorum of nodes is up"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Per bucket: replicas wanted, replicas current, leader.
+    pub async fn bucket_status(&self) -> Result<Vec<BucketStatus>> {
+        let mut out = Vec::with_capacity(BUCKETS.len());
+        for bucket in BUCKETS {
+            let stream_name = format!("KV_{bucket}");
+            let what = format!("status of bucket {bucket}");
+            let info = bounded(self.op_timeout, &what, async {
+                self.js
+                    .get_stream(&stream_name)
+                    .await
+                    .map(|s| s.cached_info().clone())
+                    .map_err(|e| unavailable(&what, e))
+            })
+            .await?;
+            let (current, leader) = match &info.cluster {
+                Some(c) => {
+                    let followers = c
+                        .replicas
+                        .iter()
+                        .filter(|p| p.current && !p.offline)
+                        .count();
+                    let leader = c.leader.clone().filter(|l| !l.is_empty());
+                    (usize::from(leader.is_some()) + followers, leader)
+                }
+                None => (1, Some(self.client.server_info().server_name)),
+            };
+            out.push(BucketStatus {
+                bucket: bucket.to_string(),
+                replicas_wanted: info.config.num_replicas,
+                replicas_current: current,
+                leader,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Changes every bucket's replicas live by editing its stream config
+    /// (`update_stream`; never `update_key_value`). Safe to re-run. Does not wait: follow
+    /// with [`KvStore::wait_replicas_current`].
+    pub async fn set_replicas(&self, n: usize) -> Result<Vec<BucketStatus>> {
+        let n = replicas_in_range(n)?;
+        check_cluster_size(&self.client, &self.js, n, self.op_timeout).await?;
+        for bucket in BUCKETS {
+            let stream_name = format!("KV_{bucket}");
+            let what = format!("set replicas of bucket {bucket} to {n}");
+            bounded(self.op_timeout, &what, async {
+                let s = self
+                    .js
+                    .get_stream(&stream_name)
+                    .await
+                    .map_err(|e| unavailable(&what, e))?;
+                let mut config = s.cached_info().config.clone();
+                if config.num_replicas == n {
+                    return Ok(());
+                }
+                config.num_replicas = n;
+                self.js
+                    .update_stream(config)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| StoreError::Backend(format!("{what}: {e}")))
+            })
+            .await?;
+        }
+        self.bucket_status().await
+    }
+
+    /// Polls until every bucket has a leader and all wanted replicas are current.
+    pub async fn wait_replicas_current(&self, limit: Duration) -> Result<Vec<BucketStatus>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let last = match self.bucket_status().await {
+                Ok(status)
+                    if status
+                        .iter()
+                        .all(|b| b.leader.is_some() && b.replicas_current >= b.replicas_wanted) =>
+                {
+                    return Ok(status);
+                }
+                Ok(status) => format!("{status:?}"),
+                Err(err) => err.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "replicas not current after {limit:?} (last: {last}); re-run to keep waiting"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Repairs what an interrupted two-bucket write leaves; see the module docs.
+    ///
+    /// Lists the index first, then members, then rooms, so a concurrent add (members
+    /// before index) or remove (index before members) is never mistaken for damage that
+    /// would over-grant. Every repair re-reads the record it acts on from the leader.
+    pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let index: BTreeSet<String> = self.keys(&self.index, ">").await?.into_iter().collect();
+        let members = self.keys(&self.members, ">").await?;
+        let rooms: BTreeSet<String> = self.keys(&self.rooms, ">").await?.into_iter().collect();
+        let member_set: BTreeSet<(String, String)> = members
+            .iter()
+            .filter_map(|k| k.split_once('.'))
+            .map(|(r, e)| (r.to_string(), e.to_string()))
+            .collect();
+
+        for key in &index {
+            let Some((endpoint, room)) = key.split_once('.') else {
+                continue;
+            };
+            let listed = member_set.contains(&(room.to_string(), endpoint.to_string()));
+            if !listed || !rooms.contains(room) {
+                let still_member = self
+                    .get_raw(&self.members, &format!("{room}.{endpoint}"))
+                    .await?
+                    .is_some();
+                if !still_member || !rooms.contains(room) {
+                    self.purge(&self.index, key).await?;
+                    report.index_removed += 1;
+                    tracing::info!(
+                        room,
+                        endpoint,
+                        "reconcile: removed index entry without member"
+                    );
+                }
+            }
+        }
+        for (room, endpoint) in &member_set {
+            let member_key = format!("{room}.{endpoint}");
+            let index_key = format!("{endpoint}.{room}");
+            if !rooms.contains(room) && self.get_raw(&self.rooms, room).await?.is_none() {
+                self.purge(&self.index, &index_key).await?;
+                self.purge(&self.members, &member_key).await?;
+                report.orphans_removed += 1;
+                tracing::info!(
+                    room,
+                    endpoint,
+                    "reconcile: removed member of a missing room"
+                );
+            } else if !index.contains(&index_key)
+                && self.get_raw(&self.members, &member_key).await?.is_some()
+            {
+                self.write_index(room, endpoint).await?;
+                report.index_added += 1;
+                tracing::info!(room, endpoint, "reconcile: added missing index entry");
+            }
+        }
+        for key in self.keys(&self.keys, ">").await? {
+            let Some((room, _)) = key.split_once('.') else {
+                continue;
+            };
+            if !rooms.contains(room) && self.get_raw(&self.rooms, room).await?.is_none() {
+                self.purge(&self.keys, &key).await?;
+                report.orphans_removed += 1;
+                tracing::info!(room, key, "reconcile: removed key of a missing room");
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Refuses `n` replicas when the servers cannot place them (see the module docs).
+async fn check_cluster_size(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    n: usize,
+    limit: Duration,
+) -> Result<()> {
+    if n == 1 {
+        return Ok(());
+    }
+    let info = client.server_info();
+    if info.cluster.is_none() {
+        return Err(StoreError::Invalid {
+            field: "replicas",
+            reason: format!(
+                "{n} replicas need a clustered JetStream, but server {} is standalone; use 1",
+                info.server_name
+            ),
+        });
+    }
+    let inbox = client.new_inbox();
+    let token = inbox.rsplit('.').next().unwrap_or("probe").to_string();
+    let name = format!("UNIBUS_REPLICA_PROBE_{token}");
+    let what = format!("check that the cluster can hold {n} replicas");
+    let created = bounded(limit, &what, async {
+        match js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("unibus.probe.{token}")],
+                storage: stream::StorageType::Memory,
+                num_replicas: n,
+                max_messages: 1,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) => match err.kind() {
+                jetstream::context::CreateStreamErrorKind::JetStream(e) => {
+                    tracing::info!(replicas = n, error = %e, "replica probe refused");
+                    Ok(false)
+                }
+                _ => Err(unavailable(&what, err)),
+            },
+        }
+    })
+    .await?;
+    if !created {
+        return Err(StoreError::Invalid {
+            field: "replicas",
+            reason: format!(
+                "{n} replicas exceed the cluster: fewer than {n} JetStream servers are available to hold a copy; lower replicas or add nodes"
+            ),
+        });
+    }
+    if let Err(err) = bounded(limit, "delete replica probe", async {
+        js.delete_stream(&name)
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("delete replica probe", e))
+    })
+    .await
+    {
+        tracing::warn!(%err, stream = name, "could not delete the replica probe stream");
+    }
+    Ok(())
+}
+
+// ---- the store operations
+
+impl KvStore {
+    pub(crate) async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User> {
+        let user = User {
+            key: ids::user_key("user", key)?,
+            name: ids::name("name", name)?,
+            admin,
+            created_at: now_ms(),
+            revoked_at: None,
+        };
+        if self.create(&self.users, &user.key, encode(&user)?).await? {
+            Ok(user)
+        } else {
+            Err(StoreError::conflict(format!(
+                "user {} already exists",
+                user.key
+            )))
+        }
+    }
+
+    pub(crate) async fn get_user(&self, key: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        match self.get_json::<User>(&self.users, &key).await? {
+            Some((user, _)) => Ok(user),
+            None => Err(StoreError::not_found(format!("user {key}"))),
+        }
+    }
+
+    pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
+        let mut out = Vec::new();
+        for key in self.keys(&self.users, ">").await? {
+            if let Some((user, _)) = self.get_json::<User>(&self.users, &key).await? {
+                out.push(user);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn revoke_user(&self, key: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        for _ in 0..5 {
+            let Some((mut user, rev)) = self.get_json::<User>(&self.users, &key).await? else {
+                return Err(StoreError::not_found(format!("user {key}")));
+            };
+            if user.revoked_at.is_some() {
+                return Ok(user);
+            }
+            user.revoked_at = Some(now_ms());
+            if self.update(&self.users, &key, encode(&user)?, rev).await? {
+                return Ok(user);
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "user {key} kept changing during revoke"
+        )))
+    }
+
+    pub(crate) async fn is_authorized(&self, key: &str) -> bool {
+        match bounded(self.op_timeout, "is_authorized", self.get_user(key)).await {
+            Ok(user) => user.revoked_at.is_none(),
+            Err(StoreError::NotFound { .. } | StoreError::Invalid { .. }) => false,
+            Err(err) => {
+                tracing::warn!(%err, "is_authorized: store error, denying (fail closed)");
+                false
+            }
+        }
+    }
+
+    pub(crate) async fn has_admin(&self) -> bool {
+        let scan = async {
+            for key in self.keys(&self.users, ">").await? {
+                if let Some((user, _)) = self.get_json::<User>(&self.users, &key).await?
+                    && user.admin
+                    && user.revoked_at.is_none()
+                {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        match bounded(self.op_timeout, "has_admin", scan).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(%err, "has_admin: store error, answering false (fail closed)");
+                false
+            }
+        }
+    }
+
+    pub(crate) async fn create_room(
+        &self,
+        id: &str,
+        name: &str,
+        owner: &str,
+        encrypted: bool,
+    ) -> Result<Room> {
+        let room = Room {
+            id: ids::room_id(id)?.to_string(),
+            name: ids::name("name", name)?,
+            owner: ids::user_key("owner", owner)?,
+            encrypted,
+            created_at: now_ms(),
+        };
+        if !self.create(&self.rooms, &room.id, encode(&room)?).await? {
+            return Err(StoreError::conflict(format!(
+                "room {:?} already exists",
+                room.id
+            )));
+        }
+        // The id is ours now; drop anything a racing delete may have left under it so a
+        // new room never inherits old members or keys.
+        self.purge_room_children(&room.id).await?;
+        let owner = Member {
+            room: room.id.clone(),
+            endpoint: room.owner.clone(),
+            role: Role::Owner,
+            state: MemberState::Joined,
+            added_by: room.owner.clone(),
+            added_at: room.created_at,
+        };
+        self.put(
+            &self.members,
+            &format!("{}.{}", owner.room, owner.endpoint),
+            encode(&owner)?,
+        )
+        .await?;
+        self.write_index(&owner.room, &owner.endpoint).await?;
+        Ok(room)
+    }
+
+    pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
+        let id = ids::room_id(id)?;
+        self.require_room(id).await
+    }
+
+    pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
+        let mut out = Vec::new();
+        for key in self.keys(&self.rooms, ">").await? {
+            if let Some((room, _)) = self.get_json::<Room>(&self.rooms, &key).await? {
+                out.push(room);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn delete_room(&self, id: &str) -> Result<()> {
+        let id = ids::room_id(id)?;
+        self.require_room(id).await?;
+        self.purge_room_children(id).await?;
+        self.purge(&self.rooms, id).await
+    }
+
+    pub(crate) async fn add_member(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        let member = Member {
+            room: ids::room_id(room)?.to_string(),
+            endpoint: ids::user_key("endpoint", endpoint)?,
+            role,
+            state,
+            added_by: ids::user_key("added_by", added_by)?,
+            added_at: now_ms(),
+        };
+        self.require_room(&member.room).await?;
+        let key = format!("{}.{}", member.room, member.endpoint);
+        let created = self.create(&self.members, &key, encode(&member)?).await?;
+        // Authoritative record first, then the index. On a retry after a crash the member
+        // exists: the index is (re)written anyway, so the retry finishes the job.
+        self.write_index(&member.room, &member.endpoint).await?;
+        if created {
+            Ok(member)
+        } else {
+            Err(StoreError::conflict(format!(
+                "{} is already a member of room {:?}",
+                member.endpoint, member.room
+            )))
+        }
+    }
+
+    pub(crate) async fn join(&self, room: &str, endpoint: &str) -> Result<Member> {
+        let room = ids::room_id(room)?;
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.require_room(room).await?;
+        let key = format!("{room}.{endpoint}");
+        for _ in 0..5 {
+            let Some((mut member, rev)) = self.get_json::<Member>(&self.members, &key).await?
+            else {
+                return Err(StoreError::not_found(format!(
+                    "membership of {endpoint} in room {room:?}"
+                )));
+            };
+            if member.state == MemberState::Joined {
+                return Ok(member);
+            }
+            member.state = MemberState::Joined;
+            if self
+                .update(&self.members, &key, encode(&member)?, rev)
+                .await?
+            {
+                return Ok(member);
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "membership of {endpoint} in room {room:?} kept changing during join"
+        )))
+    }
+
+    pub(crate) async fn remove_member(&self, room: &str, endpoint: &str) -> Result<()> {
+        let room = ids::room_id(room)?;
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.require_room(room).await?;
+        let key = format!("{room}.{endpoint}");
+        if self.get_raw(&self.members, &key).await?.is_none() {
+            return Err(StoreError::not_found(format!(
+                "membership of {endpoint} in room {room:?}"
+            )));
+        }
+        // Index first, then the authoritative record: an interruption leaves a member
+        // without an index entry (under-granting), which a retry or reconcile finishes.
+        self.purge(&self.index, &format!("{endpoint}.{room}"))
+            .await?;
+        self.purge(&self.members, &key).await
+    }
+
+    pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
+        let room = ids::room_id(room)?;
+        self.require_room(room).await?;
+        let mut out = Vec::new();
+        for key in self.keys(&self.members, &format!("{room}.>")).await? {
+            if let Some((m, _)) = self.get_json::<Member>(&self.members, &key).await? {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        Ok(out)
+    }
+
+    pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        let mut out = Vec::new();
+        for key in self.keys(&self.index, &format!("{endpoint}.>")).await? {
+            let Some((_, room)) = key.split_once('.') else {
+                continue;
+            };
+            // The index only points; the member record and the room decide.
+            let member = self
+                .get_json::<Member>(&self.members, &format!("{room}.{endpoint}"))
+                .await?;
+            match member {
+                Some((m, _)) if self.get_raw(&self.rooms, room).await?.is_some() => out.push(m),
+                _ => tracing::debug!(room, endpoint, "stale index entry ignored"),
+            }
+        }
+        out.sort_by(|a, b| a.room.cmp(&b.room));
+        Ok(out)
+    }
+
+    async fn epochs(&self, room: &str) -> Result<BTreeMap<u32, String>> {
+        let mut out = BTreeMap::new();
+        for key in self.keys(&self.keys, &format!("{room}.>")).await? {
+            if let Some(epoch) = key
+                .rsplit_once('.')
+                .and_then(|(_, e)| e.parse::<u32>().ok())
+            {
+                out.insert(epoch, key);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create_key(&self, key: RoomKey) -> Result<RoomKey> {
+        let k = epoch_key(&key.room, key.epoch);
+        if self.create(&self.keys, &k, encode(&key)?).await? {
+            Ok(key)
+        } else {
+            Err(StoreError::conflict(format!(
+                "room {:?} already has a key for epoch {}",
+                key.room, key.epoch
+            )))
+        }
+    }
+
+    pub(crate) async fn put_room_key(
+        &self,
+        room: &str,
+        epoch: u32,
+        material: &[u8],
+    ) -> Result<RoomKey> {
+        let room = ids::room_id(room)?;
+        let epoch = ids::epoch(epoch)?;
+        self.require_room(room).await?;
+        self.create_key(RoomKey {
+            room: room.to_string(),
+            epoch,
+            material: material.to_vec(),
+            created_at: now_ms(),
+        })
+        .await
+    }
+
+    pub(crate) async fn get_room_key(&self, room: &str, epoch: u32) -> Result<RoomKey> {
+        let room = ids::room_id(room)?;
+        let epoch = ids::epoch(epoch)?;
+        self.require_room(room).await?;
+        match self
+            .get_json::<RoomKey>(&self.keys, &epoch_key(room, epoch))
+            .await?
+        {
+            Some((k, _)) => Ok(k),
+            None => Err(StoreError::not_found(format!(
+                "epoch {epoch} of room {room:?}'s key"
+            ))),
+        }
+    }
+
+    pub(crate) async fn latest_room_key(&self, room: &str) -> Result<Option<RoomKey>> {
+        let room = ids::room_id(room)?;
+        self.require_room(room).await?;
+        for key in self.epochs(room).await?.values().rev() {
+            if let Some((k, _)) = self.get_json::<RoomKey>(&self.keys, key).await? {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) async fn rekey(&self, room: &str, material: &[u8]) -> Result<RoomKey> {
+        let room = ids::room_id(room)?;
+        self.require_room(room).await?;
+        for _ in 0..5 {
+            let latest = self.epochs(room).await?.keys().next_back().copied();
+            let epoch = latest
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or_else(|| StoreError::Invalid {
+                    field: "epoch",
+                    reason: format!("room {room:?} has reached the last epoch"),
+                })?;
+            match self
+                .create_key(RoomKey {
+                    room: room.to_string(),
+                    epoch,
+                    material: material.to_vec(),
+                    created_at: now_ms(),
+                })
+                .await
+            {
+                Err(StoreError::Conflict { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "room {room:?} was rekeyed concurrently"
+        )))
+    }
+
+    pub(crate) async fn close(&self) -> Result<()> {
+        bounded(self.op_timeout, "flush", async {
+            self.client
+                .flush()
+                .await
+                .map_err(|e| unavailable("flush", e))
+        })
+        .await
+    }
+}

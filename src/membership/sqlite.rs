@@ -1,0 +1,701 @@
+//! SQLite backend: the single-node store, one file inside the node's data dir.
+//!
+//! - **Durability and concurrency**: WAL journal, `synchronous = FULL`, foreign keys on, a
+//!   busy timeout. Members and room keys reference their room with `ON DELETE CASCADE`, so
+//!   deleting a room is one statement and can never leave orphans.
+//! - **Schema versions** live in `PRAGMA user_version`; [`MIGRATIONS`] is the ordered list
+//!   of steps, each applied in its own transaction that also bumps the version. A file with
+//!   a newer version than this binary knows is refused rather than guessed at.
+//! - **Async without blocking the runtime**: rusqlite is synchronous. Each operation runs as
+//!   one closure on `tokio::task::spawn_blocking`, holding an `Arc<Mutex<Connection>>` for
+//!   the duration. One connection serialises writers (SQLite does anyway) and keeps the
+//!   code trivially correct; the control plane's load is small and SQLite answers in
+//!   microseconds, so a connection pool would buy nothing but complexity. Tokio worker
+//!   threads never wait on SQLite I/O.
+//! - Every operation is a single transaction: checks ("does the room exist?") and writes
+//!   see the same snapshot.
+
+use super::{Member, MemberState, Result, Role, Room, RoomKey, StoreError, User, ids, now_ms};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Ordered schema migrations; entry `i` moves the file from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // v1: initial schema.
+    "CREATE TABLE users (
+        key        TEXT PRIMARY KEY NOT NULL,
+        name       TEXT NOT NULL,
+        admin      INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE rooms (
+        id         TEXT PRIMARY KEY NOT NULL,
+        name       TEXT NOT NULL,
+        owner      TEXT NOT NULL,
+        encrypted  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        room     TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+        endpoint TEXT NOT NULL,
+        role     TEXT NOT NULL CHECK (role IN ('owner', 'member')),
+        state    TEXT NOT NULL CHECK (state IN ('invited', 'joined')),
+        added_by TEXT NOT NULL,
+        added_at INTEGER NOT NULL,
+        PRIMARY KEY (room, endpoint)
+    );
+    CREATE INDEX members_by_endpoint ON members(endpoint, room);
+    CREATE TABLE room_keys (
+        room       TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+        epoch      INTEGER NOT NULL CHECK (epoch >= 1),
+        material   BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (room, epoch)
+    );",
+];
+
+/// The schema version this binary writes.
+pub fn schema_version() -> u32 {
+    u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
+}
+
+/// The SQLite store; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Option<Connection>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn backend(context: &str, err: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(e, _) = &err
+        && matches!(
+            e.code,
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+        )
+    {
+        return StoreError::Unavailable(format!("{context}: sqlite is busy ({err})"));
+    }
+    StoreError::Backend(format!("{context}: {err}"))
+}
+
+fn is_constraint(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn user_from_row(row: &Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        key: row.get(0)?,
+        name: row.get(1)?,
+        admin: row.get(2)?,
+        created_at: to_u64(row.get(3)?),
+        revoked_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+    })
+}
+
+fn room_from_row(row: &Row<'_>) -> rusqlite::Result<Room> {
+    Ok(Room {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        owner: row.get(2)?,
+        encrypted: row.get(3)?,
+        created_at: to_u64(row.get(4)?),
+    })
+}
+
+fn member_from_row(row: &Row<'_>) -> rusqlite::Result<Member> {
+    let role: String = row.get(2)?;
+    let state: String = row.get(3)?;
+    Ok(Member {
+        room: row.get(0)?,
+        endpoint: row.get(1)?,
+        role: if role == "owner" {
+            Role::Owner
+        } else {
+            Role::Member
+        },
+        state: if state == "joined" {
+            MemberState::Joined
+        } else {
+            MemberState::Invited
+        },
+        added_by: row.get(4)?,
+        added_at: to_u64(row.get(5)?),
+    })
+}
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<RoomKey> {
+    Ok(RoomKey {
+        room: row.get(0)?,
+        epoch: row.get(1)?,
+        material: row.get(2)?,
+        created_at: to_u64(row.get(3)?),
+    })
+}
+
+const USER_COLS: &str = "key, name, admin, created_at, revoked_at";
+const ROOM_COLS: &str = "id, name, owner, encrypted, created_at";
+const MEMBER_COLS: &str = "room, endpoint, role, state, added_by, added_at";
+const KEY_COLS: &str = "room, epoch, material, created_at";
+
+fn room_exists(tx: &Transaction<'_>, id: &str) -> Result<()> {
+    let found = tx
+        .query_row("SELECT 1 FROM rooms WHERE id = ?1", [id], |_| Ok(()))
+        .optional()
+        .map_err(|e| backend("read room", e))?;
+    found.ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
+}
+
+fn get_member(tx: &Transaction<'_>, room: &str, endpoint: &str) -> Result<Option<Member>> {
+    tx.query_row(
+        &format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1 AND endpoint = ?2"),
+        [room, endpoint],
+        member_from_row,
+    )
+    .optional()
+    .map_err(|e| backend("read member", e))
+}
+
+fn insert_key(tx: &Transaction<'_>, key: &RoomKey) -> Result<()> {
+    tx.execute(
+        &format!("INSERT INTO room_keys ({KEY_COLS}) VALUES (?1, ?2, ?3, ?4)"),
+        params![key.room, key.epoch, key.material, to_i64(key.created_at)],
+    )
+    .map_err(|e| {
+        if is_constraint(&e) {
+            StoreError::conflict(format!(
+                "room {:?} already has a key for epoch {}",
+                key.room, key.epoch
+            ))
+        } else {
+            backend("insert room key", e)
+        }
+    })?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: u32 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| backend("read schema version", e))?;
+    let known = schema_version();
+    if current > known {
+        return Err(StoreError::Invalid {
+            field: "database",
+            reason: format!(
+                "schema version {current} is newer than this binary understands ({known}); upgrade unibus"
+            ),
+        });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn
+            .transaction()
+            .map_err(|e| backend("begin migration", e))?;
+        tx.execute_batch(sql)
+            .map_err(|e| backend(&format!("migrate schema to version {}", from + 1), e))?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(from + 1).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| backend("write schema version", e))?;
+        tx.commit().map_err(|e| backend("commit migration", e))?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates its schema.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let ctx = format!("open sqlite database {}", p.display());
+            let mut conn = Connection::open(&p).map_err(|e| backend(&ctx, e))?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(|e| backend(&ctx, e))?;
+            let mode: String = conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+                .map_err(|e| backend(&ctx, e))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(StoreError::Backend(format!(
+                    "{ctx}: could not enable WAL (journal_mode is {mode})"
+                )));
+            }
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| backend(&ctx, e))?;
+            conn.pragma_update(None, "foreign_keys", true)
+                .map_err(|e| backend(&ctx, e))?;
+            migrate(&mut conn)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("sqlite open task failed: {e}")))??;
+        Ok(Self {
+            path,
+            conn: Arc::new(Mutex::new(Some(conn))),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one transaction on the blocking pool.
+    async fn tx<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| {
+                StoreError::Backend(
+                    "sqlite connection lock poisoned by an earlier panic; restart the node".into(),
+                )
+            })?;
+            let conn = guard
+                .as_mut()
+                .ok_or_else(|| StoreError::Unavailable("the sqlite store was closed".into()))?;
+            let tx = conn.transaction().map_err(|e| backend("begin", e))?;
+            let out = f(&tx)?;
+            tx.commit().map_err(|e| backend("commit", e))?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("sqlite task failed: {e}")))?
+    }
+
+    pub(crate) async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User> {
+        let user = User {
+            key: ids::user_key("user", key)?,
+            name: ids::name("name", name)?,
+            admin,
+            created_at: now_ms(),
+            revoked_at: None,
+        };
+        self.tx(move |tx| {
+            tx.execute(
+                &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL)"),
+                params![user.key, user.name, user.admin, to_i64(user.created_at)],
+            )
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    StoreError::conflict(format!("user {} already exists", user.key))
+                } else {
+                    backend("insert user", e)
+                }
+            })?;
+            Ok(user)
+        })
+        .await
+    }
+
+    pub(crate) async fn get_user(&self, key: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        self.tx(move |tx| {
+            tx.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
+                [&key],
+                user_from_row,
+            )
+            .optional()
+            .map_err(|e| backend("read user", e))?
+            .ok_or_else(|| StoreError::not_found(format!("user {key}")))
+        })
+        .await
+    }
+
+    pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
+        self.tx(|tx| {
+            let mut stmt = tx
+                .prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY key"))
+                .map_err(|e| backend("list users", e))?;
+            let rows = stmt
+                .query_map([], user_from_row)
+                .map_err(|e| backend("list users", e))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|e| backend("list users", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn revoke_user(&self, key: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        let now = to_i64(now_ms());
+        self.tx(move |tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE users SET revoked_at = COALESCE(revoked_at, ?2) WHERE key = ?1",
+                    params![key, now],
+                )
+                .map_err(|e| backend("revoke user", e))?;
+            if changed == 0 {
+                return Err(StoreError::not_found(format!("user {key}")));
+            }
+            tx.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
+                [&key],
+                user_from_row,
+            )
+            .map_err(|e| backend("read user", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn is_authorized(&self, key: &str) -> bool {
+        match self.get_user(key).await {
+            Ok(user) => user.revoked_at.is_none(),
+            Err(err) => {
+                tracing::debug!(%err, "is_authorized: denied");
+                false
+            }
+        }
+    }
+
+    pub(crate) async fn has_admin(&self) -> bool {
+        let res = self
+            .tx(|tx| {
+                tx.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM users WHERE admin = 1 AND revoked_at IS NULL)",
+                    [],
+                    |row| row.get::<_, bool>(0),
+                )
+                .map_err(|e| backend("has_admin", e))
+            })
+            .await;
+        match res {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(%err, "has_admin: store error, answering false (fail closed)");
+                false
+            }
+        }
+    }
+
+    pub(crate) async fn create_room(
+        &self,
+        id: &str,
+        name: &str,
+        owner: &str,
+        encrypted: bool,
+    ) -> Result<Room> {
+        let room = Room {
+            id: ids::room_id(id)?.to_string(),
+            name: ids::name("name", name)?,
+            owner: ids::user_key("owner", owner)?,
+            encrypted,
+            created_at: now_ms(),
+        };
+        self.tx(move |tx| {
+            tx.execute(
+                &format!("INSERT INTO rooms ({ROOM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![
+                    room.id,
+                    room.name,
+                    room.owner,
+                    room.encrypted,
+                    to_i64(room.created_at)
+                ],
+            )
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    StoreError::conflict(format!("room {:?} already exists", room.id))
+                } else {
+                    backend("insert room", e)
+                }
+            })?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO members ({MEMBER_COLS}) VALUES (?1, ?2, 'owner', 'joined', ?2, ?3)"
+                ),
+                params![room.id, room.owner, to_i64(room.created_at)],
+            )
+            .map_err(|e| backend("insert owner member", e))?;
+            Ok(room)
+        })
+        .await
+    }
+
+    pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
+        let id = ids::room_id(id)?.to_string();
+        self.tx(move |tx| {
+            tx.query_row(
+                &format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?1"),
+                [&id],
+                room_from_row,
+            )
+            .optional()
+            .map_err(|e| backend("read room", e))?
+            .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
+        })
+        .await
+    }
+
+    pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
+        self.tx(|tx| {
+            let mut stmt = tx
+                .prepare(&format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id"))
+                .map_err(|e| backend("list rooms", e))?;
+            let rows = stmt
+                .query_map([], room_from_row)
+                .map_err(|e| backend("list rooms", e))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|e| backend("list rooms", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn delete_room(&self, id: &str) -> Result<()> {
+        let id = ids::room_id(id)?.to_string();
+        self.tx(move |tx| {
+            let n = tx
+                .execute("DELETE FROM rooms WHERE id = ?1", [&id])
+                .map_err(|e| backend("delete room", e))?;
+            if n == 0 {
+                return Err(StoreError::not_found(format!("room {id:?}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn add_member(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        let member = Member {
+            room: ids::room_id(room)?.to_string(),
+            endpoint: ids::user_key("endpoint", endpoint)?,
+            role,
+            state,
+            added_by: ids::user_key("added_by", added_by)?,
+            added_at: now_ms(),
+        };
+        self.tx(move |tx| {
+            room_exists(tx, &member.room)?;
+            tx.execute(
+                &format!("INSERT INTO members ({MEMBER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    member.room,
+                    member.endpoint,
+                    member.role.as_str(),
+                    member.state.as_str(),
+                    member.added_by,
+                    to_i64(member.added_at)
+                ],
+            )
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    StoreError::conflict(format!(
+                        "{} is already a member of room {:?}",
+                        member.endpoint, member.room
+                    ))
+                } else {
+                    backend("insert member", e)
+                }
+            })?;
+            Ok(member)
+        })
+        .await
+    }
+
+    pub(crate) async fn join(&self, room: &str, endpoint: &str) -> Result<Member> {
+        let room = ids::room_id(room)?.to_string();
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.tx(move |tx| {
+            room_exists(tx, &room)?;
+            let Some(mut member) = get_member(tx, &room, &endpoint)? else {
+                return Err(StoreError::not_found(format!(
+                    "membership of {endpoint} in room {room:?}"
+                )));
+            };
+            if member.state != MemberState::Joined {
+                tx.execute(
+                    "UPDATE members SET state = 'joined' WHERE room = ?1 AND endpoint = ?2",
+                    [&room, &endpoint],
+                )
+                .map_err(|e| backend("join", e))?;
+                member.state = MemberState::Joined;
+            }
+            Ok(member)
+        })
+        .await
+    }
+
+    pub(crate) async fn remove_member(&self, room: &str, endpoint: &str) -> Result<()> {
+        let room = ids::room_id(room)?.to_string();
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.tx(move |tx| {
+            room_exists(tx, &room)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM members WHERE room = ?1 AND endpoint = ?2",
+                    [&room, &endpoint],
+                )
+                .map_err(|e| backend("remove member", e))?;
+            if n == 0 {
+                return Err(StoreError::not_found(format!(
+                    "membership of {endpoint} in room {room:?}"
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
+        let room = ids::room_id(room)?.to_string();
+        self.tx(move |tx| {
+            room_exists(tx, &room)?;
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {MEMBER_COLS} FROM members WHERE room = ?1 ORDER BY endpoint"
+                ))
+                .map_err(|e| backend("list members", e))?;
+            let rows = stmt
+                .query_map([&room], member_from_row)
+                .map_err(|e| backend("list members", e))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|e| backend("list members", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.tx(move |tx| {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1 ORDER BY room"
+                ))
+                .map_err(|e| backend("list rooms for endpoint", e))?;
+            let rows = stmt
+                .query_map([&endpoint], member_from_row)
+                .map_err(|e| backend("list rooms for endpoint", e))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|e| backend("list rooms for endpoint", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn put_room_key(
+        &self,
+        room: &str,
+        epoch: u32,
+        material: &[u8],
+    ) -> Result<RoomKey> {
+        let key = RoomKey {
+            room: ids::room_id(room)?.to_string(),
+            epoch: ids::epoch(epoch)?,
+            material: material.to_vec(),
+            created_at: now_ms(),
+        };
+        self.tx(move |tx| {
+            room_exists(tx, &key.room)?;
+            insert_key(tx, &key)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    pub(crate) async fn get_room_key(&self, room: &str, epoch: u32) -> Result<RoomKey> {
+        let room = ids::room_id(room)?.to_string();
+        let epoch = ids::epoch(epoch)?;
+        self.tx(move |tx| {
+            room_exists(tx, &room)?;
+            tx.query_row(
+                &format!("SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 AND epoch = ?2"),
+                params![room, epoch],
+                key_from_row,
+            )
+            .optional()
+            .map_err(|e| backend("read room key", e))?
+            .ok_or_else(|| StoreError::not_found(format!("epoch {epoch} of room {room:?}'s key")))
+        })
+        .await
+    }
+
+    pub(crate) async fn latest_room_key(&self, room: &str) -> Result<Option<RoomKey>> {
+        let room = ids::room_id(room)?.to_string();
+        self.tx(move |tx| {
+            room_exists(tx, &room)?;
+            tx.query_row(
+                &format!(
+                    "SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 ORDER BY epoch DESC LIMIT 1"
+                ),
+                [&room],
+                key_from_row,
+            )
+            .optional()
+            .map_err(|e| backend("read latest room key", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn rekey(&self, room: &str, material: &[u8]) -> Result<RoomKey> {
+        let room = ids::room_id(room)?.to_string();
+        let material = material.to_vec();
+        self.tx(move |tx| {
+            room_exists(tx, &room)?;
+            let latest: u32 = tx
+                .query_row(
+                    "SELECT COALESCE(MAX(epoch), 0) FROM room_keys WHERE room = ?1",
+                    [&room],
+                    |row| row.get(0),
+                )
+                .map_err(|e| backend("read latest epoch", e))?;
+            let epoch = latest.checked_add(1).ok_or_else(|| StoreError::Invalid {
+                field: "epoch",
+                reason: format!("room {room:?} has reached the last epoch ({latest})"),
+            })?;
+            let key = RoomKey {
+                room,
+                epoch,
+                material,
+                created_at: now_ms(),
+            };
+            insert_key(tx, &key)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    pub(crate) async fn close(&self) -> Result<()> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Backend("sqlite connection lock poisoned".into()))?;
+            if let Some(conn) = guard.take() {
+                conn.close()
+                    .map_err(|(_, e)| backend("close sqlite database", e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("sqlite close task failed: {e}")))?
+    }
+}

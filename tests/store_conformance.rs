@@ -1,0 +1,461 @@
+//! One conformance suite, run against every backend of `membership::Store`.
+
+mod common;
+
+use common::user_key;
+use unibus::membership::jetstream::{KvOptions, KvStore};
+use unibus::membership::sqlite::SqliteStore;
+use unibus::membership::{MemberState, Role, Store, StoreError};
+
+fn is_invalid(r: Result<impl std::fmt::Debug, StoreError>, field: &str) -> bool {
+    matches!(r, Err(StoreError::Invalid { field: f, .. }) if f == field)
+}
+
+fn is_not_found<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::NotFound { .. }))
+}
+
+fn is_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+    matches!(r, Err(StoreError::Conflict { .. }))
+}
+
+async fn conformance(store: &Store) {
+    empty(store).await;
+    users(store).await;
+    rooms(store).await;
+    members(store).await;
+    room_keys(store).await;
+    bad_input(store).await;
+}
+
+async fn empty(store: &Store) {
+    assert!(store.list_users().await.unwrap().is_empty());
+    assert!(store.list_rooms().await.unwrap().is_empty());
+    assert!(!store.has_admin().await);
+    assert!(
+        store
+            .list_rooms_for_endpoint(&user_key())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn users(store: &Store) {
+    let alice = user_key();
+    let bob = user_key();
+    let u = store.add_user(&alice, "alice", false).await.unwrap();
+    assert_eq!(
+        (u.key.as_str(), u.name.as_str(), u.admin),
+        (alice.as_str(), "alice", false)
+    );
+    assert!(u.revoked_at.is_none() && u.created_at > 0);
+    assert!(!store.has_admin().await, "a non-admin user is not an admin");
+
+    // Lower-case input names the same user; duplicates conflict either way.
+    assert_eq!(store.get_user(&alice.to_lowercase()).await.unwrap(), u);
+    assert!(is_conflict(store.add_user(&alice, "again", false).await));
+    assert!(is_conflict(
+        store.add_user(&alice.to_lowercase(), "again", true).await
+    ));
+
+    store
+        .add_user(&bob.to_lowercase(), "bob", true)
+        .await
+        .unwrap();
+    assert!(store.has_admin().await);
+    assert!(store.is_authorized(&alice).await);
+    assert!(store.is_authorized(&alice.to_lowercase()).await);
+    assert!(!store.is_authorized(&user_key()).await, "unknown user");
+    assert!(!store.is_authorized("not-a-key").await, "malformed key");
+
+    let list = store.list_users().await.unwrap();
+    let mut want = vec![alice.clone(), bob.clone()];
+    want.sort();
+    assert_eq!(list.iter().map(|u| u.key.clone()).collect::<Vec<_>>(), want);
+
+    // Revoking: not authorized, no longer counts as admin, idempotent, still listed.
+    let r = store.revoke_user(&bob).await.unwrap();
+    let at = r.revoked_at.unwrap();
+    assert!(!store.is_authorized(&bob).await);
+    assert!(!store.has_admin().await, "a revoked admin is no admin");
+    assert_eq!(store.revoke_user(&bob).await.unwrap().revoked_at, Some(at));
+    assert!(is_conflict(store.add_user(&bob, "bob", true).await));
+    assert_eq!(store.list_users().await.unwrap().len(), 2);
+
+    assert!(is_not_found(store.get_user(&user_key()).await));
+    assert!(is_not_found(store.revoke_user(&user_key()).await));
+}
+
+async fn rooms(store: &Store) {
+    let owner = user_key();
+    let room = store
+        .create_room("lobby", " Lobby ", &owner.to_lowercase(), true)
+        .await
+        .unwrap();
+    assert_eq!((room.id.as_str(), room.name.as_str()), ("lobby", "Lobby"));
+    assert_eq!(room.owner, owner, "owner key normalised");
+    assert!(room.encrypted);
+    assert_eq!(store.get_room("lobby").await.unwrap(), room);
+    assert!(is_conflict(
+        store.create_room("lobby", "x", &owner, false).await
+    ));
+
+    // The owner is a joined owner member.
+    let members = store.list_members("lobby").await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].endpoint, owner);
+    assert_eq!(
+        (members[0].role, members[0].state),
+        (Role::Owner, MemberState::Joined)
+    );
+    let mine = store.list_rooms_for_endpoint(&owner).await.unwrap();
+    assert_eq!(
+        mine.iter().map(|m| m.room.as_str()).collect::<Vec<_>>(),
+        ["lobby"]
+    );
+
+    store
+        .create_room("a-room", "A", &owner, false)
+        .await
+        .unwrap();
+    let ids: Vec<String> = store
+        .list_rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["a-room", "lobby"]);
+
+    // Delete cascades: members, the reverse index and keys go with the room.
+    let guest = user_key();
+    store
+        .add_member("a-room", &guest, Role::Member, MemberState::Invited, &owner)
+        .await
+        .unwrap();
+    store.put_room_key("a-room", 1, b"k1").await.unwrap();
+    store.delete_room("a-room").await.unwrap();
+    assert!(is_not_found(store.get_room("a-room").await));
+    assert!(
+        is_not_found(store.list_members("a-room").await),
+        "members of a deleted room"
+    );
+    assert!(is_not_found(store.latest_room_key("a-room").await));
+    assert!(
+        store
+            .list_rooms_for_endpoint(&guest)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mine = store.list_rooms_for_endpoint(&owner).await.unwrap();
+    assert_eq!(
+        mine.iter().map(|m| m.room.as_str()).collect::<Vec<_>>(),
+        ["lobby"]
+    );
+    assert!(is_not_found(store.delete_room("a-room").await));
+
+    // Re-creating the id starts clean.
+    store
+        .create_room("a-room", "A again", &guest, false)
+        .await
+        .unwrap();
+    assert_eq!(store.list_members("a-room").await.unwrap().len(), 1);
+    assert_eq!(store.latest_room_key("a-room").await.unwrap(), None);
+    store.delete_room("a-room").await.unwrap();
+
+    assert!(is_not_found(store.get_room("nope").await));
+    assert!(is_not_found(store.delete_room("nope").await));
+    store.delete_room("lobby").await.unwrap();
+    assert!(store.list_rooms().await.unwrap().is_empty());
+}
+
+async fn members(store: &Store) {
+    let owner = user_key();
+    let (m1, m2) = (user_key(), user_key());
+    store
+        .create_room("team", "Team", &owner, false)
+        .await
+        .unwrap();
+    let m = store
+        .add_member(
+            "team",
+            &m1.to_lowercase(),
+            Role::Member,
+            MemberState::Invited,
+            &owner,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.room.as_str(), m.endpoint.as_str()),
+        ("team", m1.as_str())
+    );
+    assert_eq!(
+        (m.role, m.state, m.added_by.as_str()),
+        (Role::Member, MemberState::Invited, owner.as_str())
+    );
+    assert!(is_conflict(
+        store
+            .add_member("team", &m1, Role::Member, MemberState::Joined, &owner)
+            .await
+    ));
+    store
+        .add_member("team", &m2, Role::Owner, MemberState::Joined, &owner)
+        .await
+        .unwrap();
+
+    let list = store.list_members("team").await.unwrap();
+    let mut want = vec![owner.clone(), m1.clone(), m2.clone()];
+    want.sort();
+    assert_eq!(
+        list.iter().map(|m| m.endpoint.clone()).collect::<Vec<_>>(),
+        want
+    );
+
+    let joined = store.join("team", &m1).await.unwrap();
+    assert_eq!(joined.state, MemberState::Joined);
+    assert_eq!(
+        store.join("team", &m1).await.unwrap().state,
+        MemberState::Joined,
+        "idempotent"
+    );
+    let again = store.list_members("team").await.unwrap();
+    assert!(again.iter().all(|m| m.state == MemberState::Joined));
+
+    // Rooms for an endpoint, ordered by room id.
+    store
+        .create_room("alpha", "Alpha", &owner, false)
+        .await
+        .unwrap();
+    store
+        .add_member("alpha", &m1, Role::Member, MemberState::Invited, &owner)
+        .await
+        .unwrap();
+    let rooms = store
+        .list_rooms_for_endpoint(&m1.to_lowercase())
+        .await
+        .unwrap();
+    assert_eq!(
+        rooms.iter().map(|m| m.room.as_str()).collect::<Vec<_>>(),
+        ["alpha", "team"]
+    );
+    assert_eq!(rooms[0].state, MemberState::Invited);
+
+    store.remove_member("team", &m1).await.unwrap();
+    assert!(is_not_found(store.remove_member("team", &m1).await));
+    assert!(is_not_found(store.join("team", &m1).await));
+    let rooms = store.list_rooms_for_endpoint(&m1).await.unwrap();
+    assert_eq!(
+        rooms.iter().map(|m| m.room.as_str()).collect::<Vec<_>>(),
+        ["alpha"]
+    );
+    assert_eq!(store.list_members("team").await.unwrap().len(), 2);
+
+    // Unknown rooms.
+    assert!(is_not_found(
+        store
+            .add_member("ghost", &m1, Role::Member, MemberState::Invited, &owner)
+            .await
+    ));
+    assert!(is_not_found(store.join("ghost", &m1).await));
+    assert!(is_not_found(store.remove_member("ghost", &m1).await));
+    assert!(is_not_found(store.list_members("ghost").await));
+
+    store.delete_room("team").await.unwrap();
+    store.delete_room("alpha").await.unwrap();
+    assert!(store.list_rooms_for_endpoint(&m1).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_rooms_for_endpoint(&owner)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn room_keys(store: &Store) {
+    let owner = user_key();
+    store
+        .create_room("vault", "Vault", &owner, true)
+        .await
+        .unwrap();
+    assert_eq!(store.latest_room_key("vault").await.unwrap(), None);
+    assert!(is_not_found(store.get_room_key("vault", 1).await));
+
+    let k1 = store.rekey("vault", b"one").await.unwrap();
+    assert_eq!((k1.epoch, k1.material.as_slice()), (1, &b"one"[..]));
+    // Gaps: explicit epochs, latest is the highest, rekey continues from it.
+    store.put_room_key("vault", 7, &[0, 255, 1]).await.unwrap();
+    store.put_room_key("vault", 3, b"three").await.unwrap();
+    assert!(is_conflict(store.put_room_key("vault", 3, b"dup").await));
+    let latest = store.latest_room_key("vault").await.unwrap().unwrap();
+    assert_eq!((latest.epoch, latest.material), (7, vec![0, 255, 1]));
+    assert_eq!(
+        store.get_room_key("vault", 3).await.unwrap().material,
+        b"three"
+    );
+    assert!(is_not_found(store.get_room_key("vault", 2).await));
+    let k8 = store.rekey("vault", b"eight").await.unwrap();
+    assert_eq!(k8.epoch, 8);
+    assert_eq!(store.latest_room_key("vault").await.unwrap().unwrap(), k8);
+    // Epochs past 10 digits' lexical order trap.
+    store.put_room_key("vault", 10, b"ten").await.unwrap();
+    assert_eq!(
+        store.latest_room_key("vault").await.unwrap().unwrap().epoch,
+        10
+    );
+    assert_eq!(store.rekey("vault", b"x").await.unwrap().epoch, 11);
+
+    assert!(is_invalid(
+        store.put_room_key("vault", 0, b"zero").await,
+        "epoch"
+    ));
+    assert!(is_invalid(store.get_room_key("vault", 0).await, "epoch"));
+    assert!(is_not_found(store.put_room_key("ghost", 1, b"k").await));
+    assert!(is_not_found(store.get_room_key("ghost", 1).await));
+    assert!(is_not_found(store.latest_room_key("ghost").await));
+    assert!(is_not_found(store.rekey("ghost", b"k").await));
+    store.delete_room("vault").await.unwrap();
+}
+
+async fn bad_input(store: &Store) {
+    let owner = user_key();
+    let long = "x".repeat(64);
+    for bad in [
+        "",
+        ".",
+        "*",
+        ">",
+        "a b",
+        "a.b",
+        "Room",
+        "é",
+        "-a",
+        long.as_str(),
+    ] {
+        assert!(
+            is_invalid(store.create_room(bad, "n", &owner, false).await, "room"),
+            "{bad:?}"
+        );
+        assert!(is_invalid(store.get_room(bad).await, "room"), "{bad:?}");
+        assert!(is_invalid(store.delete_room(bad).await, "room"), "{bad:?}");
+        assert!(is_invalid(store.list_members(bad).await, "room"), "{bad:?}");
+        assert!(is_invalid(store.rekey(bad, b"k").await, "room"), "{bad:?}");
+    }
+    let mut broken = user_key().into_bytes();
+    broken[20] = if broken[20] == b'A' { b'B' } else { b'A' };
+    let broken = String::from_utf8(broken).unwrap();
+    let account = nkeys::KeyPair::new_account().public_key();
+    for bad in [
+        "",
+        "U",
+        "not-a-key",
+        broken.as_str(),
+        account.as_str(),
+        "U*>",
+    ] {
+        assert!(
+            is_invalid(store.add_user(bad, "n", false).await, "user"),
+            "{bad:?}"
+        );
+        assert!(is_invalid(store.get_user(bad).await, "user"), "{bad:?}");
+        assert!(!store.is_authorized(bad).await);
+        assert!(is_invalid(
+            store.create_room("ok", "n", bad, false).await,
+            "owner"
+        ));
+        assert!(is_invalid(
+            store.list_rooms_for_endpoint(bad).await,
+            "endpoint"
+        ));
+    }
+    assert!(is_invalid(
+        store.add_user(&owner, "  ", false).await,
+        "name"
+    ));
+    // Nothing was written by any of the refused calls.
+    assert!(store.list_rooms().await.unwrap().is_empty());
+    assert!(is_not_found(store.get_user(&owner).await));
+}
+
+#[tokio::test]
+async fn sqlite_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Store::Sqlite(SqliteStore::open(&path).await.unwrap());
+    conformance(&store).await;
+    store.close().await.unwrap();
+
+    // Reopening keeps data and the schema version; a newer schema is refused.
+    let store = Store::Sqlite(SqliteStore::open(&path).await.unwrap());
+    assert_eq!(store.list_users().await.unwrap().len(), 2);
+    store.close().await.unwrap();
+    assert!(matches!(
+        store.list_users().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 999)
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(&path).await,
+        Err(StoreError::Invalid {
+            field: "database",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn jetstream_conformance() {
+    let srv = common::NatsServer::single();
+    let client = common::connect(&[srv.url()]).await;
+    let store = Store::JetStream(KvStore::open(client, KvOptions::default()).await.unwrap());
+    conformance(&store).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn jetstream_refuses_bad_options_on_a_standalone_server() {
+    let srv = common::NatsServer::single();
+    let client = common::connect(&[srv.url()]).await;
+    for replicas in [0, 3, 6] {
+        let opts = KvOptions {
+            replicas,
+            ..KvOptions::default()
+        };
+        let res = KvStore::open(client.clone(), opts).await;
+        assert!(
+            matches!(
+                res,
+                Err(StoreError::Invalid {
+                    field: "replicas",
+                    ..
+                })
+            ),
+            "{replicas}"
+        );
+    }
+    let opts = KvOptions {
+        op_timeout: std::time::Duration::ZERO,
+        ..KvOptions::default()
+    };
+    assert!(matches!(
+        KvStore::open(client.clone(), opts).await,
+        Err(StoreError::Invalid {
+            field: "op_timeout",
+            ..
+        })
+    ));
+    let opts = KvOptions {
+        create: false,
+        ..KvOptions::default()
+    };
+    assert!(matches!(
+        KvStore::open(client.clone(), opts).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}

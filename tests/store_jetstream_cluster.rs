@@ -1,0 +1,394 @@
+//! The JetStream backend on a real three-node loopback cluster.
+
+mod common;
+
+use common::{Cluster, cluster3, connect, user_key};
+use std::time::{Duration, Instant};
+use unibus::membership::jetstream::{KvOptions, KvStore, ReconcileReport};
+use unibus::membership::{MemberState, Role, Store, StoreError};
+
+async fn open(cluster: &Cluster, replicas: usize) -> KvStore {
+    let client = connect(&cluster.urls()).await;
+    let opts = KvOptions {
+        replicas,
+        ..KvOptions::default()
+    };
+    KvStore::open(client, opts).await.unwrap()
+}
+
+/// Retries `op` while the store is unavailable (leader election), up to `limit`.
+async fn retry<T, F, Fut>(limit: Duration, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        match op().await {
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                eprintln!("retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test]
+async fn r3_survives_kill9_of_one_node_without_losing_acked_writes() {
+    let mut cluster = cluster3();
+    let store = Store::JetStream(open(&cluster, 3).await);
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let key = user_key();
+        store.add_user(&key, &format!("u{i}"), false).await.unwrap();
+        acked.push(key);
+    }
+    // Kill the leader of the users bucket: the worst case.
+    let Store::JetStream(kv) = &store else {
+        unreachable!()
+    };
+    let status = kv.bucket_status().await.unwrap();
+    let leader = status
+        .iter()
+        .find(|b| b.bucket == "users")
+        .unwrap()
+        .leader
+        .clone()
+        .unwrap();
+    cluster.node(&leader).kill();
+
+    for i in 20..40 {
+        let key = user_key();
+        let name = format!("u{i}");
+        let res = retry(Duration::from_secs(30), || {
+            store.add_user(&key, &name, false)
+        })
+        .await;
+        match res {
+            Ok(_) => acked.push(key),
+            // A retried create whose first attempt landed reports Conflict: it was written.
+            Err(StoreError::Conflict { .. }) => acked.push(key),
+            Err(e) => panic!("write after failover: {e}"),
+        }
+    }
+    let listed = retry(Duration::from_secs(30), || store.list_users())
+        .await
+        .unwrap();
+    let listed: std::collections::BTreeSet<String> = listed.into_iter().map(|u| u.key).collect();
+    for key in &acked {
+        assert!(listed.contains(key), "acknowledged user {key} lost");
+        assert!(store.is_authorized(key).await);
+    }
+    let status = retry(Duration::from_secs(30), || kv.bucket_status())
+        .await
+        .unwrap();
+    assert!(
+        status
+            .iter()
+            .all(|b| b.leader.as_deref() != Some(leader.as_str()))
+    );
+}
+
+/// A client pinned to one server: it never fails over to the others.
+async fn pinned(url: String) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .ignore_discovered_servers()
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+async fn assert_denies(store: &Store, admin: &str, bound: Duration) {
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert!(
+            !store.is_authorized(admin).await,
+            "authorized without a store"
+        );
+        assert!(t.elapsed() < bound, "is_authorized took {:?}", t.elapsed());
+        let t = Instant::now();
+        assert!(!store.has_admin().await, "admin found without a store");
+        assert!(t.elapsed() < bound, "has_admin took {:?}", t.elapsed());
+    }
+    let res = store.get_user(admin).await;
+    assert!(matches!(res, Err(StoreError::Unavailable(_))), "{res:?}");
+}
+
+#[tokio::test]
+async fn auth_checks_fail_closed_on_lost_connection_and_lost_quorum() {
+    let mut cluster = cluster3();
+    let setup = open(&cluster, 3).await;
+    let admin = user_key();
+    Store::JetStream(setup.clone())
+        .add_user(&admin, "root", true)
+        .await
+        .unwrap();
+    let op_timeout = Duration::from_millis(1000);
+    let bound = op_timeout + Duration::from_millis(1000);
+    let opts = KvOptions {
+        replicas: 3,
+        op_timeout,
+        create: false,
+        ..KvOptions::default()
+    };
+
+    // Roles: L leads the users bucket, S is a follower that survives, O is the other.
+    let status = setup.bucket_status().await.unwrap();
+    let leader = status
+        .iter()
+        .find(|b| b.bucket == "users")
+        .unwrap()
+        .leader
+        .clone()
+        .unwrap();
+    let mut others = ["n1", "n2", "n3"].into_iter().filter(|n| *n != leader);
+    let (survivor, other) = (others.next().unwrap(), others.next().unwrap());
+
+    // 1. The connection is gone (its only server died), the cluster is healthy: deny.
+    let via_other = Store::JetStream(
+        KvStore::open(pinned(cluster.node(other).url()).await, opts.clone())
+            .await
+            .unwrap(),
+    );
+    assert!(via_other.is_authorized(&admin).await && via_other.has_admin().await);
+    cluster.node(other).kill();
+    assert_denies(&via_other, &admin, bound).await;
+
+    // 2. Quorum lost: only a follower is left; it cannot answer leader reads. Deny.
+    let via_survivor = Store::JetStream(
+        KvStore::open(pinned(cluster.node(survivor).url()).await, opts)
+            .await
+            .unwrap(),
+    );
+    assert!(via_survivor.is_authorized(&admin).await && via_survivor.has_admin().await);
+    cluster.node(&leader).kill();
+    assert_denies(&via_survivor, &admin, bound).await;
+}
+
+#[tokio::test]
+async fn replicas_r1_to_r3_live_with_data_intact() {
+    let cluster = cluster3();
+    let kv = open(&cluster, 1).await;
+    let store = Store::JetStream(kv.clone());
+    let owner = user_key();
+    store.add_user(&owner, "owner", true).await.unwrap();
+    store.create_room("ops", "Ops", &owner, true).await.unwrap();
+    let guest = user_key();
+    store
+        .add_member("ops", &guest, Role::Member, MemberState::Invited, &owner)
+        .await
+        .unwrap();
+    store.rekey("ops", b"k1").await.unwrap();
+    assert!(
+        kv.bucket_status()
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.replicas_wanted == 1)
+    );
+
+    kv.set_replicas(3).await.unwrap();
+    let status = kv
+        .wait_replicas_current(Duration::from_secs(60))
+        .await
+        .unwrap();
+    for b in &status {
+        assert_eq!((b.replicas_wanted, b.replicas_current), (3, 3), "{b:?}");
+        assert!(b.leader.is_some());
+    }
+    // Untouched config survives (update_stream, not update_key_value).
+    let info = kv
+        .bucket("members")
+        .unwrap()
+        .stream
+        .get_info()
+        .await
+        .unwrap();
+    assert_eq!(info.config.max_messages_per_subject, 1);
+    assert_eq!(
+        info.config.description.as_deref(),
+        Some("unibus membership: members")
+    );
+
+    assert!(store.is_authorized(&owner).await);
+    assert_eq!(store.list_members("ops").await.unwrap().len(), 2);
+    assert_eq!(
+        store.list_rooms_for_endpoint(&guest).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        store
+            .latest_room_key("ops")
+            .await
+            .unwrap()
+            .unwrap()
+            .material,
+        b"k1"
+    );
+    // Re-running is safe.
+    kv.set_replicas(3).await.unwrap();
+    kv.wait_replicas_current(Duration::from_secs(30))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn reconcile_repairs_a_crash_between_the_two_writes() {
+    let cluster = cluster3();
+    let kv = open(&cluster, 3).await;
+    let store = Store::JetStream(kv.clone());
+    let owner = user_key();
+    store
+        .create_room("lab", "Lab", &owner, false)
+        .await
+        .unwrap();
+    assert_eq!(kv.reconcile().await.unwrap(), ReconcileReport::default());
+
+    // add_member crashed after the authoritative write: member without index entry.
+    let half = user_key();
+    let member = serde_json::json!({
+        "room": "lab", "endpoint": half, "role": "member", "state": "joined",
+        "added_by": owner, "added_at": 1,
+    });
+    kv.bucket("members")
+        .unwrap()
+        .put(
+            format!("lab.{half}"),
+            serde_json::to_vec(&member).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .list_rooms_for_endpoint(&half)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // An index entry with no member behind it grants nothing.
+    let ghost = user_key();
+    kv.bucket("rooms_by_member")
+        .unwrap()
+        .put(format!("{ghost}.lab"), "lab".into())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .list_rooms_for_endpoint(&ghost)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A member of a room that no longer exists (add racing a delete).
+    kv.bucket("members")
+        .unwrap()
+        .put(
+            format!("gone.{ghost}"),
+            serde_json::to_vec(&member).unwrap().into(),
+        )
+        .await
+        .unwrap();
+
+    let report = kv.reconcile().await.unwrap();
+    assert_eq!(
+        report,
+        ReconcileReport {
+            index_added: 1,
+            index_removed: 1,
+            orphans_removed: 1
+        }
+    );
+    let rooms = store.list_rooms_for_endpoint(&half).await.unwrap();
+    assert_eq!(
+        rooms.iter().map(|m| m.room.as_str()).collect::<Vec<_>>(),
+        ["lab"]
+    );
+    assert!(
+        store
+            .list_rooms_for_endpoint(&ghost)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        kv.reconcile().await.unwrap(),
+        ReconcileReport::default(),
+        "second run is a no-op"
+    );
+
+    // Retrying the interrupted add_member also finishes the job (and reports Conflict).
+    let other = user_key();
+    kv.bucket("members")
+        .unwrap()
+        .put(
+            format!("lab.{other}"),
+            serde_json::to_vec(&member).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .add_member("lab", &other, Role::Member, MemberState::Joined, &owner)
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(
+        store.list_rooms_for_endpoint(&other).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn replicas_outside_range_or_above_cluster_size_are_refused() {
+    let cluster = cluster3();
+    let client = connect(&cluster.urls()).await;
+    for replicas in [0, 4, 5, 6] {
+        let opts = KvOptions {
+            replicas,
+            ..KvOptions::default()
+        };
+        let res = KvStore::open(client.clone(), opts).await;
+        assert!(
+            matches!(
+                res,
+                Err(StoreError::Invalid {
+                    field: "replicas",
+                    ..
+                })
+            ),
+            "{replicas}: {res:?}"
+        );
+    }
+    // Nothing was created by the refused opens.
+    let js = async_nats::jetstream::new(client.clone());
+    assert!(js.get_stream("KV_users").await.is_err());
+
+    let kv = KvStore::open(
+        client,
+        KvOptions {
+            replicas: 3,
+            ..KvOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    for n in [0, 4, 6] {
+        assert!(matches!(
+            kv.set_replicas(n).await,
+            Err(StoreError::Invalid {
+                field: "replicas",
+                ..
+            })
+        ));
+    }
+    assert!(
+        kv.bucket_status()
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.replicas_wanted == 3)
+    );
+}
