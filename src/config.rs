@@ -188,6 +188,13 @@ pub struct Config {
     /// Upper bound on the whole shutdown; past it nats-server is killed.
     pub shutdown_timeout_secs: u64,
     pub supervision: Supervision,
+    /// The KV store (with `decentralized`): replicas for buckets this node creates (1..=5;
+    /// existing buckets keep theirs — change them with `unibus cluster replicas`).
+    pub replicas: usize,
+    /// Bound on every store call; past it the call fails (and auth checks deny).
+    pub op_timeout_ms: u64,
+    /// How often the KV store's reconciler repairs interrupted two-bucket writes.
+    pub reconcile_every_secs: u64,
     pub flags: Flags,
 }
 
@@ -208,6 +215,9 @@ impl Default for Config {
             lame_duck_grace_secs: 2,
             shutdown_timeout_secs: 45,
             supervision: Supervision::default(),
+            replicas: 1,
+            op_timeout_ms: 2000,
+            reconcile_every_secs: 60,
             flags: Flags::default(),
         }
     }
@@ -215,7 +225,10 @@ impl Default for Config {
 
 /// The top-level keys `UNIBUS_<KEY>` may set. Other `UNIBUS_*` variables belong to the
 /// client commands (`UNIBUS_SERVER`, …) and are ignored here.
-const ENV_KEYS: [&str; 13] = [
+const ENV_KEYS: [&str; 16] = [
+    "replicas",
+    "op_timeout_ms",
+    "reconcile_every_secs",
     "name",
     "data",
     "listen",
@@ -354,6 +367,30 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(ConfigError::new(
+                "--replicas",
+                format!("{} is outside 1..=5", self.replicas),
+            ));
+        }
+        if self.replicas > self.peers.len() + 1 {
+            return Err(ConfigError::new(
+                "--replicas",
+                format!(
+                    "{} replicas need {} nodes; this cluster has {} (this node and {} peers)",
+                    self.replicas,
+                    self.replicas,
+                    self.peers.len() + 1,
+                    self.peers.len()
+                ),
+            ));
+        }
+        if self.op_timeout_ms == 0 || self.reconcile_every_secs == 0 {
+            return Err(ConfigError::new(
+                "op_timeout_ms",
+                "op_timeout_ms and reconcile_every_secs must be positive",
+            ));
+        }
         if self.supervision.max_restarts == 0 || self.supervision.restart_window_secs == 0 {
             return Err(ConfigError::new(
                 "supervision",
@@ -388,6 +425,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn op_timeout(&self) -> Duration {
+        Duration::from_millis(self.op_timeout_ms)
+    }
+
+    /// Where a NATS client on this machine reaches the node's own server (a wildcard
+    /// listen address is reached through loopback).
+    pub fn local_nats_url(&self) -> String {
+        let (host, port) = split_host_port(&self.listen).unwrap_or(("127.0.0.1", 4222));
+        let host = match host {
+            "0.0.0.0" | "::" => "127.0.0.1",
+            h => h,
+        };
+        format!("nats://{host}:{port}")
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

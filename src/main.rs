@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use unibus::config::{Config, ConfigError, parse_flag};
+use unibus::membership::StoreError;
+use unibus::membership::jetstream::{BucketStatus, KvOptions, KvStore};
 use unibus::node::{self, http, readiness::Readyz};
 
 #[derive(Parser)]
@@ -28,6 +30,9 @@ enum Command {
     /// Run or inspect a node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Inspect or change the cluster's store.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Measure unibus side by side with raw NATS (starts its own local nodes).
     Bench {
         /// A shorter run (under 3 minutes on 2 cores).
@@ -52,6 +57,42 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Buckets (replicas wanted/current, leader), peers and the meta leader, from a node.
+    Status {
+        /// A node's admin HTTP address.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "UNIBUS_HTTP")]
+        http: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change every store bucket's replicas live and wait until all are current.
+    /// Safe to re-run or interrupt.
+    Replicas {
+        /// Replicas, 1..=5 and at most the number of nodes.
+        n: usize,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// How long to wait for the new replicas to become current.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+}
+
+/// How a command reaches the cluster's NATS.
+#[derive(Args)]
+struct ConnArgs {
+    /// NATS server URL (repeatable; env UNIBUS_SERVER takes a comma list).
+    #[arg(
+        long = "server",
+        env = "UNIBUS_SERVER",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    servers: Vec<String>,
 }
 
 #[derive(Args)]
@@ -88,6 +129,9 @@ struct UpArgs {
     /// bus-tls=true|false, decentralized=true|false.
     #[arg(long = "flag", value_name = "NAME=VALUE")]
     flags: Vec<String>,
+    /// Replicas for the store buckets this node creates (decentralized only; 1..=5).
+    #[arg(long)]
+    replicas: Option<usize>,
 }
 
 impl UpArgs {
@@ -110,6 +154,7 @@ impl UpArgs {
         put("http", self.http.clone().map(Into::into));
         put("nats_http", self.nats_http.clone().map(Into::into));
         put("nats_server", path(&self.nats_server));
+        put("replicas", self.replicas.map(Into::into));
         if !self.peers.is_empty() {
             put("peers", Some(self.peers.clone().into()));
         }
@@ -146,6 +191,14 @@ fn main() -> ExitCode {
             Command::Node(NodeCommand::Up(args)) => node_up(*args).await,
             Command::Node(NodeCommand::Status { http, json }) => node_status(&http, json).await,
             Command::Bench { quick, json } => bench(quick, json).await,
+            Command::Cluster(ClusterCommand::Status { http, json }) => {
+                cluster_status(&http, json).await
+            }
+            Command::Cluster(ClusterCommand::Replicas {
+                n,
+                conn,
+                timeout_secs,
+            }) => cluster_replicas(n, &conn, Duration::from_secs(timeout_secs)).await,
         }
     });
     ExitCode::from(code)
@@ -208,30 +261,187 @@ async fn bench(quick: bool, json: bool) -> u8 {
     }
 }
 
+/// Reads a node's /readyz; the error is printed as is.
+async fn fetch_readyz(addr: &str) -> Result<(Readyz, String), String> {
+    let response = http::get(addr, "/readyz", Duration::from_secs(3))
+        .await
+        .map_err(|e| format!("cannot reach the node's admin HTTP at {addr}: {e}"))?;
+    let readyz = serde_json::from_str(&response.body).map_err(|e| {
+        format!(
+            "{addr}/readyz returned {} with a body that is not readiness JSON: {e}",
+            response.status
+        )
+    })?;
+    Ok((readyz, response.body))
+}
+
 async fn node_status(addr: &str, json: bool) -> u8 {
-    let response = match http::get(addr, "/readyz", Duration::from_secs(3)).await {
+    let (readyz, body) = match fetch_readyz(addr).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("not ready: cannot reach the node's admin HTTP at {addr}: {e}");
-            return 1;
-        }
-    };
-    let readyz: Readyz = match serde_json::from_str(&response.body) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!(
-                "not ready: {addr}/readyz returned {} with a body that is not readiness JSON: {e}",
-                response.status
-            );
+            eprintln!("not ready: {e}");
             return 1;
         }
     };
     if json {
-        println!("{}", response.body.trim_end());
+        println!("{}", body.trim_end());
     } else {
         print!("{}", status_table(&readyz));
     }
     if readyz.ready { 0 } else { 1 }
+}
+
+async fn cluster_status(addr: &str, json: bool) -> u8 {
+    let (readyz, _) = match fetch_readyz(addr).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    if json {
+        let out = serde_json::json!({
+            "node": readyz.node,
+            "cluster": readyz.cluster,
+            "store": readyz.store,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        print!("{}", cluster_table(&readyz));
+    }
+    0
+}
+
+fn cluster_table(r: &Readyz) -> String {
+    let mut out = String::new();
+    match &r.cluster {
+        Some(c) => out.push_str(&format!(
+            "meta leader: {}\npeers ({} of {}): {}\n",
+            c.meta_leader.as_deref().unwrap_or("(none)"),
+            c.peers.len(),
+            c.cluster_size,
+            c.peers.join(", ")
+        )),
+        None => out.push_str(&format!(
+            "node {} is a single node (not clustered)\n",
+            r.node
+        )),
+    }
+    match &r.store {
+        Some(s) if !s.buckets.is_empty() => out.push_str(&buckets_table(&s.buckets)),
+        Some(s) => out.push_str(&format!(
+            "store: {} {}\n",
+            s.backend,
+            s.path.as_deref().unwrap_or("")
+        )),
+        None => out.push_str("store: not open yet\n"),
+    }
+    out
+}
+
+fn buckets_table(buckets: &[BucketStatus]) -> String {
+    let mut out = format!(
+        "{:<17} {:>7} {:>8}  {}\n",
+        "BUCKET", "WANTED", "CURRENT", "LEADER"
+    );
+    for b in buckets {
+        out.push_str(&format!(
+            "{:<17} {:>7} {:>8}  {}\n",
+            b.bucket,
+            b.replicas_wanted,
+            b.replicas_current,
+            b.leader.as_deref().unwrap_or("(none)")
+        ));
+    }
+    out
+}
+
+async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
+    let client = match connect(conn).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let opts = KvOptions {
+        create: false,
+        ..KvOptions::default()
+    };
+    let kv = match KvStore::open(client, opts).await {
+        Ok(kv) => kv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = kv.set_replicas(n).await {
+        eprintln!("error: {e}");
+        return if matches!(e, StoreError::Invalid { .. }) {
+            2
+        } else {
+            1
+        };
+    }
+    eprintln!(
+        "replicas set to {n}; waiting until every replica is current \
+         (interrupting is safe: re-run to keep waiting)"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        match kv.bucket_status().await {
+            Ok(status) => {
+                let current: usize = status.iter().map(|b| b.replicas_current.min(n)).sum();
+                let done = status
+                    .iter()
+                    .all(|b| b.leader.is_some() && b.replicas_current >= b.replicas_wanted);
+                eprintln!(
+                    "  {:>5.1}s  {current}/{} replicas current",
+                    started.elapsed().as_secs_f64(),
+                    n * status.len()
+                );
+                if done {
+                    print!("{}", buckets_table(&status));
+                    println!(
+                        "all buckets at R{n}, current after {:.1}s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return 0;
+                }
+            }
+            Err(e) => eprintln!("  status unavailable: {e}"),
+        }
+        if started.elapsed() > timeout {
+            eprintln!("error: replicas not all current after {timeout:?}; re-run to keep waiting");
+            return 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Connects to the cluster for an operator command; an error is printed and mapped to an
+/// exit code.
+async fn connect(conn: &ConnArgs) -> Result<async_nats::Client, u8> {
+    let mut addrs = Vec::new();
+    for s in conn
+        .servers
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
+        match s.parse::<async_nats::ServerAddr>() {
+            Ok(a) => addrs.push(a),
+            Err(e) => {
+                eprintln!("error: --server `{s}` is not a NATS URL: {e}");
+                return Err(2);
+            }
+        }
+    }
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addrs)
+        .await
+        .map_err(|e| {
+            eprintln!("error: cannot connect to {}: {e}", conn.servers.join(","));
+            1
+        })
 }
 
 fn status_table(r: &Readyz) -> String {

@@ -93,7 +93,7 @@ impl Default for KvOptions {
 }
 
 /// Replication state of one bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct BucketStatus {
     /// Bucket name (`users`, ...); its stream is `KV_<bucket>`.
     pub bucket: String,

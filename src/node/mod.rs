@@ -18,6 +18,7 @@ pub mod monitor;
 pub mod nats_config;
 pub mod readiness;
 pub mod shutdown;
+pub mod store;
 pub mod supervisor;
 
 use std::fs::File;
@@ -92,6 +93,15 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         )
         .in_current_span(),
     );
+    tasks.spawn(
+        run_stages(
+            config.clone(),
+            data_dir.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let supervisor = supervisor::Supervisor::new(&config, binary, data_dir);
     let mut supervised = tokio::spawn(supervisor.run(shutdown.clone()).in_current_span());
     tracing::info!(
@@ -119,6 +129,46 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         tracing::info!("node stopped");
     }
     outcome
+}
+
+/// Brings up the stages that sit on top of nats-server, in order, each once the one below
+/// it is up. A stage that fails to start is retried (with backoff) and shown as down.
+async fn run_stages(
+    config: Config,
+    data_dir: PathBuf,
+    readiness: Arc<Readiness>,
+    mut shutdown: shutdown::Shutdown,
+) {
+    let jetstream_up = || readiness.snapshot().stages.jetstream.state == readiness::StageState::Up;
+    let mut backoff = Duration::from_millis(200);
+    let store = loop {
+        if jetstream_up() {
+            match store::open(&config, &data_dir).await {
+                Ok(store) => break store,
+                Err(e) => {
+                    tracing::warn!("store not open yet: {e}; retrying in {backoff:?}");
+                    readiness.update(|r| {
+                        r.stages.store = readiness::Stage::with_detail(
+                            readiness::StageState::Down,
+                            e.to_string(),
+                        )
+                    });
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let pause = if jetstream_up() {
+            backoff
+        } else {
+            Duration::from_millis(50)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.wait() => return,
+        }
+    };
+    tracing::info!(backend = store.backend(), "store open");
+    store::watch(store, config, data_dir, readiness, shutdown).await;
 }
 
 async fn join_supervisor(

@@ -10,6 +10,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::membership::jetstream::BucketStatus;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StageState {
@@ -83,6 +85,19 @@ pub struct ClusterView {
     pub cluster_size: usize,
 }
 
+/// What the store stage reports: the backend and, for KV, each bucket's replication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreView {
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replicas this node asks for when it creates buckets (KV only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_wanted: Option<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<BucketStatus>,
+}
+
 /// The body of `/readyz`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Readyz {
@@ -92,6 +107,8 @@ pub struct Readyz {
     pub stages: Stages,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreView>,
 }
 
 /// Shared, lock-protected readiness. Writers are few and rare (a poller, stage start-up);
@@ -104,6 +121,7 @@ pub struct Readiness {
 impl Readiness {
     pub fn new(node: &str, clustered: bool) -> Self {
         let disabled = Stage::with_detail(StageState::Disabled, "not built yet");
+        let starting = Stage::new(StageState::Starting);
         Readiness {
             inner: Mutex::new(Readyz {
                 node: node.to_string(),
@@ -112,11 +130,12 @@ impl Readiness {
                 stages: Stages {
                     nats: Stage::new(StageState::Starting),
                     jetstream: Stage::new(StageState::Starting),
-                    store: disabled.clone(),
+                    store: starting,
                     authenticator: disabled.clone(),
                     membership: disabled,
                 },
                 cluster: clustered.then(ClusterView::default),
+                store: None,
             }),
         }
     }
