@@ -4,6 +4,8 @@
 //! process (and so its nats-server) when dropped, so a failing test leaves nothing behind.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
