@@ -6,9 +6,11 @@
 //! after checking that store. The shared picture lives in `DESIGN.md`; this crate is laid
 //! out a folder per concept:
 //!
+//! - [`auth`]: keys, cluster secrets, the signed control-plane envelope, the auth callout;
 //! - [`config`]: figment layers (defaults, `unibus.toml`, `UNIBUS_*`, CLI) and feature flags;
 //! - [`node`]: the node runtime: nats-server supervision, lifecycle, admin HTTP;
 //! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV).
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod localnet;

@@ -165,7 +165,9 @@ mod tests {
         r.update(|s| s.stages.nats = Stage::new(StageState::Up));
         assert!(!r.snapshot().ready, "jetstream still starting");
         r.update(|s| s.stages.jetstream = Stage::new(StageState::Up));
-        assert!(r.snapshot().ready);
+        assert!(!r.snapshot().ready, "store still starting");
+        r.update(|s| s.stages.store = Stage::new(StageState::Up));
+        assert!(r.snapshot().ready, "the rest are disabled");
         r.update(|s| s.shutting_down = true);
         assert!(!r.snapshot().ready);
     }

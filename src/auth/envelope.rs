@@ -1,0 +1,735 @@
+//! The signed control-plane envelope: every `unibus.ctl.*` request is one.
+//!
+//! On the wire it is one JSON object:
+//!
+//! ```json
+//! {"op":"rooms.create","body":{"id":"r1"},"ts":1767225600000,
+//!  "nonce":"q0uD3h0w2YbC5mFQ3i8Yxg","key":"UD…","sig":"3Jk…"}
+//! ```
+//!
+//! `ts` is unix time in milliseconds, `nonce` 16 random bytes in base64url, `key` the
+//! caller's user nkey and `sig` its ed25519 signature (base64url, no padding) over the
+//! **signing input**, a byte string no JSON parser is involved in:
+//!
+//! ```text
+//! "unibus-envelope-v1" 0x00
+//! u32be(len(op))    op              (UTF-8)
+//! sha256(body)                      (32 bytes: the body's bytes exactly as sent)
+//! u64be(ts)
+//! u32be(len(nonce)) nonce           (ASCII)
+//! u32be(len(key))   key             (ASCII, the signer's `U…` key)
+//! ```
+//!
+//! Why this shape: every variable-length field carries its length, so no choice of `op`,
+//! `nonce` or `key` can shift bytes from one field into the next (`op="a|b"` cannot pose as
+//! `op="a"` plus something); the tag keeps a signature made for anything else (a NATS nonce,
+//! a future v2) from ever verifying here; and the body is signed as the exact bytes of its
+//! JSON value in the envelope (kept raw with `serde_json`'s `RawValue`), so there is no
+//! canonical-JSON step for two implementations to disagree on. A relay that re-formats the
+//! body breaks the signature, which is the point.
+//!
+//! [`verify`] checks, in order: size (before parsing anything), JSON shape (unknown or
+//! duplicate fields are refused, so two parsers cannot read two different envelopes),
+//! presence of a signature, the signature, the operation, the clock skew, and last the
+//! replay cache, so only envelopes that passed everything else use up a nonce.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use nkeys::{KeyPair, KeyPairType};
+use ring::digest::{SHA256, digest};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Domain-separation tag at the start of the signing input.
+pub const SIGNING_TAG: &[u8] = b"unibus-envelope-v1\0";
+/// Default maximum body size.
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// Default clock-skew window (and so how long nonces are remembered).
+pub const DEFAULT_SKEW: Duration = Duration::from_secs(30);
+/// Default bound on remembered nonces.
+pub const DEFAULT_REPLAY_ENTRIES: usize = 100_000;
+/// Room for the fields around the body when the raw size is checked before parsing.
+const ENVELOPE_OVERHEAD: usize = 1024;
+const NONCE_BYTES: usize = 16;
+
+/// Why an envelope was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("request of {size} bytes is over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    #[error("request is not signed (no key or sig); sign it with your nkey")]
+    Unsigned,
+    #[error("signature does not verify for the given key")]
+    BadSignature,
+    #[error("envelope is for operation {got:?}, sent to {expected:?}")]
+    OpMismatch { expected: String, got: String },
+    #[error(
+        "timestamp is {by_ms} ms off the server's clock (positive: ahead); check the client's clock"
+    )]
+    Skewed { by_ms: i64 },
+    #[error("nonce already seen within the replay window; send a fresh request")]
+    Replayed,
+    #[error("cannot sign: {0}")]
+    Sign(String),
+}
+
+impl EnvelopeError {
+    /// The control-plane error code this maps to (issue 4's typed errors).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EnvelopeError::TooLarge { .. }
+            | EnvelopeError::Malformed(_)
+            | EnvelopeError::OpMismatch { .. } => "invalid",
+            EnvelopeError::Unsigned
+            | EnvelopeError::BadSignature
+            | EnvelopeError::Skewed { .. }
+            | EnvelopeError::Replayed => "unauthenticated",
+            EnvelopeError::Sign(_) => "unavailable",
+        }
+    }
+}
+
+/// Verification limits (both are node config; see DESIGN §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted body, in bytes.
+    pub max_body: usize,
+    /// Largest accepted difference between `ts` and the server's clock, either way.
+    pub skew: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: DEFAULT_MAX_BODY,
+            skew: DEFAULT_SKEW,
+        }
+    }
+}
+
+/// The envelope as it travels. Build one with [`Envelope::sign`]; read one with [`verify`]
+/// (or [`parse`] when `bus-auth` is off).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub op: String,
+    pub body: Box<RawValue>,
+    pub ts: u64,
+    pub nonce: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+/// What a verified envelope vouches for.
+#[derive(Debug)]
+pub struct Verified {
+    /// The signer's user nkey (`U…`): the caller's identity.
+    pub key: String,
+    /// The body, as the exact JSON that was signed.
+    pub body: Box<RawValue>,
+}
+
+impl Verified {
+    /// Deserializes the body into the operation's request type.
+    pub fn body_as<'a, T: Deserialize<'a>>(&'a self) -> Result<T, EnvelopeError> {
+        serde_json::from_str(self.body.get()).map_err(|e| EnvelopeError::Malformed(e.to_string()))
+    }
+}
+
+/// Unix time now, in milliseconds.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The bytes that are signed; see the module doc.
+pub fn signing_input(op: &str, body: &[u8], ts: u64, nonce: &str, key: &str) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(SIGNING_TAG.len() + op.len() + nonce.len() + key.len() + 52);
+    out.extend_from_slice(SIGNING_TAG);
+    field(&mut out, op.as_bytes());
+    out.extend_from_slice(digest(&SHA256, body).as_ref());
+    out.extend_from_slice(&ts.to_be_bytes());
+    field(&mut out, nonce.as_bytes());
+    field(&mut out, key.as_bytes());
+    out
+}
+
+impl Envelope {
+    /// Signs `body` for operation `op` with the caller's user key, now, with a fresh nonce.
+    pub fn sign(op: &str, body: &impl Serialize, key: &KeyPair) -> Result<Envelope, EnvelopeError> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        super::fill_random(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
+        Envelope::sign_at(op, body, key, unix_ms_now(), &URL_SAFE_NO_PAD.encode(nonce))
+    }
+
+    /// [`Envelope::sign`] with a given time and nonce (tests, benchmarks).
+    pub fn sign_at(
+        op: &str,
+        body: &impl Serialize,
+        key: &KeyPair,
+        ts: u64,
+        nonce: &str,
+    ) -> Result<Envelope, EnvelopeError> {
+        let body = serde_json::value::to_raw_value(body)
+            .map_err(|e| EnvelopeError::Sign(format!("body does not serialize: {e}")))?;
+        let public = key.public_key();
+        let input = signing_input(op, body.get().as_bytes(), ts, nonce, &public);
+        let sig = key
+            .sign(&input)
+            .map_err(|e| EnvelopeError::Sign(e.to_string()))?;
+        Ok(Envelope {
+            op: op.to_string(),
+            body,
+            ts,
+            nonce: nonce.to_string(),
+            key: Some(public),
+            sig: Some(URL_SAFE_NO_PAD.encode(sig)),
+        })
+    }
+
+    /// The JSON bytes to send.
+    pub fn to_vec(&self) -> Vec<u8> {
+        // Strings, an integer and already-valid raw JSON: serializing cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Size and shape checks only, no signature: for `bus-auth=off`, and the first half of
+/// [`verify`].
+pub fn parse(raw: &[u8], limits: &Limits) -> Result<Envelope, EnvelopeError> {
+    let limit = limits.max_body;
+    if raw.len() > limit.saturating_add(ENVELOPE_OVERHEAD) {
+        return Err(EnvelopeError::TooLarge {
+            size: raw.len(),
+            limit,
+        });
+    }
+    let envelope: Envelope =
+        serde_json::from_slice(raw).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let body_len = envelope.body.get().len();
+    if body_len > limit {
+        return Err(EnvelopeError::TooLarge {
+            size: body_len,
+            limit,
+        });
+    }
+    let op_ok = (1..=64).contains(&envelope.op.len())
+        && envelope
+            .op
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !op_ok {
+        return Err(EnvelopeError::Malformed(
+            "op must be 1-64 characters of [a-z0-9._-]".into(),
+        ));
+    }
+    let nonce_ok = (16..=64).contains(&envelope.nonce.len())
+        && envelope
+            .nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !nonce_ok {
+        return Err(EnvelopeError::Malformed(
+            "nonce must be 16-64 characters of base64url".into(),
+        ));
+    }
+    if let Some(key) = &envelope.key {
+        let is_user = KeyPair::from_public_key(key)
+            .map(|k| k.key_pair_type() == KeyPairType::User)
+            .unwrap_or(false);
+        if !is_user {
+            return Err(EnvelopeError::Malformed(
+                "key is not a user public key (U…)".into(),
+            ));
+        }
+    }
+    Ok(envelope)
+}
+
+/// Verifies a raw request for operation `expected_op` at time `now_ms` (unix ms). On
+/// success the nonce is remembered in `replay`, so the same bytes never verify twice.
+pub fn verify(
+    raw: &[u8],
+    expected_op: &str,
+    now_ms: u64,
+    replay: &ReplayCache,
+    limits: &Limits,
+) -> Result<Verified, EnvelopeError> {
+    let envelope = parse(raw, limits)?;
+    let (Some(key), Some(sig)) = (envelope.key, envelope.sig) else {
+        return Err(EnvelopeError::Unsigned);
+    };
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig.as_bytes())
+        .map_err(|_| EnvelopeError::BadSignature)?;
+    let public = KeyPair::from_public_key(&key).map_err(|_| EnvelopeError::BadSignature)?;
+    let input = signing_input(
+        &envelope.op,
+        envelope.body.get().as_bytes(),
+        envelope.ts,
+        &envelope.nonce,
+        &key,
+    );
+    public
+        .verify(&input, &sig)
+        .map_err(|_| EnvelopeError::BadSignature)?;
+    if envelope.op != expected_op {
+        return Err(EnvelopeError::OpMismatch {
+            expected: expected_op.to_string(),
+            got: envelope.op,
+        });
+    }
+    let by_ms = envelope.ts as i128 - now_ms as i128;
+    if by_ms.unsigned_abs() > limits.skew.as_millis() {
+        return Err(EnvelopeError::Skewed {
+            by_ms: by_ms.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        });
+    }
+    replay.check_and_remember(&key, &envelope.nonce, envelope.ts, now_ms, limits.skew)?;
+    Ok(Verified {
+        key,
+        body: envelope.body,
+    })
+}
+
+/// Nonces seen within the skew window, shared by every request handler (thread-safe).
+///
+/// Memory is bounded twice: entries leave once their envelope's timestamp falls out of the
+/// window (they could not pass the skew check again anyway), and the cache never holds more
+/// than `max_entries`. When a flood fills it before anything expires, the oldest entry is
+/// dropped and its timestamp becomes a *floor*: anything stamped at or before the floor is
+/// refused as a possible replay. So a full cache costs slow or old requests a retry, but it
+/// never lets a replay through.
+pub struct ReplayCache {
+    max_entries: usize,
+    inner: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    by_ts: BTreeSet<(u64, [u8; 32])>,
+    ids: HashSet<[u8; 32]>,
+    floor: Option<u64>,
+}
+
+impl Default for ReplayCache {
+    fn default() -> Self {
+        ReplayCache::new(DEFAULT_REPLAY_ENTRIES)
+    }
+}
+
+impl ReplayCache {
+    pub fn new(max_entries: usize) -> Self {
+        ReplayCache {
+            max_entries: max_entries.max(1),
+            inner: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// How many nonces are remembered now.
+    pub fn len(&self) -> usize {
+        self.lock().ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // A panic elsewhere while holding the lock leaves consistent sets behind.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses (key, nonce) if seen (or if `ts` is at or below the floor), else remembers it.
+    pub fn check_and_remember(
+        &self,
+        key: &str,
+        nonce: &str,
+        ts: u64,
+        now_ms: u64,
+        window: Duration,
+    ) -> Result<(), EnvelopeError> {
+        let id = {
+            let mut bytes = Vec::with_capacity(8 + key.len() + nonce.len());
+            bytes.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(key.as_bytes());
+            bytes.extend_from_slice(&(nonce.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(nonce.as_bytes());
+            let mut id = [0u8; 32];
+            id.copy_from_slice(digest(&SHA256, &bytes).as_ref());
+            id
+        };
+        let oldest_allowed = now_ms.saturating_sub(window.as_millis() as u64);
+        let mut seen = self.lock();
+        while let Some(&(first_ts, first_id)) = seen.by_ts.first() {
+            if first_ts >= oldest_allowed {
+                break;
+            }
+            seen.by_ts.pop_first();
+            seen.ids.remove(&first_id);
+        }
+        if seen.floor.is_some_and(|floor| ts <= floor) || seen.ids.contains(&id) {
+            return Err(EnvelopeError::Replayed);
+        }
+        seen.ids.insert(id);
+        seen.by_ts.insert((ts, id));
+        while seen.ids.len() > self.max_entries {
+            let Some((dropped_ts, dropped_id)) = seen.by_ts.pop_first() else {
+                break;
+            };
+            seen.ids.remove(&dropped_id);
+            seen.floor = Some(seen.floor.map_or(dropped_ts, |f| f.max(dropped_ts)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: u64 = 1_767_225_600_000;
+    const NONCE: &str = "AAAAAAAAAAAAAAAAAAAAAA";
+
+    fn signed(key: &KeyPair, op: &str, ts: u64, nonce: &str) -> Vec<u8> {
+        Envelope::sign_at(op, &json!({"id": "r1"}), key, ts, nonce)
+            .unwrap()
+            .to_vec()
+    }
+
+    fn check(raw: &[u8], op: &str) -> Result<Verified, EnvelopeError> {
+        verify(raw, op, NOW, &ReplayCache::default(), &Limits::default())
+    }
+
+    /// Re-serializes `raw` after `edit` on its JSON (keeps the body's raw bytes otherwise).
+    fn edited(raw: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(raw).unwrap();
+        edit(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn a_signed_envelope_verifies_once_and_yields_key_and_body() {
+        let key = KeyPair::new_user();
+        let raw = Envelope::sign("rooms.create", &json!({"id": "r1"}), &key)
+            .unwrap()
+            .to_vec();
+        let cache = ReplayCache::default();
+        let now = unix_ms_now();
+        let ok = verify(&raw, "rooms.create", now, &cache, &Limits::default()).unwrap();
+        assert_eq!(ok.key, key.public_key());
+        let body: serde_json::Value = ok.body_as().unwrap();
+        assert_eq!(body, json!({"id": "r1"}));
+        assert_eq!(cache.len(), 1);
+        assert_eq!(
+            verify(&raw, "rooms.create", now, &cache, &Limits::default()).unwrap_err(),
+            EnvelopeError::Replayed
+        );
+    }
+
+    #[test]
+    fn tampering_with_any_signed_field_breaks_the_signature() {
+        let key = KeyPair::new_user();
+        let raw = signed(&key, "rooms.create", NOW, NONCE);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("body", edited(&raw, |v| v["body"] = json!({"id": "r2"}))),
+            ("ts", edited(&raw, |v| v["ts"] = json!(NOW + 1))),
+            (
+                "nonce",
+                edited(&raw, |v| v["nonce"] = json!("BAAAAAAAAAAAAAAAAAAAAA")),
+            ),
+            (
+                "key",
+                edited(&raw, |v| v["key"] = json!(KeyPair::new_user().public_key())),
+            ),
+            ("sig", edited(&raw, |v| v["sig"] = json!("AAAA"))),
+        ];
+        for (what, raw) in cases {
+            assert_eq!(
+                check(&raw, "rooms.create").unwrap_err(),
+                EnvelopeError::BadSignature,
+                "{what}"
+            );
+        }
+        // The op is signed too: re-labelled for another endpoint it no longer verifies.
+        let moved = edited(&raw, |v| v["op"] = json!("users.add"));
+        assert_eq!(
+            check(&moved, "users.add").unwrap_err(),
+            EnvelopeError::BadSignature
+        );
+        // Whitespace inside the body changes the signed bytes.
+        let text = String::from_utf8(raw.clone()).unwrap();
+        let spaced = text.replace(r#"{"id":"r1"}"#, r#"{"id": "r1"}"#);
+        assert_ne!(spaced, text);
+        assert_eq!(
+            check(spaced.as_bytes(), "rooms.create").unwrap_err(),
+            EnvelopeError::BadSignature
+        );
+    }
+
+    #[test]
+    fn a_valid_envelope_sent_to_another_operation_is_an_op_mismatch() {
+        let raw = signed(&KeyPair::new_user(), "rooms.create", NOW, NONCE);
+        assert!(matches!(
+            check(&raw, "rooms.delete").unwrap_err(),
+            EnvelopeError::OpMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn the_signing_input_is_unambiguous() {
+        // Moving bytes between fields changes the input.
+        let a = signing_input("ab", b"{}", 1, "c", "d");
+        let b = signing_input("a", b"{}", 1, "bc", "d");
+        let c = signing_input("a", b"{}", 1, "b", "cd");
+        assert_ne!(a, b);
+        assert_ne!(b, c);
+        assert!(a.starts_with(SIGNING_TAG));
+    }
+
+    #[test]
+    fn unsigned_skewed_oversized_and_malformed_are_told_apart() {
+        let key = KeyPair::new_user();
+        let raw = signed(&key, "rooms.create", NOW, NONCE);
+        let unsigned = edited(&raw, |v| {
+            v.as_object_mut().unwrap().remove("sig");
+        });
+        assert_eq!(
+            check(&unsigned, "rooms.create").unwrap_err(),
+            EnvelopeError::Unsigned
+        );
+        let keyless = edited(&raw, |v| {
+            v.as_object_mut().unwrap().remove("key");
+        });
+        assert_eq!(
+            check(&keyless, "rooms.create").unwrap_err(),
+            EnvelopeError::Unsigned
+        );
+
+        let skew = DEFAULT_SKEW.as_millis() as u64;
+        let ahead = signed(&key, "rooms.create", NOW + skew + 1, NONCE);
+        assert_eq!(
+            check(&ahead, "rooms.create").unwrap_err(),
+            EnvelopeError::Skewed {
+                by_ms: skew as i64 + 1
+            }
+        );
+        let behind = signed(&key, "rooms.create", NOW - skew - 1, NONCE);
+        assert_eq!(
+            check(&behind, "rooms.create").unwrap_err(),
+            EnvelopeError::Skewed {
+                by_ms: -(skew as i64) - 1
+            }
+        );
+        let edge = signed(&key, "rooms.create", NOW - skew, NONCE);
+        assert!(check(&edge, "rooms.create").is_ok());
+
+        let big = "x".repeat(DEFAULT_MAX_BODY);
+        let raw = Envelope::sign_at("rooms.create", &json!({ "pad": big }), &key, NOW, NONCE)
+            .unwrap()
+            .to_vec();
+        assert!(matches!(
+            check(&raw, "rooms.create").unwrap_err(),
+            EnvelopeError::TooLarge {
+                limit: DEFAULT_MAX_BODY,
+                ..
+            }
+        ));
+        let huge = vec![b' '; 10 * DEFAULT_MAX_BODY];
+        assert!(matches!(
+            check(&huge, "x").unwrap_err(),
+            EnvelopeError::TooLarge { .. }
+        ));
+
+        let raw = signed(&key, "rooms.create", NOW, NONCE);
+        for bad in [
+            b"".to_vec(),
+            b"[]".to_vec(),
+            b"{\"op\":\"rooms.create\"}".to_vec(),
+            edited(&raw, |v| v["extra"] = json!(1)),
+            edited(&raw, |v| v["ts"] = json!(-1)),
+            edited(&raw, |v| v["ts"] = json!("1")),
+            edited(&raw, |v| v["op"] = json!("rooms.*")),
+            edited(&raw, |v| v["op"] = json!("")),
+            edited(&raw, |v| v["nonce"] = json!("short")),
+            edited(&raw, |v| v["nonce"] = json!("AAAAAAAAAAAAAAAAAAAA/+==")),
+            edited(&raw, |v| {
+                v["key"] = json!(KeyPair::new_account().public_key())
+            }),
+            edited(&raw, |v| v["key"] = json!("UNOTAKEY")),
+        ] {
+            let err = check(&bad, "rooms.create").unwrap_err();
+            assert!(
+                matches!(err, EnvelopeError::Malformed(_)),
+                "{}: {err}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+        // A duplicate field is refused rather than resolved one way or the other.
+        let text = String::from_utf8(raw).unwrap();
+        let dup = text.replacen(
+            "{\"op\":\"rooms.create\"",
+            "{\"op\":\"users.add\",\"op\":\"rooms.create\"",
+            1,
+        );
+        assert!(matches!(
+            check(dup.as_bytes(), "rooms.create").unwrap_err(),
+            EnvelopeError::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn error_codes_follow_the_control_plane_vocabulary() {
+        assert_eq!(EnvelopeError::Replayed.code(), "unauthenticated");
+        assert_eq!(EnvelopeError::Malformed(String::new()).code(), "invalid");
+    }
+
+    #[test]
+    fn the_replay_cache_forgets_by_time_and_never_admits_a_replay_when_full() {
+        let window = Duration::from_secs(30);
+        let cache = ReplayCache::new(3);
+        cache
+            .check_and_remember("k", "n1", NOW, NOW, window)
+            .unwrap();
+        assert_eq!(
+            cache.check_and_remember("k", "n1", NOW, NOW, window),
+            Err(EnvelopeError::Replayed)
+        );
+        // Same nonce, other key: a different request.
+        cache
+            .check_and_remember("k2", "n1", NOW, NOW, window)
+            .unwrap();
+        // After the window the entries go (the skew check would stop such a request anyway).
+        let later = NOW + 31_000;
+        cache
+            .check_and_remember("k", "n2", later, later, window)
+            .unwrap();
+        assert_eq!(cache.len(), 1);
+
+        // Fill past the cap: the oldest is dropped and becomes the floor.
+        for (i, ts) in [later + 1, later + 2, later + 3].iter().enumerate() {
+            cache
+                .check_and_remember("k", &format!("m{i}"), *ts, later, window)
+                .unwrap();
+        }
+        assert_eq!(cache.len(), 3);
+        // n2 (ts = later) was dropped; a replay of it is still refused thanks to the floor.
+        assert_eq!(
+            cache.check_and_remember("k", "n2", later, later, window),
+            Err(EnvelopeError::Replayed)
+        );
+        // Newer requests still get in.
+        cache
+            .check_and_remember("k", "fresh", later + 10, later, window)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_replay_cache_is_shared_across_threads() {
+        let cache = std::sync::Arc::new(ReplayCache::default());
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    (0..200)
+                        .filter(|i| {
+                            cache
+                                .check_and_remember(
+                                    "k",
+                                    &format!("n{}", i % 100),
+                                    NOW,
+                                    NOW,
+                                    DEFAULT_SKEW,
+                                )
+                                .is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(admitted, 100, "each nonce is admitted exactly once");
+    }
+
+    /// xorshift64*: a deterministic stream for the fuzz-style tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+    }
+
+    #[test]
+    fn random_bytes_truncations_and_bit_flips_never_panic_and_never_verify() {
+        let key = KeyPair::new_user();
+        let raw = signed(&key, "rooms.create", NOW, NONCE);
+        assert!(check(&raw, "rooms.create").is_ok());
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+
+        for len in 0..raw.len() {
+            assert!(
+                check(&raw[..len], "rooms.create").is_err(),
+                "truncated to {len}"
+            );
+        }
+        for bit in 0..raw.len() * 8 {
+            let mut flipped = raw.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                check(&flipped, "rooms.create").is_err(),
+                "bit {bit} flipped"
+            );
+        }
+        for _ in 0..2000 {
+            let len = (rng.next() % 512) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            assert!(check(&bytes, "rooms.create").is_err());
+        }
+        // Random splices of the valid envelope's own bytes (likelier to be near-valid JSON).
+        for _ in 0..2000 {
+            let mut bytes = raw.clone();
+            for _ in 0..1 + rng.next() % 4 {
+                let at = (rng.next() as usize) % bytes.len();
+                match rng.next() % 3 {
+                    0 => {
+                        bytes.remove(at);
+                    }
+                    1 => bytes.insert(at, raw[(rng.next() as usize) % raw.len()]),
+                    _ => bytes[at] = rng.next() as u8,
+                }
+            }
+            // Only whitespace between the fields may change and still verify: the signed
+            // content must then be exactly the original's.
+            if check(&bytes, "rooms.create").is_ok() {
+                let (a, b) = (
+                    parse(&bytes, &Limits::default()).unwrap(),
+                    parse(&raw, &Limits::default()).unwrap(),
+                );
+                assert_eq!(
+                    (a.op, a.body.get(), a.ts, a.nonce, a.key, a.sig),
+                    (b.op, b.body.get(), b.ts, b.nonce, b.key, b.sig),
+                    "{}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+    }
+}

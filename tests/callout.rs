@@ -1,0 +1,494 @@
+//! The auth building blocks against a real nats-server 2.15: the rendered callout and TLS
+//! config, a responder made of `unibus::auth::callout` (a HashMap stands in for the store),
+//! and raw async-nats clients trying to get in.
+//!
+//! Every wait has a deadline; nothing sleeps to synchronise.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{ConnectErrorKind, ConnectOptions, Event, ServerError};
+use futures_util::StreamExt;
+use nkeys::KeyPair;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use common::nats::{NatsServer, check_config, server_ports};
+use common::poll;
+use unibus::auth::callout::{self, AUTH_SUBJECT, AuthRequest, CalloutError};
+use unibus::auth::{ClusterSecrets, certs, server_config};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// What the responder decided for each request: (the request, Ok or the reason).
+type Decisions = Arc<Mutex<Vec<(AuthRequest, Result<(), String>)>>>;
+
+/// The authenticator in miniature: decode, prove the key, look it up, answer.
+struct Responder {
+    decisions: Decisions,
+    task: tokio::task::JoinHandle<()>,
+    _client: async_nats::Client,
+}
+
+impl Responder {
+    async fn start(
+        url: &str,
+        ca: Option<&Path>,
+        secrets: &ClusterSecrets,
+        allow: HashMap<String, Vec<String>>,
+    ) -> Responder {
+        let seed = std::fs::read_to_string(&secrets.service_seed).unwrap();
+        let mut options = ConnectOptions::with_nkey(seed.trim().to_string());
+        if let Some(ca) = ca {
+            options = options
+                .add_root_certificates(ca.to_path_buf())
+                .require_tls(true);
+        }
+        let client = options
+            .connect(url)
+            .await
+            .expect("service user connects past the callout");
+        let mut requests = client.subscribe(AUTH_SUBJECT).await.unwrap();
+        client.flush().await.unwrap();
+        let issuer = secrets.issuer_key().unwrap();
+        let decisions: Decisions = Arc::default();
+        let seen = decisions.clone();
+        let answer_with = client.clone();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = requests.next().await {
+                let Some(reply) = msg.reply else { continue };
+                // A request we cannot read gets no answer: the server times out and denies.
+                let Ok(request) = callout::decode_request(&msg.payload) else {
+                    continue;
+                };
+                let verdict = callout::verify_client_nonce(&request)
+                    .map_err(|e| e.to_string())
+                    .and_then(|key| allow.get(&key).ok_or_else(|| format!("unknown key {key}")));
+                let answer = match &verdict {
+                    Ok(rooms) => callout::allow_response(
+                        &request,
+                        &callout::permissions_for(rooms, false),
+                        &issuer,
+                        Some(Duration::from_secs(300)),
+                    ),
+                    Err(reason) => callout::deny_response(&request, reason, &issuer),
+                }
+                .unwrap();
+                seen.lock()
+                    .unwrap()
+                    .push((request.clone(), verdict.map(|_| ())));
+                answer_with.publish(reply, answer.into()).await.unwrap();
+            }
+        });
+        Responder {
+            decisions,
+            task,
+            _client: client,
+        }
+    }
+
+    fn decision_for(&self, key: &str) -> Option<Result<(), String>> {
+        self.request_for(key).map(|(_, d)| d)
+    }
+
+    fn request_for(&self, key: &str) -> Option<(AuthRequest, Result<(), String>)> {
+        self.decisions
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(r, _)| r.client_nkey.as_deref() == Some(key))
+            .cloned()
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn seed_of(key: &KeyPair) -> String {
+    key.seed().unwrap()
+}
+
+/// A client whose server events (permission violations among them) arrive on a channel.
+async fn connect_with_events(
+    options: ConnectOptions,
+    url: &str,
+) -> Result<(async_nats::Client, UnboundedReceiver<Event>), async_nats::ConnectError> {
+    let (tx, rx) = unbounded_channel();
+    let client = options
+        .connection_timeout(WAIT)
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        })
+        .connect(url)
+        .await?;
+    Ok((client, rx))
+}
+
+/// Waits for the server to report a permission violation mentioning `subject`.
+async fn expect_violation(events: &mut UnboundedReceiver<Event>, subject: &str) -> String {
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.recv().await {
+            if let Event::ServerError(ServerError::Other(message)) = event
+                && message.to_lowercase().contains("permissions violation")
+                && message.contains(subject)
+            {
+                return Some(message);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(message)) => message,
+        other => panic!("no permission violation for {subject}: {other:?}"),
+    }
+}
+
+/// Publishes on `subject` and waits for it to come back on a subscription to `filter`.
+async fn round_trip(client: &async_nats::Client, filter: &str, subject: &str) {
+    let mut sub = client.subscribe(filter.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    client
+        .publish(subject.to_string(), "hi".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no message on {subject}"))
+        .unwrap();
+    assert_eq!(msg.subject.as_str(), subject);
+    assert_eq!(&msg.payload[..], b"hi");
+}
+
+fn refused(result: Result<impl Sized, async_nats::ConnectError>, what: &str) {
+    match result {
+        Ok(_) => panic!("{what}: connected, expected to be refused"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            ConnectErrorKind::AuthorizationViolation,
+            "{what}: {e}"
+        ),
+    }
+}
+
+fn callout_server(name: &str, dir: &Path, secrets: &ClusterSecrets, tls: bool) -> NatsServer {
+    let mut body = NatsServer::jetstream_block(dir);
+    body.push_str(&server_config::callout_config(
+        &secrets.issuer_public,
+        &secrets.service_public,
+        None,
+    ));
+    if tls {
+        let node = secrets.node(name).unwrap();
+        body.push_str(&server_config::tls_config(
+            &node.cert,
+            &node.key,
+            &secrets.ca_cert,
+        ));
+    }
+    NatsServer::start(name, dir, server_ports(), &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = certs::init_cluster(&dir.path().join("secrets"), &["n1".into()], &[]).unwrap();
+    let server = callout_server("n1", dir.path(), &secrets, false);
+    let url = server.url();
+
+    let alice = KeyPair::new_user();
+    let stranger = KeyPair::new_user();
+    let allow = HashMap::from([(alice.public_key(), vec!["r1".to_string()])]);
+    let responder = Responder::start(&url, None, &secrets, allow).await;
+
+    // No credentials, an unknown key, a key with someone else's signature: refused.
+    refused(
+        connect_with_events(ConnectOptions::new(), &url).await,
+        "no credentials",
+    );
+    refused(
+        connect_with_events(ConnectOptions::with_nkey(seed_of(&stranger)), &url).await,
+        "unknown nkey",
+    );
+    assert!(
+        responder
+            .decision_for(&stranger.public_key())
+            .unwrap()
+            .unwrap_err()
+            .contains("unknown key")
+    );
+    let alice_public = alice.public_key();
+    let forger = ConnectOptions::with_auth_callback(move |nonce| {
+        let alice_public = alice_public.clone();
+        async move {
+            let mut auth = async_nats::Auth::new();
+            auth.nkey = Some(alice_public);
+            auth.signature = Some(KeyPair::new_user().sign(&nonce).unwrap());
+            Ok(auth)
+        }
+    });
+    refused(
+        connect_with_events(forger, &url).await,
+        "signature by another key",
+    );
+    assert_eq!(
+        responder.decision_for(&alice.public_key()),
+        Some(Err(CalloutError::BadNonceSignature.to_string()))
+    );
+
+    // Alice gets in, and gets exactly her room.
+    let (client, mut events) =
+        connect_with_events(ConnectOptions::with_nkey(seed_of(&alice)), &url)
+            .await
+            .expect("an admitted key connects");
+    // What nats-server 2.15 actually sent.
+    let (request, verdict) = responder.request_for(&alice.public_key()).unwrap();
+    assert_eq!(verdict, Ok(()));
+    assert_eq!(request.server_name, "n1");
+    assert_eq!(request.issuer, secrets.issuer_public);
+    assert!(request.server_key.starts_with('N') && request.server_id.starts_with('N'));
+    assert!(request.nonce.is_some() && request.client_sig.is_some());
+    assert!(!request.tls);
+    round_trip(&client, "unibus.room.r1.>", "unibus.room.r1.chat").await;
+
+    client
+        .publish("unibus.room.r2.x", "no".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    expect_violation(&mut events, "unibus.room.r2.x").await;
+
+    let _denied = client.subscribe("unibus.room.r2.>").await.unwrap();
+    expect_violation(&mut events, "unibus.room.r2.>").await;
+    let _denied = client.subscribe("unibus.ctl.>").await.unwrap();
+    expect_violation(&mut events, "unibus.ctl.>").await;
+
+    // Still connected after the violations; the server lists her under her own key.
+    round_trip(&client, "unibus.room.r1.>", "unibus.room.r1.again").await;
+    let connz = server.monitor_json("/connz?auth=true").unwrap();
+    let users: Vec<&str> = connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["authorized_user"].as_str())
+        .collect();
+    assert!(users.contains(&alice.public_key().as_str()), "{connz}");
+
+    // Fail closed: with nobody answering, even Alice is refused.
+    drop(responder);
+    refused(
+        connect_with_events(ConnectOptions::with_nkey(seed_of(&alice)), &url).await,
+        "no authenticator",
+    );
+    // The server read our denials as denials (not as bad responses or timeouts).
+    let log = server.log();
+    assert!(
+        log.contains("Auth callout service returned an error: unknown key")
+            && log.contains("Auth callout service returned an error: client offered no nkey")
+            && !log.contains("validation errors")
+            && !log.contains("wrong issuer"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_clients_pin_the_project_ca_and_plaintext_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = certs::init_cluster(&dir.path().join("secrets"), &["n1".into()], &[]).unwrap();
+    let server = callout_server("n1", dir.path(), &secrets, true);
+    let url = server.tls_url();
+
+    let alice = KeyPair::new_user();
+    let allow = HashMap::from([(alice.public_key(), vec!["r1".to_string()])]);
+    let responder = Responder::start(&url, Some(&secrets.ca_cert), &secrets, allow).await;
+
+    let pinned = ConnectOptions::with_nkey(seed_of(&alice))
+        .add_root_certificates(secrets.ca_cert.clone())
+        .require_tls(true);
+    let (client, _events) = connect_with_events(pinned, &url)
+        .await
+        .expect("a client pinning ca.crt connects over TLS");
+    round_trip(&client, "unibus.room.r1.>", "unibus.room.r1.tls").await;
+    assert!(responder.request_for(&alice.public_key()).unwrap().0.tls);
+
+    // A client that trusts another CA does not accept the server.
+    let other = certs::init_cluster(&dir.path().join("other"), &["n1".into()], &[]).unwrap();
+    let wrong_ca = ConnectOptions::with_nkey(seed_of(&alice))
+        .add_root_certificates(other.ca_cert.clone())
+        .require_tls(true);
+    match connect_with_events(wrong_ca, &url).await {
+        Ok(_) => panic!("a client pinning another CA connected"),
+        Err(e) => assert!(
+            matches!(e.kind(), ConnectErrorKind::Tls | ConnectErrorKind::Io),
+            "{e}"
+        ),
+    }
+
+    // Plaintext on the wire: the server announces TLS and never answers a plaintext PING.
+    let addr = format!("127.0.0.1:{}", server.port);
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut info = [0u8; 4096];
+    let n = stream.read(&mut info).unwrap();
+    let info = String::from_utf8_lossy(&info[..n]).to_string();
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    let connect = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"nkey\":\"{}\",\"protocol\":1}}\r\nPING\r\n",
+        alice.public_key()
+    );
+    let _ = stream.write_all(connect.as_bytes());
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("PONG"),
+        "plaintext client got an answer: {rest}"
+    );
+}
+
+#[test]
+fn every_rendered_fragment_passes_the_servers_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = certs::init_cluster(
+        &dir.path().join("secrets"),
+        &["n1".into(), "n2".into()],
+        &[],
+    )
+    .unwrap();
+    let n1 = s.node("n1").unwrap();
+    let config = format!(
+        "server_name: n1\nlisten: \"127.0.0.1:4222\"\n{}{}{}cluster {{\n  name: t\n  listen: \"127.0.0.1:6222\"\n  routes: [{:?}]\n{}{}}}\n",
+        NatsServer::jetstream_block(dir.path()),
+        server_config::callout_config(
+            &s.issuer_public,
+            &s.service_public,
+            Some(&KeyPair::new_user().public_key())
+        ),
+        server_config::tls_config(&n1.cert, &n1.key, &s.ca_cert),
+        s.routes.route_url("n2:6222"),
+        server_config::route_tls_config(&n1.cert, &n1.key, &s.ca_cert),
+        server_config::route_authorization(&s.routes),
+    );
+    let (ok, output) = check_config(&config, dir.path());
+    assert!(ok, "nats-server -t refused:\n{config}\n{output}");
+}
+
+/// Route config with node `cert`'s TLS pair routing to `peers` (cluster ports).
+fn route_body(cert: &str, cluster_port: u16, peers: &[u16], secrets: &ClusterSecrets) -> String {
+    let node = secrets.node(cert).unwrap();
+    let routes: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{:?}", secrets.routes.route_url(&format!("127.0.0.1:{p}"))))
+        .collect();
+    format!(
+        "cluster {{\n  name: t\n  listen: \"127.0.0.1:{cluster_port}\"\n  routes: [{}]\n{}{}}}\n",
+        routes.join(", "),
+        server_config::route_tls_config(&node.cert, &node.key, &secrets.ca_cert),
+        server_config::route_authorization(&secrets.routes),
+    )
+}
+
+fn route_names(server: &NatsServer) -> Vec<String> {
+    server
+        .monitor_json("/routez")
+        .and_then(|r| r["routes"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r["remote_name"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn routes_use_mutual_tls_and_credentials_and_keep_strangers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = certs::init_cluster(
+        &dir.path().join("secrets"),
+        &["n1".into(), "n2".into()],
+        &[],
+    )
+    .unwrap();
+    let (p1, p2) = (server_ports(), server_ports());
+    let n1 = NatsServer::start(
+        "n1",
+        &dir.path().join("n1"),
+        p1,
+        &route_body("n1", p1.1, &[p2.1], &secrets),
+    );
+    let n2 = NatsServer::start(
+        "n2",
+        &dir.path().join("n2"),
+        p2,
+        &route_body("n2", p2.1, &[p1.1], &secrets),
+    );
+    let joined = poll(WAIT, || {
+        (route_names(&n1).contains(&"n2".to_string())
+            && route_names(&n2).contains(&"n1".to_string()))
+        .then_some(())
+    });
+    assert!(
+        joined.is_some(),
+        "n1 and n2 did not route:\n{}\n{}",
+        n1.log(),
+        n2.log()
+    );
+
+    // A server from another cluster's secrets (other CA, other route password) is kept out.
+    let other = certs::init_cluster(&dir.path().join("other"), &["n3".into()], &[]).unwrap();
+    let p3 = server_ports();
+    let n3 = NatsServer::start(
+        "n3",
+        &dir.path().join("n3"),
+        p3,
+        &route_body("n3", p3.1, &[p1.1], &other),
+    );
+    let rejected = poll(WAIT, || {
+        (n1.log().contains("TLS route handshake error")
+            && n3.log().contains("certificate signed by unknown authority"))
+        .then_some(())
+    });
+    assert!(
+        rejected.is_some(),
+        "no TLS error for the stranger:\n{}\n{}",
+        n1.log(),
+        n3.log()
+    );
+    assert!(!route_names(&n1).contains(&"n3".to_string()));
+    assert!(route_names(&n3).is_empty());
+
+    // Right CA and certificate, wrong route password: refused too.
+    let mut wrong = secrets.clone();
+    wrong.routes.password = "not-the-password".into();
+    let p4 = server_ports();
+    let n4 = NatsServer::start(
+        "n4",
+        &dir.path().join("n4"),
+        p4,
+        &route_body("n2", p4.1, &[p1.1], &wrong),
+    );
+    let rejected = poll(WAIT, || {
+        n1.log()
+            .contains("Router connection closed: Authentication Failure")
+            .then_some(())
+    });
+    assert!(
+        rejected.is_some(),
+        "no authentication failure for a wrong route password:\n{}\n{}",
+        n1.log(),
+        n4.log()
+    );
+    assert!(!route_names(&n1).contains(&"n4".to_string()));
+    assert!(route_names(&n4).is_empty());
+}
