@@ -195,6 +195,18 @@ pub struct Config {
     pub op_timeout_ms: u64,
     /// How often the KV store's reconciler repairs interrupted two-bucket writes.
     pub reconcile_every_secs: u64,
+    /// Cluster secrets from `unibus cluster init` (CA, node certificates, callout issuer,
+    /// service and admin seeds, route credentials). Unset: a single node makes its own
+    /// under `<data>/secrets` on first boot.
+    pub secrets: Option<PathBuf>,
+    /// Override the TLS files taken from the secrets.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// Control plane: largest clock difference accepted on a signed request.
+    pub ctl_skew_secs: u64,
+    /// Control plane: largest request accepted, in bytes.
+    pub ctl_max_body: usize,
     pub flags: Flags,
 }
 
@@ -218,6 +230,12 @@ impl Default for Config {
             replicas: 1,
             op_timeout_ms: 2000,
             reconcile_every_secs: 60,
+            secrets: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            ctl_skew_secs: 30,
+            ctl_max_body: 64 * 1024,
             flags: Flags::default(),
         }
     }
@@ -225,7 +243,13 @@ impl Default for Config {
 
 /// The top-level keys `UNIBUS_<KEY>` may set. Other `UNIBUS_*` variables belong to the
 /// client commands (`UNIBUS_SERVER`, …) and are ignored here.
-const ENV_KEYS: [&str; 16] = [
+const ENV_KEYS: [&str; 22] = [
+    "secrets",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "ctl_skew_secs",
+    "ctl_max_body",
     "replicas",
     "op_timeout_ms",
     "reconcile_every_secs",
@@ -391,6 +415,38 @@ impl Config {
                 "op_timeout_ms and reconcile_every_secs must be positive",
             ));
         }
+        let tls_files = [&self.tls_cert, &self.tls_key, &self.tls_ca];
+        let given = tls_files.iter().filter(|f| f.is_some()).count();
+        if given != 0 && given != 3 {
+            return Err(ConfigError::new(
+                "--tls-cert",
+                "give --tls-cert, --tls-key and --tls-ca together (or none, to use the secrets')",
+            ));
+        }
+        for (field, file) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key), ("--tls-ca", &self.tls_ca)] {
+            if let Some(path) = file
+                && !path.is_file()
+            {
+                return Err(ConfigError::new(field, format!("{} does not exist", path.display())));
+            }
+        }
+        if let Some(dir) = &self.secrets
+            && !dir.join("cluster.json").is_file()
+        {
+            return Err(ConfigError::new(
+                "--secrets",
+                format!(
+                    "{} holds no cluster secrets (no cluster.json); create them with `unibus cluster init --out DIR --nodes ...`",
+                    dir.display()
+                ),
+            ));
+        }
+        if self.ctl_skew_secs == 0 || self.ctl_max_body < 1024 {
+            return Err(ConfigError::new(
+                "ctl_skew_secs",
+                "ctl_skew_secs must be positive and ctl_max_body at least 1024",
+            ));
+        }
         if self.supervision.max_restarts == 0 || self.supervision.restart_window_secs == 0 {
             return Err(ConfigError::new(
                 "supervision",
@@ -433,13 +489,14 @@ impl Config {
 
     /// Where a NATS client on this machine reaches the node's own server (a wildcard
     /// listen address is reached through loopback).
-    pub fn local_nats_url(&self) -> String {
+    pub fn local_nats_url(&self, tls: bool) -> String {
         let (host, port) = split_host_port(&self.listen).unwrap_or(("127.0.0.1", 4222));
         let host = match host {
             "0.0.0.0" | "::" => "127.0.0.1",
             h => h,
         };
-        format!("nats://{host}:{port}")
+        let scheme = if tls { "tls" } else { "nats" };
+        format!("{scheme}://{host}:{port}")
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

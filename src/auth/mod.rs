@@ -31,6 +31,7 @@
 //!
 //! Everything here is plain functions and data; wiring into the node lives in `node`.
 
+pub mod authenticator;
 pub mod callout;
 pub mod certs;
 pub mod envelope;

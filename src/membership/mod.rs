@@ -50,8 +50,10 @@
 //! The KV backend bounds every call by `op_timeout` and turns an expiry into
 //! [`StoreError::Unavailable`].
 
+pub mod api;
 pub mod ids;
 pub mod jetstream;
+pub mod service;
 pub mod sqlite;
 
 use serde::{Deserialize, Serialize};

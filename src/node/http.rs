@@ -176,6 +176,8 @@ mod tests {
             s.stages.nats = Stage::new(StageState::Up);
             s.stages.jetstream = Stage::new(StageState::Up);
             s.stages.store = Stage::new(StageState::Up);
+            s.stages.authenticator = Stage::new(StageState::Up);
+            s.stages.membership = Stage::new(StageState::Up);
         });
         assert_eq!(get(&addr, "/readyz", t).await.unwrap().status, 200);
         assert_eq!(get(&addr, "/nope", t).await.unwrap().status, 404);

@@ -17,7 +17,9 @@ pub mod http;
 pub mod monitor;
 pub mod nats_config;
 pub mod readiness;
+pub mod security;
 pub mod shutdown;
+pub mod stages;
 pub mod store;
 pub mod supervisor;
 
@@ -75,8 +77,10 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
     supervisor::reap_stale(&data_dir);
     let admin = bind_listeners(&config)?;
 
+    let security = security::Security::resolve(&config, &data_dir)?;
+    tracing::info!("{}", security.summary());
     let conf_path = data_dir.join(nats_config::CONF_FILE);
-    std::fs::write(&conf_path, nats_config::render(&config, &data_dir))
+    std::fs::write(&conf_path, nats_config::render(&config, &data_dir, &security))
         .map_err(|e| NodeError::Io(format!("cannot write {}: {e}", conf_path.display())))?;
 
     let readiness = Arc::new(Readiness::new(&config.name, config.clustered()));
@@ -94,12 +98,13 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         .in_current_span(),
     );
     tasks.spawn(
-        run_stages(
-            config.clone(),
-            data_dir.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-        )
+        stages::run(stages::Context {
+            config: config.clone(),
+            data_dir: data_dir.clone(),
+            security: security.clone(),
+            readiness: readiness.clone(),
+            shutdown: shutdown.clone(),
+        })
         .in_current_span(),
     );
     let supervisor = supervisor::Supervisor::new(&config, binary, data_dir);
@@ -129,46 +134,6 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         tracing::info!("node stopped");
     }
     outcome
-}
-
-/// Brings up the stages that sit on top of nats-server, in order, each once the one below
-/// it is up. A stage that fails to start is retried (with backoff) and shown as down.
-async fn run_stages(
-    config: Config,
-    data_dir: PathBuf,
-    readiness: Arc<Readiness>,
-    mut shutdown: shutdown::Shutdown,
-) {
-    let jetstream_up = || readiness.snapshot().stages.jetstream.state == readiness::StageState::Up;
-    let mut backoff = Duration::from_millis(200);
-    let store = loop {
-        if jetstream_up() {
-            match store::open(&config, &data_dir).await {
-                Ok(store) => break store,
-                Err(e) => {
-                    tracing::warn!("store not open yet: {e}; retrying in {backoff:?}");
-                    readiness.update(|r| {
-                        r.stages.store = readiness::Stage::with_detail(
-                            readiness::StageState::Down,
-                            e.to_string(),
-                        )
-                    });
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        let pause = if jetstream_up() {
-            backoff
-        } else {
-            Duration::from_millis(50)
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.wait() => return,
-        }
-    };
-    tracing::info!(backend = store.backend(), "store open");
-    store::watch(store, config, data_dir, readiness, shutdown).await;
 }
 
 async fn join_supervisor(

@@ -7,7 +7,9 @@
 
 use std::path::Path;
 
-use crate::config::Config;
+use super::security::Security;
+use crate::auth::server_config;
+use crate::config::{BusAuth, Config};
 
 /// File names inside the data dir.
 pub const CONF_FILE: &str = "nats-server.conf";
@@ -19,7 +21,7 @@ fn quote(s: &str) -> String {
 
 /// The nats-server config for this node. `data_dir` should be absolute so the server does
 /// not depend on its working directory.
-pub fn render(config: &Config, data_dir: &Path) -> String {
+pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
     let mut out = String::new();
     let line = |out: &mut String, text: String| {
         out.push_str(&text);
@@ -54,18 +56,44 @@ pub fn render(config: &Config, data_dir: &Path) -> String {
             }
         ),
     );
+    if let Some(secrets) = &security.secrets
+        && security.bus_auth != BusAuth::Off
+    {
+        // Accounts AUTH (the node's service user and the store), APP (admitted clients),
+        // SYS; every client but the service user goes through the callout.
+        out.push_str(&server_config::callout_config(
+            &secrets.issuer_public,
+            &secrets.service_public,
+            None,
+        ));
+    }
+    if let Some(tls) = &security.tls {
+        // With a tls block nats-server refuses plaintext clients.
+        out.push_str(&server_config::tls_config(&tls.cert, &tls.key, &tls.ca));
+    }
     // Only a clustered node gets a cluster block, and it gets one from its first boot:
     // nats-server deletes a standalone server's streams when it later turns clustered.
     if config.clustered() {
         let routes: Vec<String> = config
             .peers
             .iter()
-            .map(|p| quote(&format!("nats-route://{p}")))
+            .map(|p| match &security.secrets {
+                Some(s) => quote(&s.routes.route_url(p)),
+                None => quote(&format!("nats-route://{p}")),
+            })
             .collect();
+        let mut inner = String::new();
+        if let Some(tls) = &security.tls {
+            inner.push_str(&server_config::route_tls_config(&tls.cert, &tls.key, &tls.ca));
+        }
+        if let Some(secrets) = &security.secrets {
+            inner.push_str(&server_config::route_authorization(&secrets.routes));
+        }
+        let inner: String = inner.lines().map(|l| format!("  {l}\n")).collect();
         line(
             &mut out,
             format!(
-                "cluster {{\n  name: {}\n  listen: {}\n  routes: [{}]\n}}",
+                "cluster {{\n  name: {}\n  listen: {}\n  routes: [{}]\n{inner}}}",
                 quote(&config.cluster_name),
                 quote(&config.cluster_listen),
                 routes.join(", ")
@@ -79,13 +107,21 @@ pub fn render(config: &Config, data_dir: &Path) -> String {
 mod tests {
     use super::*;
 
+    fn open() -> Security {
+        Security {
+            bus_auth: BusAuth::Off,
+            secrets: None,
+            tls: None,
+        }
+    }
+
     #[test]
     fn a_single_node_has_no_cluster_block_and_fsyncs_always() {
         let config = Config {
             name: "n1".into(),
             ..Config::default()
         };
-        let text = render(&config, Path::new("/d"));
+        let text = render(&config, Path::new("/d"), &open());
         assert!(text.contains("server_name: \"n1\""));
         assert!(text.contains("sync_interval: always"));
         assert!(text.contains("store_dir: \"/d\""));
@@ -100,7 +136,7 @@ mod tests {
             jetstream_sync: "2m".into(),
             ..Config::default()
         };
-        let text = render(&config, Path::new("/d"));
+        let text = render(&config, Path::new("/d"), &open());
         assert!(text.contains("routes: [\"nats-route://n2:6222\", \"nats-route://n3:6222\"]"));
         assert!(text.contains("sync_interval: \"2m\""));
         assert!(text.contains("name: \"unibus\""));

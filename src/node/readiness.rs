@@ -120,7 +120,6 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(node: &str, clustered: bool) -> Self {
-        let disabled = Stage::with_detail(StageState::Disabled, "not built yet");
         let starting = Stage::new(StageState::Starting);
         Readiness {
             inner: Mutex::new(Readyz {
@@ -130,9 +129,9 @@ impl Readiness {
                 stages: Stages {
                     nats: Stage::new(StageState::Starting),
                     jetstream: Stage::new(StageState::Starting),
-                    store: starting,
-                    authenticator: disabled.clone(),
-                    membership: disabled,
+                    store: starting.clone(),
+                    authenticator: starting.clone(),
+                    membership: starting,
                 },
                 cluster: clustered.then(ClusterView::default),
                 store: None,
@@ -166,8 +165,13 @@ mod tests {
         assert!(!r.snapshot().ready, "jetstream still starting");
         r.update(|s| s.stages.jetstream = Stage::new(StageState::Up));
         assert!(!r.snapshot().ready, "store still starting");
-        r.update(|s| s.stages.store = Stage::new(StageState::Up));
-        assert!(r.snapshot().ready, "the rest are disabled");
+        r.update(|s| {
+            s.stages.store = Stage::new(StageState::Up);
+            s.stages.authenticator = Stage::new(StageState::Disabled);
+        });
+        assert!(!r.snapshot().ready, "membership still starting");
+        r.update(|s| s.stages.membership = Stage::new(StageState::Up));
+        assert!(r.snapshot().ready, "disabled counts as ready");
         r.update(|s| s.shutting_down = true);
         assert!(!r.snapshot().ready);
     }
@@ -178,6 +182,6 @@ mod tests {
         let json = serde_json::to_string(&r.snapshot()).unwrap();
         let back: Readyz = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r.snapshot());
-        assert!(json.contains("\"authenticator\":{\"state\":\"disabled\""));
+        assert!(json.contains("\"authenticator\":{\"state\":\"starting\""));
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::readiness::{Readiness, Stage, StageState, StoreView};
+use super::security::Security;
 use super::shutdown::Shutdown;
 use crate::config::Config;
 use crate::membership::jetstream::{KvOptions, KvStore};
@@ -27,12 +28,12 @@ pub const SQLITE_FILE: &str = "membership.db";
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// Opens the store this node's flags ask for.
-pub async fn open(config: &Config, data_dir: &Path) -> Result<Store, StoreError> {
+pub async fn open(config: &Config, data_dir: &Path, security: &Security) -> Result<Store, StoreError> {
     if !config.flags.decentralized {
         let path = data_dir.join(SQLITE_FILE);
         return Ok(Store::Sqlite(SqliteStore::open(path).await?));
     }
-    let client = connect_local(config).await?;
+    let client = connect_local(config, security, "store").await?;
     let kv = KvStore::open(
         client,
         KvOptions {
@@ -46,11 +47,13 @@ pub async fn open(config: &Config, data_dir: &Path) -> Result<Store, StoreError>
     Ok(Store::JetStream(kv))
 }
 
-/// The node's own connection to its nats-server, as its service identity.
-pub async fn connect_local(config: &Config) -> Result<async_nats::Client, StoreError> {
-    let url = config.local_nats_url();
-    async_nats::ConnectOptions::new()
-        .name(format!("unibus-node-{}", config.name))
+/// One of the node's own connections to its nats-server, as its service identity.
+pub async fn connect_local(config: &Config, security: &Security, role: &str) -> Result<async_nats::Client, StoreError> {
+    let url = config.local_nats_url(security.tls.is_some());
+    security
+        .service_connect_options()
+        .map_err(StoreError::Backend)?
+        .name(format!("unibus-{}-{role}", config.name))
         .connection_timeout(config.op_timeout())
         .request_timeout(Some(config.op_timeout()))
         // The node's server may restart under supervision: keep reconnecting forever.
@@ -85,7 +88,7 @@ pub async fn view(
 
 /// Keeps the store stage's readiness current and runs the reconciler, until shutdown.
 pub async fn watch(
-    store: Store,
+    store: Arc<Store>,
     config: Config,
     data_dir: std::path::PathBuf,
     readiness: Arc<Readiness>,
@@ -104,7 +107,7 @@ pub async fn watch(
                 r.store = view;
             }
         });
-        if let Store::JetStream(kv) = &store
+        if let Store::JetStream(kv) = &*store
             && tokio::time::Instant::now() >= next_reconcile
         {
             next_reconcile = tokio::time::Instant::now() + reconcile_every;

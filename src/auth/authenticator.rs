@@ -1,0 +1,192 @@
+//! The authenticator: answers nats-server's auth callout (`$SYS.REQ.USER.AUTH`) from the
+//! membership store.
+//!
+//! Every node runs one, in one queue group, so any node can admit a connection to any
+//! other; it connects as the node's service user, which `auth_users` lets past the callout
+//! (the authenticator cannot authenticate itself). For each request it:
+//!
+//! 1. decodes and verifies the server's request JWT ([`callout::decode_request`]);
+//! 2. verifies the client's nkey signature over the server's nonce — the client proves it
+//!    holds the key it claims ([`callout::verify_client_nonce`]);
+//! 3. asks the store whether that key is an active user ([`Store::is_authorized`], which
+//!    fails closed: a store error or timeout is a no);
+//! 4. admits it into `APP` with the permissions of DESIGN §3 for the rooms it has joined,
+//!    signed by the shared issuer key.
+//!
+//! Fail closed, in order of bad luck: a bad request, a bad signature, an unknown or revoked
+//! key, a store that does not answer — each is a signed denial; a request that cannot even
+//! be decoded gets no answer, and the server denies it when its callout times out.
+//!
+//! `bus-auth=soft` runs the same checks but admits everyone with open permissions,
+//! logging (and counting) each would-be denial with its reason, so an operator can see who
+//! would break before turning `enforce` on.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::StreamExt;
+use nkeys::KeyPair;
+
+use super::callout::{self, AuthRequest, Permissions};
+use crate::config::BusAuth;
+use crate::membership::{MemberState, Store, StoreError};
+use crate::node::shutdown::Shutdown;
+
+/// The subject nats-server sends callout requests on.
+pub const AUTH_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
+const QUEUE_GROUP: &str = "unibus-authenticator";
+
+/// Decisions so far, by outcome (exported as metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub admitted: AtomicU64,
+    pub denied: AtomicU64,
+    /// `soft` mode: admitted, but `enforce` would have denied.
+    pub would_deny: AtomicU64,
+}
+
+pub struct Authenticator {
+    store: Arc<Store>,
+    issuer: KeyPair,
+    mode: BusAuth,
+    pub counters: Counters,
+}
+
+/// Why a connection is (or would be) refused; logged and sent to the server.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0}")]
+    Request(#[from] callout::CalloutError),
+    #[error("{0} is not an active user")]
+    Unknown(String),
+    #[error("store unavailable while computing permissions: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<Store>, issuer: KeyPair, mode: BusAuth) -> Self {
+        Authenticator {
+            store,
+            issuer,
+            mode,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Makes sure the bootstrap admin exists (idempotent, like an ACL bootstrap): a fresh
+    /// cluster must have someone who can add users.
+    pub async fn bootstrap_admin(store: &Store, admin_key: &str) -> Result<(), StoreError> {
+        match store.add_user(admin_key, "bootstrap admin", true).await {
+            Ok(_) => {
+                tracing::info!(admin = admin_key, "bootstrap admin added to the store");
+                Ok(())
+            }
+            Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The response JWT for one raw request, or None when the request cannot be decoded
+    /// (the server then times out and denies).
+    pub async fn respond(&self, raw: &[u8]) -> Option<String> {
+        let request = match callout::decode_request(raw) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("auth callout: undecodable request, not answering (the server will deny): {e}");
+                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        let decision = self.decide(&request).await;
+        let signed = match (decision, self.mode) {
+            (Ok(perms), _) => {
+                self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+                callout::allow_response(&request, &perms, &self.issuer, None)
+            }
+            (Err(why), BusAuth::Soft) => {
+                tracing::warn!(client = ?request.client_nkey, host = ?request.client_host, "bus-auth soft: would deny: {why}");
+                self.counters.would_deny.fetch_add(1, Ordering::Relaxed);
+                self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+                callout::allow_response(&request, &open_permissions(), &self.issuer, None)
+            }
+            (Err(why), _) => {
+                tracing::info!(client = ?request.client_nkey, host = ?request.client_host, "connection denied: {why}");
+                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                callout::deny_response(&request, &why.to_string(), &self.issuer)
+            }
+        };
+        match signed {
+            Ok(jwt) => Some(jwt),
+            Err(e) => {
+                tracing::error!("auth callout: cannot sign the response: {e}");
+                None
+            }
+        }
+    }
+
+    async fn decide(&self, request: &AuthRequest) -> Result<Permissions, Refusal> {
+        let key = callout::verify_client_nonce(request)?;
+        if !self.store.is_authorized(&key).await {
+            return Err(Refusal::Unknown(key));
+        }
+        let rooms: Vec<String> = self
+            .store
+            .list_rooms_for_endpoint(&key)
+            .await?
+            .into_iter()
+            .filter(|m| m.state == MemberState::Joined)
+            .map(|m| m.room)
+            .collect();
+        let admin = self.store.get_user(&key).await.map(|u| u.admin)?;
+        let perms = callout::permissions_for(&rooms, admin);
+        if self.mode == BusAuth::Soft {
+            // Soft admits with open permissions; show what enforce would grant.
+            tracing::debug!(client = key, ?perms, "bus-auth soft: enforce would grant");
+            return Ok(open_permissions());
+        }
+        Ok(perms)
+    }
+}
+
+fn open_permissions() -> Permissions {
+    Permissions {
+        pub_allow: vec![">".into()],
+        sub_allow: vec![">".into()],
+    }
+}
+
+/// Answers callout requests until shutdown; calls `ready` once the subscription is in
+/// place at the server.
+pub async fn run(
+    client: async_nats::Client,
+    authenticator: Arc<Authenticator>,
+    ready: impl FnOnce(),
+    mut shutdown: Shutdown,
+) -> Result<(), async_nats::Error> {
+    let mut requests = client
+        .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.to_string())
+        .await?;
+    client.flush().await?;
+    ready();
+    loop {
+        let message = tokio::select! {
+            next = requests.next() => match next {
+                Some(m) => m,
+                None => break,
+            },
+            _ = shutdown.wait() => break,
+        };
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        let (client, authenticator) = (client.clone(), authenticator.clone());
+        tokio::spawn(async move {
+            if let Some(jwt) = authenticator.respond(&message.payload).await
+                && let Err(e) = client.publish(reply, jwt.into()).await
+            {
+                tracing::warn!("auth callout: reply not sent: {e}");
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The control-plane wire contract: operations, request bodies, replies and typed errors.
+//!
+//! The service (`service.rs`) and the client library both use these types, so the two
+//! sides cannot disagree about a field name. Every operation is one NATS micro endpoint,
+//! `unibus.ctl.<op>`; the request is a signed envelope whose `body` is the operation's
+//! request struct; the reply is `{"ok": …}` or `{"error": {"kind", "message"}}`, and an
+//! error also sets the micro error headers (`Nats-Service-Error`, `Nats-Service-Error-Code`)
+//! so generic NATS tooling sees the failure.
+
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// Subject prefix of the control plane.
+pub const CTL_PREFIX: &str = "unibus.ctl";
+/// The micro service's name (`$SRV.PING.unibus-membership` etc.).
+pub const SERVICE_NAME: &str = "unibus-membership";
+
+/// Every control-plane operation, with its endpoint name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    UsersAdd,
+    UsersGet,
+    UsersList,
+    UsersRevoke,
+    RoomsCreate,
+    RoomsGet,
+    RoomsList,
+    RoomsDelete,
+    MembersInvite,
+    MembersJoin,
+    MembersRemove,
+    MembersLeave,
+    MembersList,
+    MembersRooms,
+    KeysLatest,
+    KeysGet,
+    KeysRekey,
+}
+
+impl Op {
+    pub const ALL: [Op; 17] = [
+        Op::UsersAdd,
+        Op::UsersGet,
+        Op::UsersList,
+        Op::UsersRevoke,
+        Op::RoomsCreate,
+        Op::RoomsGet,
+        Op::RoomsList,
+        Op::RoomsDelete,
+        Op::MembersInvite,
+        Op::MembersJoin,
+        Op::MembersRemove,
+        Op::MembersLeave,
+        Op::MembersList,
+        Op::MembersRooms,
+        Op::KeysLatest,
+        Op::KeysGet,
+        Op::KeysRekey,
+    ];
+
+    /// The endpoint name, also the `op` field of a signed envelope.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::UsersAdd => "users.add",
+            Op::UsersGet => "users.get",
+            Op::UsersList => "users.list",
+            Op::UsersRevoke => "users.revoke",
+            Op::RoomsCreate => "rooms.create",
+            Op::RoomsGet => "rooms.get",
+            Op::RoomsList => "rooms.list",
+            Op::RoomsDelete => "rooms.delete",
+            Op::MembersInvite => "members.invite",
+            Op::MembersJoin => "members.join",
+            Op::MembersRemove => "members.remove",
+            Op::MembersLeave => "members.leave",
+            Op::MembersList => "members.list",
+            Op::MembersRooms => "members.rooms",
+            Op::KeysLatest => "keys.latest",
+            Op::KeysGet => "keys.get",
+            Op::KeysRekey => "keys.rekey",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// `unibus.ctl.<op>`
+    pub fn subject(self) -> String {
+        format!("{CTL_PREFIX}.{}", self.name())
+    }
+}
+
+/// `users.add`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddUser {
+    pub key: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// `users.get`, `users.revoke`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserRef {
+    pub key: String,
+}
+
+/// Operations without arguments (`users.list`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// `rooms.create`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoom {
+    pub room: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// `rooms.get`, `rooms.delete`, `members.join`, `members.leave`, `members.list`,
+/// `keys.latest`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomRef {
+    pub room: String,
+}
+
+/// `rooms.list`, `members.rooms`: the caller's own rooms, or (admins) another user's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForUser {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// `members.invite`, `members.remove`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRef {
+    pub room: String,
+    pub key: String,
+}
+
+/// `keys.get`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRef {
+    pub room: String,
+    pub epoch: u32,
+}
+
+/// `keys.rekey`: the new epoch's key material (base64; wrapped per member once E2E
+/// encryption lands, so the store never holds a plaintext room key).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rekey {
+    pub room: String,
+    pub material: String,
+}
+
+/// The kind of a control-plane error: stable strings clients branch on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// No valid signature (or the signer is not an admitted user).
+    Unauthenticated,
+    /// Signed by someone the rules do not allow.
+    Forbidden,
+    NotFound,
+    /// Malformed, oversized, or an id that is not allowed.
+    Invalid,
+    /// Already exists, or the state does not allow it.
+    Conflict,
+    /// The store could not answer; retry.
+    Unavailable,
+}
+
+impl ErrorKind {
+    /// The micro `Nats-Service-Error-Code`.
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorKind::Unauthenticated => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Invalid => 400,
+            ErrorKind::Conflict => 409,
+            ErrorKind::Unavailable => 503,
+        }
+    }
+
+    pub fn from_code(code: u16) -> Option<ErrorKind> {
+        [
+            ErrorKind::Unauthenticated,
+            ErrorKind::Forbidden,
+            ErrorKind::NotFound,
+            ErrorKind::Invalid,
+            ErrorKind::Conflict,
+            ErrorKind::Unavailable,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A typed control-plane error, as carried in a reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}: {message}", kind.as_str())]
+pub struct CtlError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl CtlError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        CtlError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        CtlError::new(ErrorKind::Forbidden, message)
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        CtlError::new(ErrorKind::Invalid, message)
+    }
+}
+
+impl From<StoreError> for CtlError {
+    fn from(e: StoreError) -> Self {
+        let kind = match &e {
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::Conflict { .. } => ErrorKind::Conflict,
+            StoreError::Invalid { .. } => ErrorKind::Invalid,
+            StoreError::Unavailable(_) | StoreError::Backend(_) => ErrorKind::Unavailable,
+        };
+        CtlError::new(kind, e.to_string())
+    }
+}
+
+/// A reply: exactly one of `ok` and `error`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply<T> {
+    Ok(T),
+    Error(CtlError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_names_round_trip_and_are_subject_tokens() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_name(op.name()), Some(op));
+            assert!(op.name().chars().all(|c| c.is_ascii_lowercase() || c == '.'));
+        }
+        assert_eq!(Op::RoomsCreate.subject(), "unibus.ctl.rooms.create");
+        assert_eq!(Op::from_name("rooms.*"), None);
+    }
+
+    #[test]
+    fn errors_carry_their_kind_and_code() {
+        let e: CtlError = StoreError::NotFound { what: "room x".into() }.into();
+        assert_eq!(e.kind.code(), 404);
+        assert_eq!(ErrorKind::from_code(503), Some(ErrorKind::Unavailable));
+        let json = serde_json::to_string(&Reply::<()>::Error(e)).unwrap();
+        assert!(json.starts_with("{\"error\":{\"kind\":\"not_found\""), "{json}");
+    }
+}

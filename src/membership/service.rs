@@ -1,0 +1,431 @@
+//! The membership service: the control-plane API as a NATS micro service.
+//!
+//! One endpoint per store operation under `unibus.ctl.` (see [`super::api`]), all in one
+//! micro service named `unibus-membership`, so `$SRV.PING/INFO/STATS` work with any NATS
+//! tool. Every node runs it in the same queue group; a request goes to one of them.
+//!
+//! A request passes three gates, in order, each with its own typed error:
+//! 1. **authentication** — the signed envelope (`auth::envelope`): size, JSON shape,
+//!    signature over op, body digest, timestamp and nonce, clock skew, replay. `bus-auth`
+//!    decides what a failure does: `enforce` refuses (`unauthenticated`), `soft` logs and
+//!    counts the would-be denial and goes on with the claimed key, `off` skips the checks.
+//! 2. **identity** — the signer must be an active (not revoked) user in the store;
+//! 3. **rules** — admins manage users; any admitted user creates rooms and owns them;
+//!    owners invite, remove and rekey; members read their room, its members and keys, and
+//!    may leave.
+//!
+//! Only then does the store see the request. Ids are validated by the store itself before
+//! they reach SQL or KV, and come back as `invalid`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::service::ServiceExt;
+use base64::Engine;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::api::*;
+use super::{MemberState, Role, Store, StoreError};
+use crate::auth::envelope::{self, ReplayCache};
+use crate::config::BusAuth;
+use crate::node::shutdown::Shutdown;
+
+/// What the service enforces; from the node's config.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub bus_auth: BusAuth,
+    /// Largest clock difference accepted between a request's timestamp and this node.
+    pub skew: Duration,
+    /// Largest request accepted, envelope included.
+    pub max_body: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            bus_auth: BusAuth::Enforce,
+            skew: Duration::from_secs(30),
+            max_body: 64 * 1024,
+        }
+    }
+}
+
+/// Nonces remembered for replay detection (bounded memory; see `ReplayCache`).
+const REPLAY_CACHE_ENTRIES: usize = 100_000;
+
+/// Called after a change that takes rights away (member removed, room deleted, user
+/// revoked) with the user keys whose live connections must lose them.
+pub type OnRevoke = Arc<dyn Fn(Vec<String>) + Send + Sync>;
+
+/// The handler side of the service, independent of NATS (so it is testable on its own).
+pub struct Handler {
+    store: Arc<Store>,
+    config: ServiceConfig,
+    replay: ReplayCache,
+    on_revoke: Option<OnRevoke>,
+}
+
+/// Who is asking, after authentication and the identity check.
+struct Caller {
+    key: String,
+    admin: bool,
+}
+
+impl Handler {
+    pub fn new(store: Arc<Store>, config: ServiceConfig, on_revoke: Option<OnRevoke>) -> Self {
+        let replay = ReplayCache::new(REPLAY_CACHE_ENTRIES);
+        Handler {
+            store,
+            config,
+            replay,
+            on_revoke,
+        }
+    }
+
+    /// Handles one raw request for `op`: the reply body and, for an error, its kind.
+    pub async fn handle(&self, op: Op, raw: &[u8]) -> (Vec<u8>, Option<ErrorKind>) {
+        match self.process(op, raw).await {
+            Ok(value) => (json(&Reply::Ok(value)), None),
+            Err(e) => {
+                tracing::debug!(op = op.name(), kind = e.kind.as_str(), "control-plane request refused: {}", e.message);
+                let kind = e.kind;
+                (json(&Reply::<()>::Error(e)), Some(kind))
+            }
+        }
+    }
+
+    async fn process(&self, op: Op, raw: &[u8]) -> Result<serde_json::Value, CtlError> {
+        let (claimed_key, body) = self.authenticate(op, raw)?;
+        let caller = self.identify(&claimed_key).await?;
+        self.dispatch(op, &caller, body).await
+    }
+
+    /// Gate 1: the envelope. Returns the signer's key and the operation's body.
+    fn authenticate(&self, op: Op, raw: &[u8]) -> Result<(String, serde_json::Value), CtlError> {
+        let limits = envelope::Limits {
+            max_body: self.config.max_body,
+            skew: self.config.skew,
+        };
+        let (key, body) = if self.config.bus_auth == BusAuth::Off {
+            claimed(raw, op, &limits)?
+        } else {
+            match envelope::verify(raw, op.name(), envelope::unix_ms_now(), &self.replay, &limits) {
+                Ok(v) => (v.key, v.body),
+                Err(e) if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" => {
+                    tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
+                    claimed(raw, op, &limits)?
+                }
+                Err(e) => return Err(envelope_error(e)),
+            }
+        };
+        let body = serde_json::from_str(body.get()).map_err(|e| CtlError::invalid(format!("body: {e}")))?;
+        Ok((key, body))
+    }
+
+    /// Gate 2: the signer is an active user.
+    async fn identify(&self, key: &str) -> Result<Caller, CtlError> {
+        let user = match self.store.get_user(key).await {
+            Ok(u) => u,
+            Err(StoreError::NotFound { .. }) | Err(StoreError::Invalid { .. }) => {
+                return Err(CtlError::new(ErrorKind::Unauthenticated, format!("{key} is not a known user")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if user.revoked_at.is_some() {
+            return Err(CtlError::new(ErrorKind::Unauthenticated, format!("{key} is revoked")));
+        }
+        Ok(Caller {
+            key: user.key,
+            admin: user.admin,
+        })
+    }
+
+    /// Gate 3 and the store call.
+    async fn dispatch(&self, op: Op, caller: &Caller, body: serde_json::Value) -> Result<serde_json::Value, CtlError> {
+        let store = &self.store;
+        match op {
+            Op::UsersAdd => {
+                let req: AddUser = parse(body)?;
+                require_admin(caller)?;
+                ok(store.add_user(&req.key, &req.name, req.admin).await?)
+            }
+            Op::UsersGet => {
+                let req: UserRef = parse(body)?;
+                if !caller.admin && !req.key.eq_ignore_ascii_case(&caller.key) {
+                    return Err(CtlError::forbidden("only admins read other users"));
+                }
+                ok(store.get_user(&req.key).await?)
+            }
+            Op::UsersList => {
+                let _: Empty = parse(body)?;
+                require_admin(caller)?;
+                ok(store.list_users().await?)
+            }
+            Op::UsersRevoke => {
+                let req: UserRef = parse(body)?;
+                require_admin(caller)?;
+                let user = store.revoke_user(&req.key).await?;
+                self.revoked(vec![user.key.clone()]);
+                ok(user)
+            }
+            Op::RoomsCreate => {
+                let req: CreateRoom = parse(body)?;
+                ok(store.create_room(&req.room, &req.name, &caller.key, req.encrypted).await?)
+            }
+            Op::RoomsGet => {
+                let req: RoomRef = parse(body)?;
+                self.require_member(caller, &req.room, false).await?;
+                ok(store.get_room(&req.room).await?)
+            }
+            Op::RoomsList => {
+                let req: ForUser = parse(body)?;
+                let rooms = match req.key {
+                    None if caller.admin => store.list_rooms().await?,
+                    key => {
+                        let key = self.self_or_admin(caller, key)?;
+                        let mut rooms = Vec::new();
+                        for m in store.list_rooms_for_endpoint(&key).await? {
+                            match store.get_room(&m.room).await {
+                                Ok(r) => rooms.push(r),
+                                Err(StoreError::NotFound { .. }) => {} // deleted meanwhile
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        rooms
+                    }
+                };
+                ok(rooms)
+            }
+            Op::RoomsDelete => {
+                let req: RoomRef = parse(body)?;
+                self.require_owner(caller, &req.room).await?;
+                let members = store.list_members(&req.room).await?;
+                store.delete_room(&req.room).await?;
+                self.revoked(members.into_iter().map(|m| m.endpoint).collect());
+                ok(serde_json::json!({}))
+            }
+            Op::MembersInvite => {
+                let req: MemberRef = parse(body)?;
+                self.require_owner(caller, &req.room).await?;
+                // Only an active user can be invited: a typo'd key fails here, not later.
+                match store.get_user(&req.key).await {
+                    Ok(u) if u.revoked_at.is_none() => {}
+                    Ok(_) => return Err(CtlError::new(ErrorKind::Conflict, format!("{} is revoked", req.key))),
+                    Err(e) => return Err(e.into()),
+                }
+                ok(store
+                    .add_member(&req.room, &req.key, Role::Member, MemberState::Invited, &caller.key)
+                    .await?)
+            }
+            Op::MembersJoin => {
+                let req: RoomRef = parse(body)?;
+                match store.list_members(&req.room).await?.iter().find(|m| m.endpoint == caller.key) {
+                    Some(_) => ok(store.join(&req.room, &caller.key).await?),
+                    None => Err(CtlError::forbidden(format!("you are not invited to room {}", req.room))),
+                }
+            }
+            Op::MembersRemove => {
+                let req: MemberRef = parse(body)?;
+                self.require_owner(caller, &req.room).await?;
+                let room = store.get_room(&req.room).await?;
+                if room.owner.eq_ignore_ascii_case(&req.key) {
+                    return Err(CtlError::new(
+                        ErrorKind::Conflict,
+                        "the owner cannot be removed; delete the room instead",
+                    ));
+                }
+                store.remove_member(&req.room, &req.key).await?;
+                self.revoked(vec![req.key.to_ascii_uppercase()]);
+                ok(serde_json::json!({}))
+            }
+            Op::MembersLeave => {
+                let req: RoomRef = parse(body)?;
+                let room = store.get_room(&req.room).await?;
+                if room.owner == caller.key {
+                    return Err(CtlError::new(
+                        ErrorKind::Conflict,
+                        "the owner cannot leave; delete the room instead",
+                    ));
+                }
+                store.remove_member(&req.room, &caller.key).await?;
+                self.revoked(vec![caller.key.clone()]);
+                ok(serde_json::json!({}))
+            }
+            Op::MembersList => {
+                let req: RoomRef = parse(body)?;
+                self.require_member(caller, &req.room, true).await?;
+                ok(store.list_members(&req.room).await?)
+            }
+            Op::MembersRooms => {
+                let req: ForUser = parse(body)?;
+                let key = self.self_or_admin(caller, req.key)?;
+                ok(store.list_rooms_for_endpoint(&key).await?)
+            }
+            Op::KeysLatest => {
+                let req: RoomRef = parse(body)?;
+                self.require_member(caller, &req.room, true).await?;
+                ok(store.latest_room_key(&req.room).await?)
+            }
+            Op::KeysGet => {
+                let req: KeyRef = parse(body)?;
+                self.require_member(caller, &req.room, true).await?;
+                ok(store.get_room_key(&req.room, req.epoch).await?)
+            }
+            Op::KeysRekey => {
+                let req: Rekey = parse(body)?;
+                self.require_owner(caller, &req.room).await?;
+                let material = base64::engine::general_purpose::STANDARD
+                    .decode(&req.material)
+                    .map_err(|e| CtlError::invalid(format!("material is not base64: {e}")))?;
+                ok(store.rekey(&req.room, &material).await?)
+            }
+        }
+    }
+
+    fn revoked(&self, keys: Vec<String>) {
+        if let Some(hook) = &self.on_revoke
+            && !keys.is_empty()
+        {
+            hook(keys);
+        }
+    }
+
+    fn self_or_admin(&self, caller: &Caller, key: Option<String>) -> Result<String, CtlError> {
+        match key {
+            Some(k) if !k.eq_ignore_ascii_case(&caller.key) => {
+                require_admin(caller)?;
+                Ok(k)
+            }
+            _ => Ok(caller.key.clone()),
+        }
+    }
+
+    /// The caller is a member of `room` (joined, if `joined`), or an admin. An unknown room
+    /// is `not_found` for admins and members alike; for others, `forbidden` (so a stranger
+    /// learns nothing about which rooms exist).
+    async fn require_member(&self, caller: &Caller, room: &str, joined: bool) -> Result<(), CtlError> {
+        if caller.admin {
+            self.store.get_room(room).await?;
+            return Ok(());
+        }
+        let members = match self.store.list_members(room).await {
+            Ok(m) => m,
+            Err(StoreError::NotFound { .. }) => return Err(CtlError::forbidden(format!("you are not a member of room {room}"))),
+            Err(e) => return Err(e.into()),
+        };
+        match members.iter().find(|m| m.endpoint == caller.key) {
+            Some(m) if !joined || m.state == MemberState::Joined => Ok(()),
+            Some(_) => Err(CtlError::forbidden(format!("join room {room} first"))),
+            None => Err(CtlError::forbidden(format!("you are not a member of room {room}"))),
+        }
+    }
+
+    async fn require_owner(&self, caller: &Caller, room: &str) -> Result<(), CtlError> {
+        let found = match self.store.get_room(room).await {
+            Ok(r) => r,
+            Err(StoreError::NotFound { .. }) if !caller.admin => {
+                return Err(CtlError::forbidden(format!("you do not own room {room}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if found.owner == caller.key || caller.admin {
+            Ok(())
+        } else {
+            Err(CtlError::forbidden(format!("only the owner of room {room} may do this")))
+        }
+    }
+}
+
+fn require_admin(caller: &Caller) -> Result<(), CtlError> {
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(CtlError::forbidden("only admins may do this"))
+    }
+}
+
+/// The key and body a request claims, without verifying its signature (`bus-auth` off, or
+/// soft after a would-be denial). Shape, size and operation are still checked.
+fn claimed(raw: &[u8], op: Op, limits: &envelope::Limits) -> Result<(String, Box<serde_json::value::RawValue>), CtlError> {
+    let env = envelope::parse(raw, limits).map_err(envelope_error)?;
+    if env.op != op.name() {
+        return Err(CtlError::invalid(format!("envelope is for operation {}, sent to {}", env.op, op.name())));
+    }
+    let key = env
+        .key
+        .ok_or_else(|| CtlError::new(ErrorKind::Unauthenticated, "the request names no key"))?;
+    Ok((key, env.body))
+}
+
+fn envelope_error(e: envelope::EnvelopeError) -> CtlError {
+    let kind = match e.code() {
+        "unauthenticated" => ErrorKind::Unauthenticated,
+        "invalid" => ErrorKind::Invalid,
+        _ => ErrorKind::Unavailable,
+    };
+    CtlError::new(kind, e.to_string())
+}
+
+fn parse<T: DeserializeOwned>(body: serde_json::Value) -> Result<T, CtlError> {
+    // A missing body is an empty object, so operations without arguments need none.
+    let body = if body.is_null() { serde_json::json!({}) } else { body };
+    serde_json::from_value(body).map_err(|e| CtlError::invalid(format!("body: {e}")))
+}
+
+fn ok<T: Serialize>(value: T) -> Result<serde_json::Value, CtlError> {
+    serde_json::to_value(value).map_err(|e| CtlError::new(ErrorKind::Unavailable, format!("encoding the reply: {e}")))
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{\"error\":{\"kind\":\"unavailable\",\"message\":\"encoding failed\"}}".to_vec())
+}
+
+/// Runs the micro service on `client` until shutdown; calls `ready` once every endpoint
+/// is subscribed at the server.
+pub async fn run(
+    client: async_nats::Client,
+    handler: Arc<Handler>,
+    ready: impl FnOnce(),
+    mut shutdown: Shutdown,
+) -> Result<(), async_nats::Error> {
+    let service = client
+        .service_builder()
+        .description("unibus control plane: users, rooms, members, room keys")
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await?;
+    let group = service.group(CTL_PREFIX);
+    let mut endpoints = Vec::with_capacity(Op::ALL.len());
+    for op in Op::ALL {
+        let endpoint = group.endpoint(op.name()).await?;
+        endpoints.push(endpoint.map(move |request| (op, request)).boxed());
+    }
+    let mut requests = futures_util::stream::select_all(endpoints);
+    client.flush().await?;
+    ready();
+    loop {
+        let (op, request) = tokio::select! {
+            next = requests.next() => match next {
+                Some(r) => r,
+                None => break,
+            },
+            _ = shutdown.wait() => break,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let (body, kind) = handler.handle(op, &request.message.payload).await;
+            let mut headers = HeaderMap::new();
+            if let Some(kind) = kind {
+                headers.insert("Nats-Service-Error", kind.as_str());
+                headers.insert("Nats-Service-Error-Code", kind.code().to_string().as_str());
+            }
+            if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
+                tracing::debug!("control-plane reply not sent: {e}");
+            }
+        });
+    }
+    service.stop().await?;
+    Ok(())
+}

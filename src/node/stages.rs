@@ -1,0 +1,178 @@
+//! The stages above nats-server, brought up in order: store → authenticator → membership
+//! service (DESIGN §1). Each starts once the one below it is up, is retried with backoff
+//! while it cannot start (shown as `down` with the reason in `/readyz`), and turns `up`
+//! only when it is really serving. They share one store handle.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::readiness::{Readiness, Readyz, Stage, StageState};
+use super::security::Security;
+use super::shutdown::Shutdown;
+use super::store;
+use crate::auth::authenticator::{self, Authenticator};
+use crate::config::{BusAuth, Config};
+use crate::membership::service::{self, Handler, ServiceConfig};
+
+/// What the stages need from the node.
+pub struct Context {
+    pub config: Config,
+    pub data_dir: PathBuf,
+    pub security: Security,
+    pub readiness: Arc<Readiness>,
+    pub shutdown: Shutdown,
+}
+
+/// Runs the stages until shutdown.
+pub async fn run(ctx: Context) {
+    let Context {
+        config,
+        data_dir,
+        security,
+        readiness,
+        mut shutdown,
+    } = ctx;
+    // The store waits for JetStream: opening KV buckets without a meta leader only times out.
+    let jetstream_up = || readiness.snapshot().stages.jetstream.state == StageState::Up;
+    while !jetstream_up() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+    let set = |r: &Readiness, f: fn(&mut Readyz, Stage), stage: Stage| r.update(|z| f(z, stage));
+
+    let Some(store) = retry(&readiness, &mut shutdown, |z, s| z.stages.store = s, || {
+        store::open(&config, &data_dir, &security)
+    })
+    .await
+    else {
+        return;
+    };
+    let store = Arc::new(store);
+    tracing::info!(backend = store.backend(), "store open");
+    let mut tasks = JoinSet::new();
+    tasks.spawn(
+        store::watch(store.clone(), config.clone(), data_dir.clone(), readiness.clone(), shutdown.clone())
+            .in_current_span(),
+    );
+
+    if let Some(secrets) = &security.secrets {
+        let admin = secrets.admin_public.clone();
+        let bootstrapped = retry(&readiness, &mut shutdown, |z, s| z.stages.authenticator = s, || {
+            Authenticator::bootstrap_admin(&store, &admin)
+        })
+        .await;
+        if bootstrapped.is_none() {
+            return;
+        }
+    }
+
+    match (&security.secrets, security.bus_auth) {
+        (Some(secrets), BusAuth::Soft | BusAuth::Enforce) => {
+            let issuer = match secrets.issuer_key() {
+                Ok(k) => k,
+                Err(e) => {
+                    set(&readiness, |z, s| z.stages.authenticator = s, Stage::with_detail(StageState::Down, e.to_string()));
+                    tracing::error!("cannot load the callout issuer key: {e}; no connection can be admitted");
+                    return;
+                }
+            };
+            let Some(client) = retry(&readiness, &mut shutdown, |z, s| z.stages.authenticator = s, || {
+                store::connect_local(&config, &security, "auth")
+            })
+            .await
+            else {
+                return;
+            };
+            let authn = Arc::new(Authenticator::new(store.clone(), issuer, security.bus_auth));
+            let r = readiness.clone();
+            let mode = security.bus_auth.as_str();
+            let ready = move || {
+                set(&r, |z, s| z.stages.authenticator = s, Stage::with_detail(StageState::Up, format!("bus-auth={mode}")))
+            };
+            let stop = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    if let Err(e) = authenticator::run(client, authn, ready, stop).await {
+                        tracing::error!("authenticator stopped: {e}");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        _ => set(
+            &readiness,
+            |z, s| z.stages.authenticator = s,
+            Stage::with_detail(StageState::Disabled, "bus-auth=off: no auth callout"),
+        ),
+    }
+
+    let Some(client) = retry(&readiness, &mut shutdown, |z, s| z.stages.membership = s, || {
+        store::connect_local(&config, &security, "ctl")
+    })
+    .await
+    else {
+        return;
+    };
+    let handler = Arc::new(Handler::new(
+        store.clone(),
+        ServiceConfig {
+            bus_auth: security.bus_auth,
+            skew: Duration::from_secs(config.ctl_skew_secs),
+            max_body: config.ctl_max_body,
+        },
+        None,
+    ));
+    let r = readiness.clone();
+    let ready = move || set(&r, |z, s| z.stages.membership = s, Stage::with_detail(StageState::Up, "unibus.ctl.>"));
+    let stop = shutdown.clone();
+    tasks.spawn(
+        async move {
+            if let Err(e) = service::run(client, handler, ready, stop).await {
+                tracing::error!("membership service stopped: {e}");
+            }
+        }
+        .in_current_span(),
+    );
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Calls `attempt` until it succeeds, showing each failure on the stage `field` writes,
+/// with exponential backoff (up to 5 s). None when shutdown came first.
+async fn retry<T, E, F, Fut>(
+    readiness: &Readiness,
+    shutdown: &mut Shutdown,
+    field: fn(&mut Readyz, Stage),
+    mut attempt: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result = tokio::select! {
+            r = attempt() => r,
+            _ = shutdown.wait() => return None,
+        };
+        match result {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!("{e}; retrying in {backoff:?}");
+                readiness.update(|z| field(z, Stage::with_detail(StageState::Down, e.to_string())));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
