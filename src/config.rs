@@ -76,8 +76,8 @@ impl Default for Flags {
     /// Must equal `dev/feature_flags.json` (checked by a test).
     fn default() -> Self {
         Flags {
-            bus_auth: BusAuth::Off,
-            bus_tls: false,
+            bus_auth: BusAuth::Enforce,
+            bus_tls: true,
             decentralized: false,
         }
     }
@@ -423,12 +423,28 @@ impl Config {
                 "give --tls-cert, --tls-key and --tls-ca together (or none, to use the secrets')",
             ));
         }
-        for (field, file) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key), ("--tls-ca", &self.tls_ca)] {
+        for (field, file) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ] {
             if let Some(path) = file
                 && !path.is_file()
             {
-                return Err(ConfigError::new(field, format!("{} does not exist", path.display())));
+                return Err(ConfigError::new(
+                    field,
+                    format!("{} does not exist", path.display()),
+                ));
             }
+        }
+        let secured = self.flags.bus_auth != BusAuth::Off || self.flags.bus_tls;
+        if self.clustered() && secured && self.secrets.is_none() {
+            return Err(ConfigError::new(
+                "--secrets",
+                "the nodes of a cluster share one set of secrets (CA, route credentials, callout \
+                 issuer): create them once with `unibus cluster init --out DIR --nodes n1,n2,n3` \
+                 and give every node --secrets DIR",
+            ));
         }
         if let Some(dir) = &self.secrets
             && !dir.join("cluster.json").is_file()

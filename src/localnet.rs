@@ -35,6 +35,14 @@ pub fn cluster_ports(n: usize) -> (Vec<Ports>, Vec<Vec<String>>) {
     (ports, peers)
 }
 
+/// Cluster secrets for `names` (as `unibus cluster init` writes them) in a temp dir.
+pub fn cluster_secrets(names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    crate::auth::certs::init_cluster(&dir.path().join("s"), &names, &[]).unwrap();
+    dir
+}
+
 /// `n` distinct free loopback ports (all held until all are chosen, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)

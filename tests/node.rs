@@ -55,11 +55,9 @@ fn one_node_comes_up_ready_and_sigterm_stops_it_cleanly() {
 
 #[test]
 fn three_nodes_form_a_cluster_with_a_meta_leader_and_three_peers() {
-    let (ports, peers) = cluster_ports(3);
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| start(&format!("n{}", i + 1), &ports[i], &peers[i], &[]))
-        .collect();
-    for node in &nodes {
+    let cluster = LocalCluster::start(&[]);
+    let nodes = &cluster.nodes;
+    for node in nodes {
         let ready = node.wait_ready(READY);
         // Readiness may come before every route is up; wait for the full view.
         let view = poll(READY, || {
@@ -182,8 +180,12 @@ fn a_stale_nats_server_left_by_a_crash_is_reaped_on_the_next_start() {
 
 #[test]
 fn a_node_whose_peers_are_down_stays_up_not_ready_until_they_start() {
+    let names = ["n1", "n2", "n3"];
+    let secrets = cluster_secrets(&names);
+    let secrets = secrets.path().join("s");
+    let s = ["--secrets", secrets.to_str().unwrap()];
     let (ports, peers) = cluster_ports(3);
-    let first = start("n1", &ports[0], &peers[0], &[]);
+    let first = start("n1", &ports[0], &peers[0], &s);
     // Up (alive) but not ready: the meta layer needs a quorum.
     let (status, body) = poll(READY, || {
         first
@@ -198,7 +200,7 @@ fn a_node_whose_peers_are_down_stays_up_not_ready_until_they_start() {
     let (code, out, _) = unibus(&["node", "status", "--http", &first.ports.http]);
     assert_eq!(code, 1, "{out}");
 
-    let _n2 = start("n2", &ports[1], &peers[1], &[]);
-    let _n3 = start("n3", &ports[2], &peers[2], &[]);
+    let _n2 = start("n2", &ports[1], &peers[1], &s);
+    let _n3 = start("n3", &ports[2], &peers[2], &s);
     first.wait_ready(Duration::from_secs(40));
 }

@@ -42,18 +42,9 @@ fn bucket_replicas(node: &Node) -> Option<Vec<(u64, u64)>> {
 
 #[test]
 fn a_decentralized_cluster_starts_at_r1_and_grows_to_r3_live() {
-    let (ports, peers) = cluster_ports(3);
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            start(
-                &format!("n{}", i + 1),
-                &ports[i],
-                &peers[i],
-                &["--flag", "decentralized=true"],
-            )
-        })
-        .collect();
-    for node in &nodes {
+    let cluster = LocalCluster::start(&["--flag", "decentralized=true"]);
+    let nodes = &cluster.nodes;
+    for node in nodes {
         let ready = node.wait_ready(READY);
         assert_eq!(ready["store"]["backend"], "jetstream", "{ready}");
         assert_eq!(ready["store"]["replicas_wanted"], 1);
@@ -70,8 +61,14 @@ fn a_decentralized_cluster_starts_at_r1_and_grows_to_r3_live() {
     }
     assert!(out.contains("meta leader: n"), "{out}");
 
-    let server = format!("nats://{}", nodes[2].ports.listen);
-    let (code, out, err) = unibus(&["cluster", "replicas", "3", "--server", &server]);
+    // Operator tools connect as the nodes' service user: the store lives in its account.
+    let conn = cluster.client_args(2, "service.seed");
+    let replicas = |n: &str| {
+        let mut args = vec!["cluster", "replicas", n];
+        args.extend(conn.iter().map(String::as_str));
+        unibus(&args)
+    };
+    let (code, out, err) = replicas("3");
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("all buckets at R3"), "{out}");
     let r3 = poll(READY, || {
@@ -80,13 +77,19 @@ fn a_decentralized_cluster_starts_at_r1_and_grows_to_r3_live() {
     assert!(r3.is_some(), "{:?}", nodes[0].readyz());
 
     // Re-running is safe and changes nothing.
-    let (code, out, _) = unibus(&["cluster", "replicas", "3", "--server", &server]);
+    let (code, out, _) = replicas("3");
     assert_eq!(code, 0, "{out}");
     // More replicas than nodes is refused as bad input.
-    let (code, _, err) = unibus(&["cluster", "replicas", "4", "--server", &server]);
+    let (code, _, err) = replicas("4");
     assert_eq!(code, 2, "{err}");
-    let (code, _, err) = unibus(&["cluster", "replicas", "6", "--server", &server]);
+    let (code, _, err) = replicas("6");
     assert_eq!(code, 2, "{err}");
+    // An admitted client is not the service user: the store is out of its reach.
+    let admin = cluster.client_args(2, "admin.seed");
+    let mut args = vec!["cluster", "replicas", "1"];
+    args.extend(admin.iter().map(String::as_str));
+    let (code, _, err) = unibus(&args);
+    assert_eq!(code, 1, "{err}");
 }
 
 #[test]

@@ -92,7 +92,9 @@ impl Authenticator {
         let request = match callout::decode_request(raw) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("auth callout: undecodable request, not answering (the server will deny): {e}");
+                tracing::warn!(
+                    "auth callout: undecodable request, not answering (the server will deny): {e}"
+                );
                 self.counters.denied.fetch_add(1, Ordering::Relaxed);
                 return None;
             }

@@ -275,7 +275,11 @@ mod tests {
     fn op_names_round_trip_and_are_subject_tokens() {
         for op in Op::ALL {
             assert_eq!(Op::from_name(op.name()), Some(op));
-            assert!(op.name().chars().all(|c| c.is_ascii_lowercase() || c == '.'));
+            assert!(
+                op.name()
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '.')
+            );
         }
         assert_eq!(Op::RoomsCreate.subject(), "unibus.ctl.rooms.create");
         assert_eq!(Op::from_name("rooms.*"), None);
@@ -283,10 +287,16 @@ mod tests {
 
     #[test]
     fn errors_carry_their_kind_and_code() {
-        let e: CtlError = StoreError::NotFound { what: "room x".into() }.into();
+        let e: CtlError = StoreError::NotFound {
+            what: "room x".into(),
+        }
+        .into();
         assert_eq!(e.kind.code(), 404);
         assert_eq!(ErrorKind::from_code(503), Some(ErrorKind::Unavailable));
         let json = serde_json::to_string(&Reply::<()>::Error(e)).unwrap();
-        assert!(json.starts_with("{\"error\":{\"kind\":\"not_found\""), "{json}");
+        assert!(
+            json.starts_with("{\"error\":{\"kind\":\"not_found\""),
+            "{json}"
+        );
     }
 }

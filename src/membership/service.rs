@@ -90,7 +90,12 @@ impl Handler {
         match self.process(op, raw).await {
             Ok(value) => (json(&Reply::Ok(value)), None),
             Err(e) => {
-                tracing::debug!(op = op.name(), kind = e.kind.as_str(), "control-plane request refused: {}", e.message);
+                tracing::debug!(
+                    op = op.name(),
+                    kind = e.kind.as_str(),
+                    "control-plane request refused: {}",
+                    e.message
+                );
                 let kind = e.kind;
                 (json(&Reply::<()>::Error(e)), Some(kind))
             }
@@ -112,16 +117,25 @@ impl Handler {
         let (key, body) = if self.config.bus_auth == BusAuth::Off {
             claimed(raw, op, &limits)?
         } else {
-            match envelope::verify(raw, op.name(), envelope::unix_ms_now(), &self.replay, &limits) {
+            match envelope::verify(
+                raw,
+                op.name(),
+                envelope::unix_ms_now(),
+                &self.replay,
+                &limits,
+            ) {
                 Ok(v) => (v.key, v.body),
-                Err(e) if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" => {
+                Err(e)
+                    if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" =>
+                {
                     tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
                     claimed(raw, op, &limits)?
                 }
                 Err(e) => return Err(envelope_error(e)),
             }
         };
-        let body = serde_json::from_str(body.get()).map_err(|e| CtlError::invalid(format!("body: {e}")))?;
+        let body = serde_json::from_str(body.get())
+            .map_err(|e| CtlError::invalid(format!("body: {e}")))?;
         Ok((key, body))
     }
 
@@ -130,12 +144,18 @@ impl Handler {
         let user = match self.store.get_user(key).await {
             Ok(u) => u,
             Err(StoreError::NotFound { .. }) | Err(StoreError::Invalid { .. }) => {
-                return Err(CtlError::new(ErrorKind::Unauthenticated, format!("{key} is not a known user")));
+                return Err(CtlError::new(
+                    ErrorKind::Unauthenticated,
+                    format!("{key} is not a known user"),
+                ));
             }
             Err(e) => return Err(e.into()),
         };
         if user.revoked_at.is_some() {
-            return Err(CtlError::new(ErrorKind::Unauthenticated, format!("{key} is revoked")));
+            return Err(CtlError::new(
+                ErrorKind::Unauthenticated,
+                format!("{key} is revoked"),
+            ));
         }
         Ok(Caller {
             key: user.key,
@@ -144,7 +164,12 @@ impl Handler {
     }
 
     /// Gate 3 and the store call.
-    async fn dispatch(&self, op: Op, caller: &Caller, body: serde_json::Value) -> Result<serde_json::Value, CtlError> {
+    async fn dispatch(
+        &self,
+        op: Op,
+        caller: &Caller,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, CtlError> {
         let store = &self.store;
         match op {
             Op::UsersAdd => {
@@ -173,7 +198,9 @@ impl Handler {
             }
             Op::RoomsCreate => {
                 let req: CreateRoom = parse(body)?;
-                ok(store.create_room(&req.room, &req.name, &caller.key, req.encrypted).await?)
+                ok(store
+                    .create_room(&req.room, &req.name, &caller.key, req.encrypted)
+                    .await?)
             }
             Op::RoomsGet => {
                 let req: RoomRef = parse(body)?;
@@ -213,18 +240,37 @@ impl Handler {
                 // Only an active user can be invited: a typo'd key fails here, not later.
                 match store.get_user(&req.key).await {
                     Ok(u) if u.revoked_at.is_none() => {}
-                    Ok(_) => return Err(CtlError::new(ErrorKind::Conflict, format!("{} is revoked", req.key))),
+                    Ok(_) => {
+                        return Err(CtlError::new(
+                            ErrorKind::Conflict,
+                            format!("{} is revoked", req.key),
+                        ));
+                    }
                     Err(e) => return Err(e.into()),
                 }
                 ok(store
-                    .add_member(&req.room, &req.key, Role::Member, MemberState::Invited, &caller.key)
+                    .add_member(
+                        &req.room,
+                        &req.key,
+                        Role::Member,
+                        MemberState::Invited,
+                        &caller.key,
+                    )
                     .await?)
             }
             Op::MembersJoin => {
                 let req: RoomRef = parse(body)?;
-                match store.list_members(&req.room).await?.iter().find(|m| m.endpoint == caller.key) {
+                match store
+                    .list_members(&req.room)
+                    .await?
+                    .iter()
+                    .find(|m| m.endpoint == caller.key)
+                {
                     Some(_) => ok(store.join(&req.room, &caller.key).await?),
-                    None => Err(CtlError::forbidden(format!("you are not invited to room {}", req.room))),
+                    None => Err(CtlError::forbidden(format!(
+                        "you are not invited to room {}",
+                        req.room
+                    ))),
                 }
             }
             Op::MembersRemove => {
@@ -306,20 +352,31 @@ impl Handler {
     /// The caller is a member of `room` (joined, if `joined`), or an admin. An unknown room
     /// is `not_found` for admins and members alike; for others, `forbidden` (so a stranger
     /// learns nothing about which rooms exist).
-    async fn require_member(&self, caller: &Caller, room: &str, joined: bool) -> Result<(), CtlError> {
+    async fn require_member(
+        &self,
+        caller: &Caller,
+        room: &str,
+        joined: bool,
+    ) -> Result<(), CtlError> {
         if caller.admin {
             self.store.get_room(room).await?;
             return Ok(());
         }
         let members = match self.store.list_members(room).await {
             Ok(m) => m,
-            Err(StoreError::NotFound { .. }) => return Err(CtlError::forbidden(format!("you are not a member of room {room}"))),
+            Err(StoreError::NotFound { .. }) => {
+                return Err(CtlError::forbidden(format!(
+                    "you are not a member of room {room}"
+                )));
+            }
             Err(e) => return Err(e.into()),
         };
         match members.iter().find(|m| m.endpoint == caller.key) {
             Some(m) if !joined || m.state == MemberState::Joined => Ok(()),
             Some(_) => Err(CtlError::forbidden(format!("join room {room} first"))),
-            None => Err(CtlError::forbidden(format!("you are not a member of room {room}"))),
+            None => Err(CtlError::forbidden(format!(
+                "you are not a member of room {room}"
+            ))),
         }
     }
 
@@ -334,7 +391,9 @@ impl Handler {
         if found.owner == caller.key || caller.admin {
             Ok(())
         } else {
-            Err(CtlError::forbidden(format!("only the owner of room {room} may do this")))
+            Err(CtlError::forbidden(format!(
+                "only the owner of room {room} may do this"
+            )))
         }
     }
 }
@@ -349,10 +408,18 @@ fn require_admin(caller: &Caller) -> Result<(), CtlError> {
 
 /// The key and body a request claims, without verifying its signature (`bus-auth` off, or
 /// soft after a would-be denial). Shape, size and operation are still checked.
-fn claimed(raw: &[u8], op: Op, limits: &envelope::Limits) -> Result<(String, Box<serde_json::value::RawValue>), CtlError> {
+fn claimed(
+    raw: &[u8],
+    op: Op,
+    limits: &envelope::Limits,
+) -> Result<(String, Box<serde_json::value::RawValue>), CtlError> {
     let env = envelope::parse(raw, limits).map_err(envelope_error)?;
     if env.op != op.name() {
-        return Err(CtlError::invalid(format!("envelope is for operation {}, sent to {}", env.op, op.name())));
+        return Err(CtlError::invalid(format!(
+            "envelope is for operation {}, sent to {}",
+            env.op,
+            op.name()
+        )));
     }
     let key = env
         .key
@@ -371,16 +438,23 @@ fn envelope_error(e: envelope::EnvelopeError) -> CtlError {
 
 fn parse<T: DeserializeOwned>(body: serde_json::Value) -> Result<T, CtlError> {
     // A missing body is an empty object, so operations without arguments need none.
-    let body = if body.is_null() { serde_json::json!({}) } else { body };
+    let body = if body.is_null() {
+        serde_json::json!({})
+    } else {
+        body
+    };
     serde_json::from_value(body).map_err(|e| CtlError::invalid(format!("body: {e}")))
 }
 
 fn ok<T: Serialize>(value: T) -> Result<serde_json::Value, CtlError> {
-    serde_json::to_value(value).map_err(|e| CtlError::new(ErrorKind::Unavailable, format!("encoding the reply: {e}")))
+    serde_json::to_value(value)
+        .map_err(|e| CtlError::new(ErrorKind::Unavailable, format!("encoding the reply: {e}")))
 }
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_else(|_| b"{\"error\":{\"kind\":\"unavailable\",\"message\":\"encoding failed\"}}".to_vec())
+    serde_json::to_vec(value).unwrap_or_else(|_| {
+        b"{\"error\":{\"kind\":\"unavailable\",\"message\":\"encoding failed\"}}".to_vec()
+    })
 }
 
 /// Runs the micro service on `client` until shutdown; calls `ready` once every endpoint

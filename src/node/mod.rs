@@ -80,8 +80,11 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
     let security = security::Security::resolve(&config, &data_dir)?;
     tracing::info!("{}", security.summary());
     let conf_path = data_dir.join(nats_config::CONF_FILE);
-    std::fs::write(&conf_path, nats_config::render(&config, &data_dir, &security))
-        .map_err(|e| NodeError::Io(format!("cannot write {}: {e}", conf_path.display())))?;
+    std::fs::write(
+        &conf_path,
+        nats_config::render(&config, &data_dir, &security),
+    )
+    .map_err(|e| NodeError::Io(format!("cannot write {}: {e}", conf_path.display())))?;
 
     let readiness = Arc::new(Readiness::new(&config.name, config.clustered()));
     let (trigger, shutdown) = shutdown::channel();

@@ -84,7 +84,9 @@ pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
             .collect();
         let mut inner = String::new();
         if let Some(tls) = &security.tls {
-            inner.push_str(&server_config::route_tls_config(&tls.cert, &tls.key, &tls.ca));
+            inner.push_str(&server_config::route_tls_config(
+                &tls.cert, &tls.key, &tls.ca,
+            ));
         }
         if let Some(secrets) = &security.secrets {
             inner.push_str(&server_config::route_authorization(&secrets.routes));

@@ -47,8 +47,9 @@ impl Security {
                 .map_err(|e| ConfigError::new("--secrets", e.to_string()))?,
             None => {
                 let fresh = !data_dir.join("secrets").exists();
-                let secrets = certs::dev_secrets(data_dir, &config.name)
-                    .map_err(|e| ConfigError::new("--secrets", format!("cannot make dev secrets: {e}")))?;
+                let secrets = certs::dev_secrets(data_dir, &config.name).map_err(|e| {
+                    ConfigError::new("--secrets", format!("cannot make dev secrets: {e}"))
+                })?;
                 if fresh {
                     tracing::warn!(
                         ca = %secrets.ca_cert.display(),
@@ -61,7 +62,9 @@ impl Security {
         };
         let tls = if !config.flags.bus_tls {
             None
-        } else if let (Some(cert), Some(key), Some(ca)) = (&config.tls_cert, &config.tls_key, &config.tls_ca) {
+        } else if let (Some(cert), Some(key), Some(ca)) =
+            (&config.tls_cert, &config.tls_key, &config.tls_ca)
+        {
             Some(TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
@@ -99,12 +102,18 @@ impl Security {
         if let Some(secrets) = &self.secrets
             && self.bus_auth != BusAuth::Off
         {
-            let seed = std::fs::read_to_string(&secrets.service_seed)
-                .map_err(|e| format!("cannot read the service seed {}: {e}", secrets.service_seed.display()))?;
+            let seed = std::fs::read_to_string(&secrets.service_seed).map_err(|e| {
+                format!(
+                    "cannot read the service seed {}: {e}",
+                    secrets.service_seed.display()
+                )
+            })?;
             options = options.nkey(seed.trim().to_string());
         }
         if let Some(tls) = &self.tls {
-            options = options.require_tls(true).add_root_certificates(tls.ca.clone());
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone());
         }
         Ok(options)
     }
@@ -116,10 +125,15 @@ impl Security {
                 "bus-auth={}, bus-tls={}; CA {}, bootstrap admin seed {}",
                 self.bus_auth.as_str(),
                 self.tls.is_some(),
-                self.tls.as_ref().map(|t| t.ca.display().to_string()).unwrap_or_else(|| s.ca_cert.display().to_string()),
+                self.tls
+                    .as_ref()
+                    .map(|t| t.ca.display().to_string())
+                    .unwrap_or_else(|| s.ca_cert.display().to_string()),
                 s.admin_seed.display()
             ),
-            None => "bus-auth=off, bus-tls=false: an open server (no authentication, no TLS)".into(),
+            None => {
+                "bus-auth=off, bus-tls=false: an open server (no authentication, no TLS)".into()
+            }
         }
     }
 }

@@ -47,9 +47,12 @@ pub async fn run(ctx: Context) {
     }
     let set = |r: &Readiness, f: fn(&mut Readyz, Stage), stage: Stage| r.update(|z| f(z, stage));
 
-    let Some(store) = retry(&readiness, &mut shutdown, |z, s| z.stages.store = s, || {
-        store::open(&config, &data_dir, &security)
-    })
+    let Some(store) = retry(
+        &readiness,
+        &mut shutdown,
+        |z, s| z.stages.store = s,
+        || store::open(&config, &data_dir, &security),
+    )
     .await
     else {
         return;
@@ -58,15 +61,24 @@ pub async fn run(ctx: Context) {
     tracing::info!(backend = store.backend(), "store open");
     let mut tasks = JoinSet::new();
     tasks.spawn(
-        store::watch(store.clone(), config.clone(), data_dir.clone(), readiness.clone(), shutdown.clone())
-            .in_current_span(),
+        store::watch(
+            store.clone(),
+            config.clone(),
+            data_dir.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .in_current_span(),
     );
 
     if let Some(secrets) = &security.secrets {
         let admin = secrets.admin_public.clone();
-        let bootstrapped = retry(&readiness, &mut shutdown, |z, s| z.stages.authenticator = s, || {
-            Authenticator::bootstrap_admin(&store, &admin)
-        })
+        let bootstrapped = retry(
+            &readiness,
+            &mut shutdown,
+            |z, s| z.stages.authenticator = s,
+            || Authenticator::bootstrap_admin(&store, &admin),
+        )
         .await;
         if bootstrapped.is_none() {
             return;
@@ -78,14 +90,23 @@ pub async fn run(ctx: Context) {
             let issuer = match secrets.issuer_key() {
                 Ok(k) => k,
                 Err(e) => {
-                    set(&readiness, |z, s| z.stages.authenticator = s, Stage::with_detail(StageState::Down, e.to_string()));
-                    tracing::error!("cannot load the callout issuer key: {e}; no connection can be admitted");
+                    set(
+                        &readiness,
+                        |z, s| z.stages.authenticator = s,
+                        Stage::with_detail(StageState::Down, e.to_string()),
+                    );
+                    tracing::error!(
+                        "cannot load the callout issuer key: {e}; no connection can be admitted"
+                    );
                     return;
                 }
             };
-            let Some(client) = retry(&readiness, &mut shutdown, |z, s| z.stages.authenticator = s, || {
-                store::connect_local(&config, &security, "auth")
-            })
+            let Some(client) = retry(
+                &readiness,
+                &mut shutdown,
+                |z, s| z.stages.authenticator = s,
+                || store::connect_local(&config, &security, "auth"),
+            )
             .await
             else {
                 return;
@@ -94,7 +115,11 @@ pub async fn run(ctx: Context) {
             let r = readiness.clone();
             let mode = security.bus_auth.as_str();
             let ready = move || {
-                set(&r, |z, s| z.stages.authenticator = s, Stage::with_detail(StageState::Up, format!("bus-auth={mode}")))
+                set(
+                    &r,
+                    |z, s| z.stages.authenticator = s,
+                    Stage::with_detail(StageState::Up, format!("bus-auth={mode}")),
+                )
             };
             let stop = shutdown.clone();
             tasks.spawn(
@@ -113,9 +138,12 @@ pub async fn run(ctx: Context) {
         ),
     }
 
-    let Some(client) = retry(&readiness, &mut shutdown, |z, s| z.stages.membership = s, || {
-        store::connect_local(&config, &security, "ctl")
-    })
+    let Some(client) = retry(
+        &readiness,
+        &mut shutdown,
+        |z, s| z.stages.membership = s,
+        || store::connect_local(&config, &security, "ctl"),
+    )
     .await
     else {
         return;
@@ -130,7 +158,13 @@ pub async fn run(ctx: Context) {
         None,
     ));
     let r = readiness.clone();
-    let ready = move || set(&r, |z, s| z.stages.membership = s, Stage::with_detail(StageState::Up, "unibus.ctl.>"));
+    let ready = move || {
+        set(
+            &r,
+            |z, s| z.stages.membership = s,
+            Stage::with_detail(StageState::Up, "unibus.ctl.>"),
+        )
+    };
     let stop = shutdown.clone();
     tasks.spawn(
         async move {

@@ -28,7 +28,11 @@ pub const SQLITE_FILE: &str = "membership.db";
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// Opens the store this node's flags ask for.
-pub async fn open(config: &Config, data_dir: &Path, security: &Security) -> Result<Store, StoreError> {
+pub async fn open(
+    config: &Config,
+    data_dir: &Path,
+    security: &Security,
+) -> Result<Store, StoreError> {
     if !config.flags.decentralized {
         let path = data_dir.join(SQLITE_FILE);
         return Ok(Store::Sqlite(SqliteStore::open(path).await?));
@@ -48,7 +52,11 @@ pub async fn open(config: &Config, data_dir: &Path, security: &Security) -> Resu
 }
 
 /// One of the node's own connections to its nats-server, as its service identity.
-pub async fn connect_local(config: &Config, security: &Security, role: &str) -> Result<async_nats::Client, StoreError> {
+pub async fn connect_local(
+    config: &Config,
+    security: &Security,
+    role: &str,
+) -> Result<async_nats::Client, StoreError> {
     let url = config.local_nats_url(security.tls.is_some());
     security
         .service_connect_options()

@@ -1,0 +1,67 @@
+//! How a command reaches the cluster: servers, the user's nkey seed, the pinned CA.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Connection options shared by every command that talks to the cluster.
+#[derive(Args, Clone, Debug)]
+pub struct ConnArgs {
+    /// NATS server URL (repeatable; env UNIBUS_SERVER takes a comma list).
+    #[arg(
+        long = "server",
+        env = "UNIBUS_SERVER",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub servers: Vec<String>,
+    /// The nkey seed file to authenticate (and sign requests) with.
+    #[arg(long, env = "UNIBUS_SEED_FILE", value_name = "PATH")]
+    pub seed_file: Option<PathBuf>,
+    /// The cluster's CA certificate to pin (TLS).
+    #[arg(long, env = "UNIBUS_CA", value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+}
+
+/// Connects to the cluster for an operator command; an error is printed and mapped to an
+/// exit code.
+pub async fn connect(conn: &ConnArgs) -> Result<async_nats::Client, u8> {
+    let mut addrs = Vec::new();
+    for s in conn
+        .servers
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
+        match s.parse::<async_nats::ServerAddr>() {
+            Ok(a) => addrs.push(a),
+            Err(e) => {
+                eprintln!("error: --server `{s}` is not a NATS URL: {e}");
+                return Err(2);
+            }
+        }
+    }
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+    if let Some(path) = &conn.seed_file {
+        let seed = match std::fs::read_to_string(path) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => {
+                eprintln!("error: --seed-file {}: {e}", path.display());
+                return Err(2);
+            }
+        };
+        options = options.nkey(seed);
+    }
+    if let Some(ca) = &conn.ca {
+        if !ca.is_file() {
+            eprintln!("error: --ca {} does not exist", ca.display());
+            return Err(2);
+        }
+        options = options.require_tls(true).add_root_certificates(ca.clone());
+    }
+    options.connect(addrs).await.map_err(|e| {
+        eprintln!("error: cannot connect to {}: {e}", conn.servers.join(","));
+        1
+    })
+}
