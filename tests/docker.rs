@@ -23,10 +23,15 @@ fn docker_available() -> bool {
             .unwrap_or(false)
 }
 
+fn secrets_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("unibus-test-compose-secrets")
+}
+
 /// Runs a repo script with the test's binary as the image's unibus.
 fn cluster_script(args: &[&str]) -> (i32, String) {
     let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster"))
         .args(args)
+        .env("UNIBUS_SECRETS", secrets_dir())
         .env("UNIBUS_COMPOSE_PROJECT", PROJECT)
         .env("UNIBUS_TAG", "test")
         .env("UNIBUS_BIN", UNIBUS)
@@ -59,6 +64,7 @@ struct Teardown;
 impl Drop for Teardown {
     fn drop(&mut self) {
         let _ = cluster_script(&["down", "-v"]);
+        let _ = std::fs::remove_dir_all(secrets_dir());
     }
 }
 
@@ -70,6 +76,7 @@ fn the_compose_cluster_comes_up_grows_to_r3_and_keeps_its_data_across_down_up() 
         );
         return;
     }
+    let _ = std::fs::remove_dir_all(secrets_dir());
     let _teardown = Teardown;
     let (code, out) = cluster_script(&["build"]);
     assert_eq!(code, 0, "{out}");
@@ -81,12 +88,19 @@ fn the_compose_cluster_comes_up_grows_to_r3_and_keeps_its_data_across_down_up() 
     );
 
     // Driven from the host through the published client port.
+    // TLS with the cluster's CA; the store lives in the service user's account.
+    let secrets = secrets_dir();
+    let (seed, ca) = (secrets.join("service.seed"), secrets.join("ca.crt"));
     let (code, out, err) = unibus(&[
         "cluster",
         "replicas",
         "3",
         "--server",
-        "nats://127.0.0.1:4222",
+        "tls://127.0.0.1:4222",
+        "--seed-file",
+        seed.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("all buckets at R3"), "{out}");
