@@ -15,4 +15,5 @@ pub mod bench;
 pub mod config;
 pub mod localnet;
 pub mod membership;
+pub mod metrics;
 pub mod node;

@@ -18,11 +18,10 @@
 //! be decoded gets no answer, and the server denies it when its callout times out.
 //!
 //! `bus-auth=soft` runs the same checks but admits everyone with open permissions,
-//! logging (and counting) each would-be denial with its reason, so an operator can see who
+//! logging each would-be denial with its reason (and counting it in `/metrics`), so an operator can see who
 //! would break before turning `enforce` on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt;
 use nkeys::KeyPair;
@@ -36,31 +35,33 @@ use crate::node::shutdown::Shutdown;
 pub const AUTH_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 const QUEUE_GROUP: &str = "unibus-authenticator";
 
-/// Decisions so far, by outcome (exported as metrics).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub admitted: AtomicU64,
-    pub denied: AtomicU64,
-    /// `soft` mode: admitted, but `enforce` would have denied.
-    pub would_deny: AtomicU64,
-}
-
 pub struct Authenticator {
     store: Arc<Store>,
     issuer: KeyPair,
     mode: BusAuth,
-    pub counters: Counters,
 }
 
 /// Why a connection is (or would be) refused; logged and sent to the server.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
     #[error("{0}")]
-    Request(#[from] callout::CalloutError),
+    BadSignature(callout::CalloutError),
+
     #[error("{0} is not an active user")]
     Unknown(String),
     #[error("store unavailable while computing permissions: {0}")]
     Store(#[from] StoreError),
+}
+
+impl Refusal {
+    /// A short, stable reason for metrics.
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BadSignature(_) => "bad_signature",
+            Refusal::Unknown(_) => "unknown_key",
+            Refusal::Store(_) => "store_unavailable",
+        }
+    }
 }
 
 impl Authenticator {
@@ -69,7 +70,6 @@ impl Authenticator {
             store,
             issuer,
             mode,
-            counters: Counters::default(),
         }
     }
 
@@ -95,25 +95,23 @@ impl Authenticator {
                 tracing::warn!(
                     "auth callout: undecodable request, not answering (the server will deny): {e}"
                 );
-                self.counters.denied.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
         };
         let decision = self.decide(&request).await;
         let signed = match (decision, self.mode) {
             (Ok(perms), _) => {
-                self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::get().auth_decision("admitted", "ok");
                 callout::allow_response(&request, &perms, &self.issuer, None)
             }
             (Err(why), BusAuth::Soft) => {
                 tracing::warn!(client = ?request.client_nkey, host = ?request.client_host, "bus-auth soft: would deny: {why}");
-                self.counters.would_deny.fetch_add(1, Ordering::Relaxed);
-                self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::get().auth_decision("would_deny", why.reason());
                 callout::allow_response(&request, &open_permissions(), &self.issuer, None)
             }
             (Err(why), _) => {
                 tracing::info!(client = ?request.client_nkey, host = ?request.client_host, "connection denied: {why}");
-                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::get().auth_decision("denied", why.reason());
                 callout::deny_response(&request, &why.to_string(), &self.issuer)
             }
         };
@@ -127,7 +125,7 @@ impl Authenticator {
     }
 
     async fn decide(&self, request: &AuthRequest) -> Result<Permissions, Refusal> {
-        let key = callout::verify_client_nonce(request)?;
+        let key = callout::verify_client_nonce(request).map_err(Refusal::BadSignature)?;
         if !self.store.is_authorized(&key).await {
             return Err(Refusal::Unknown(key));
         }

@@ -7,6 +7,10 @@
 //!
 //! - [`callout_config`]: accounts `AUTH` (the service user; JetStream for the store),
 //!   `APP` (admitted clients; JetStream for room history), `SYS` (the system account), and
+//!   the control plane crossing from one to the other: `AUTH` exports `unibus.ctl.>` and
+//!   micro discovery (`$SRV.>`, answered by every node, so a stream response) as services,
+//!   `APP` imports them — clients reach the membership service without ever entering the
+//!   account that holds the store;
 //!   the `authorization { auth_callout {} }` block naming the issuer, the `auth_users` that
 //!   bypass the callout, and `AUTH` as the account the callout runs in.
 //! - [`tls_config`]: the client listener's `tls {}`. `verify: false`: clients prove who
@@ -47,9 +51,17 @@ pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str
   AUTH {{
     jetstream: enabled
     users: [ {{ nkey: {service} }} ]
+    exports: [
+      {{ service: \"unibus.ctl.>\" }}
+      {{ service: \"$SRV.>\", response: stream }}
+    ]
   }}
   APP {{
     jetstream: enabled
+    imports: [
+      {{ service: {{ account: AUTH, subject: \"unibus.ctl.>\" }} }}
+      {{ service: {{ account: AUTH, subject: \"$SRV.>\" }} }}
+    ]
   }}
   SYS {{{sys_users}}}
 }}

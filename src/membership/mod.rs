@@ -207,6 +207,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A short, stable name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Invalid { .. } => "invalid",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Backend(_) => "backend",
+        }
+    }
+
     pub(crate) fn not_found(what: impl Into<String>) -> Self {
         StoreError::NotFound { what: what.into() }
     }
@@ -238,13 +249,39 @@ pub enum Store {
     JetStream(jetstream::KvStore),
 }
 
+/// Calls the backend's method of the same name, timing it for `/metrics`.
 macro_rules! dispatch {
-    ($self:ident . $method:ident ( $($arg:expr),* )) => {
-        match $self {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {{
+        let started = std::time::Instant::now();
+        let result = match $self {
             Store::Sqlite(s) => s.$method($($arg),*).await,
             Store::JetStream(s) => s.$method($($arg),*).await,
-        }
-    };
+        };
+        crate::metrics::get().store_op(
+            stringify!($method),
+            started.elapsed(),
+            Observe::error_kind(&result),
+        );
+        result
+    }};
+}
+
+/// What a store result says for metrics: the error kind, if any. Works for the
+/// fail-closed `bool` checks too (they have no error to report).
+trait Observe {
+    fn error_kind(&self) -> Option<&'static str>;
+}
+
+impl<T> Observe for Result<T> {
+    fn error_kind(&self) -> Option<&'static str> {
+        self.as_ref().err().map(StoreError::kind)
+    }
+}
+
+impl Observe for bool {
+    fn error_kind(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl Store {

@@ -489,7 +489,10 @@ pub async fn run(
         };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let (body, kind) = handler.handle(op, &request.message.payload).await;
+            let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
+            crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());
             let mut headers = HeaderMap::new();
             if let Some(kind) = kind {
                 headers.insert("Nats-Service-Error", kind.as_str());

@@ -83,10 +83,15 @@ async fn handle(mut stream: TcpStream, readiness: &Readiness) -> std::io::Result
             let body = serde_json::to_string_pretty(&snapshot).unwrap_or_default();
             (status, "application/json", body + "\n")
         }
+        ("GET", "/metrics") => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            crate::metrics::get().encode(),
+        ),
         ("GET", _) => (
             404,
             "text/plain",
-            "not found: try /healthz or /readyz\n".into(),
+            "not found: try /healthz, /readyz or /metrics\n".into(),
         ),
         _ => (405, "text/plain", "only GET is served\n".into()),
     };

@@ -109,6 +109,17 @@ pub async fn watch(
             Ok(view) => (store_stage(&view), Some(view)),
             Err(e) => (Stage::with_detail(StageState::Down, e.to_string()), None),
         };
+        if let Some(view) = &view {
+            for b in &view.buckets {
+                let lag = b.replicas_wanted.saturating_sub(b.replicas_current);
+                crate::metrics::get()
+                    .bucket_lag
+                    .get_or_create(&crate::metrics::Bucket {
+                        bucket: b.bucket.clone(),
+                    })
+                    .set(lag as i64);
+            }
+        }
         readiness.update(|r| {
             r.stages.store = stage;
             if view.is_some() {
@@ -121,6 +132,16 @@ pub async fn watch(
             next_reconcile = tokio::time::Instant::now() + reconcile_every;
             match kv.reconcile().await {
                 Ok(report) if report != Default::default() => {
+                    let repairs = &crate::metrics::get().reconciler_repairs;
+                    for (kind, n) in [
+                        ("index_added", report.index_added),
+                        ("index_removed", report.index_removed),
+                        ("orphans_removed", report.orphans_removed),
+                    ] {
+                        repairs
+                            .get_or_create(&crate::metrics::Kind { kind: kind.into() })
+                            .inc_by(n as u64);
+                    }
                     tracing::warn!(?report, "reconciler repaired interrupted two-bucket writes")
                 }
                 Ok(_) => tracing::debug!("reconciler: nothing to repair"),

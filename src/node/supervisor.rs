@@ -250,6 +250,7 @@ impl Supervisor {
                     last: why,
                 });
             }
+            crate::metrics::get().nats_restarts.inc();
             tracing::warn!(
                 "nats-server {why}; restarting in {backoff:?} ({} of {} restarts allowed per {window:?})",
                 exits.len(),
