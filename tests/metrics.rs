@@ -158,7 +158,7 @@ fn bucket_lag_and_reconciler_repairs_are_exported() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("unibus.toml");
     std::fs::write(&conf, "reconcile_every_secs = 1\n").unwrap();
-    let cluster = LocalCluster::start(&[
+    let cluster = start_cluster(&[
         "--flag",
         "decentralized=true",
         "--config",

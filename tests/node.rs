@@ -55,7 +55,7 @@ fn one_node_comes_up_ready_and_sigterm_stops_it_cleanly() {
 
 #[test]
 fn three_nodes_form_a_cluster_with_a_meta_leader_and_three_peers() {
-    let cluster = LocalCluster::start(&[]);
+    let cluster = start_cluster(&[]);
     let nodes = &cluster.nodes;
     for node in nodes {
         let ready = node.wait_ready(READY);

@@ -42,7 +42,7 @@ fn bucket_replicas(node: &Node) -> Option<Vec<(u64, u64)>> {
 
 #[test]
 fn a_decentralized_cluster_starts_at_r1_and_grows_to_r3_live() {
-    let cluster = LocalCluster::start(&["--flag", "decentralized=true"]);
+    let cluster = start_cluster(&["--flag", "decentralized=true"]);
     let nodes = &cluster.nodes;
     for node in nodes {
         let ready = node.wait_ready(READY);

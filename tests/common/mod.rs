@@ -40,43 +40,7 @@ pub fn unibus(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// A three-node loopback cluster of `unibus node up`, sharing secrets; `extra` goes to
-/// every node.
-pub struct LocalCluster {
-    pub nodes: Vec<Node>,
-    pub secrets: std::path::PathBuf,
-    _secrets_dir: tempfile::TempDir,
-}
-
-impl LocalCluster {
-    pub fn start(extra: &[&str]) -> LocalCluster {
-        let names = ["n1", "n2", "n3"];
-        let secrets_dir = cluster_secrets(&names);
-        let secrets = secrets_dir.path().join("s");
-        let secrets_arg = secrets.to_string_lossy().to_string();
-        let (ports, peers) = cluster_ports(3);
-        let mut args = vec!["--secrets", secrets_arg.as_str()];
-        args.extend_from_slice(extra);
-        let nodes = (0..3)
-            .map(|i| start(names[i], &ports[i], &peers[i], &args))
-            .collect();
-        LocalCluster {
-            nodes,
-            secrets,
-            _secrets_dir: secrets_dir,
-        }
-    }
-
-    /// `--server tls://… --seed-file SEED --ca ca.crt` for CLI commands, as `seed` (a file in
-    /// the secrets dir: `service.seed`, `admin.seed`).
-    pub fn client_args(&self, node: usize, seed: &str) -> Vec<String> {
-        vec![
-            "--server".into(),
-            format!("tls://{}", self.nodes[node].ports.listen),
-            "--seed-file".into(),
-            self.secrets.join(seed).to_string_lossy().into(),
-            "--ca".into(),
-            self.secrets.join("ca.crt").to_string_lossy().into(),
-        ]
-    }
+/// A three-node loopback cluster from the binary under test, sharing secrets.
+pub fn start_cluster(extra: &[&str]) -> LocalCluster {
+    LocalCluster::start(unibus_bin(), extra)
 }
