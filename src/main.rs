@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use unibus::config::{Config, ConfigError, parse_flag};
+use unibus::membership::StoreError;
+use unibus::membership::jetstream::{KvOptions, KvStore};
+use unibus::membership::migrate;
 use unibus::node::{self, http, readiness::Readyz};
 
 #[derive(Parser)]
@@ -28,6 +32,12 @@ enum Command {
     /// Run or inspect a node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Copy a single node's SQLite store into a cluster's KV buckets: idempotent,
+    /// resumable, verified by counts and a content digest. The source is only read.
+    ///
+    /// Exit codes: 0 copied and verified (or a dry run that could compare), 1 not verified
+    /// or the cluster refused or was unavailable, 2 bad usage or a bad source file.
+    Migrate(MigrateArgs),
     /// Measure unibus side by side with raw NATS (starts its own local nodes).
     Bench {
         /// A shorter run (under 3 minutes on 2 cores).
@@ -90,6 +100,47 @@ struct UpArgs {
     flags: Vec<String>,
 }
 
+#[derive(Args)]
+struct MigrateArgs {
+    /// The node's SQLite store file (opened read-only).
+    #[arg(long, value_name = "PATH.db")]
+    from: PathBuf,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Replicas for the buckets this run creates, 1..=5 (existing buckets keep theirs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: u8,
+    /// Compare and report what would be copied; write nothing (not even the buckets).
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace records whose content differs in the cluster (otherwise they are reported).
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How a client command reaches the cluster.
+#[derive(Args)]
+struct ConnectArgs {
+    /// A NATS server URL (repeatable or a comma list).
+    #[arg(
+        long = "server",
+        value_name = "URL",
+        env = "UNIBUS_SERVER",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    servers: Vec<String>,
+    /// A file holding the nkey seed to authenticate with.
+    #[arg(long, value_name = "PATH", env = "UNIBUS_SEED_FILE")]
+    seed_file: Option<PathBuf>,
+    /// A NATS credentials file (JWT and seed).
+    #[arg(long, value_name = "PATH", env = "UNIBUS_CREDS")]
+    creds: Option<PathBuf>,
+}
+
 impl UpArgs {
     /// Only the options given on the command line, as config keys.
     fn overrides(&self) -> Result<BTreeMap<String, serde_json::Value>, ConfigError> {
@@ -145,6 +196,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Node(NodeCommand::Up(args)) => node_up(*args).await,
             Command::Node(NodeCommand::Status { http, json }) => node_status(&http, json).await,
+            Command::Migrate(args) => migrate(args).await,
             Command::Bench { quick, json } => bench(quick, json).await,
         }
     });
@@ -167,6 +219,181 @@ async fn node_up(args: UpArgs) -> u8 {
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code() as u8
+        }
+    }
+}
+
+/// A failure of a client command: its message and exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: String) -> Self {
+        Self { code: 2, message }
+    }
+
+    fn remote(message: String) -> Self {
+        Self { code: 1, message }
+    }
+}
+
+/// Connects to the cluster. The one place that turns connection flags into options (TLS
+/// and other authentication go here too).
+async fn connect(args: &ConnectArgs) -> Result<async_nats::Client, Failure> {
+    let addrs = args
+        .servers
+        .iter()
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Failure::usage(format!("bad --server {url:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut opts = async_nats::ConnectOptions::new();
+    if let Some(path) = &args.creds {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| Failure::usage(format!("cannot read --creds {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &args.seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| {
+            Failure::usage(format!("cannot read --seed-file {}: {e}", path.display()))
+        })?;
+        opts = opts.nkey(seed.trim().to_string());
+    }
+    opts.connect(addrs).await.map_err(|e| {
+        Failure::remote(format!(
+            "cannot connect to {}: {e}; check --server (or UNIBUS_SERVER)",
+            args.servers.join(",")
+        ))
+    })
+}
+
+async fn migrate(args: MigrateArgs) -> u8 {
+    match run_migrate(&args).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", migrate::table(&report));
+            }
+            if report.verified || report.dry_run {
+                0
+            } else {
+                1
+            }
+        }
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            f.code
+        }
+    }
+}
+
+async fn run_migrate(args: &MigrateArgs) -> Result<migrate::MigrateReport, Failure> {
+    let failed = |e: migrate::MigrateError| Failure {
+        code: e.exit_code(),
+        message: e.to_string(),
+    };
+    migrate::check_source(&args.from).await.map_err(failed)?;
+    let client = connect(&args.connect).await?;
+    let kv_opts = KvOptions {
+        replicas: usize::from(args.replicas),
+        create: !args.dry_run,
+        ..KvOptions::default()
+    };
+    let view = ProgressView::new();
+    let progress = |p: &migrate::Progress| view.show(p);
+    let opts = migrate::MigrateOptions {
+        dry_run: args.dry_run,
+        overwrite: args.overwrite,
+        ..migrate::MigrateOptions::default()
+    };
+    let report = match KvStore::open(client, kv_opts).await {
+        Ok(store) => migrate::migrate(&args.from, &store, opts, &progress).await,
+        Err(StoreError::NotFound { what }) if args.dry_run => {
+            eprintln!("migrate: the cluster has no {what} yet; a run would create the buckets");
+            migrate::preview_into_empty(&args.from, &progress).await
+        }
+        Err(e) => return Err(Failure::remote(format!("cannot open the KV buckets: {e}"))),
+    };
+    view.finish();
+    report.map_err(failed)
+}
+
+/// Migration progress on stderr: a bar per kind on a terminal, plain lines otherwise
+/// (each stage, then every [`PLAIN_EVERY`] records).
+struct ProgressView {
+    terminal: bool,
+    bar: std::sync::Mutex<Option<ProgressBar>>,
+}
+
+const PLAIN_EVERY: usize = 10_000;
+
+impl ProgressView {
+    fn new() -> Self {
+        Self {
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            bar: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn show(&self, p: &migrate::Progress) {
+        let migrate::Stage::Copy(kind) = p.stage else {
+            self.finish();
+            let what = match p.stage {
+                migrate::Stage::ReadSource => "reading the source",
+                migrate::Stage::ReadTarget => "reading the cluster",
+                _ => "verifying",
+            };
+            eprintln!("migrate: {what}");
+            return;
+        };
+        if !self.terminal {
+            if p.done == 0 || p.done == p.total || p.done.is_multiple_of(PLAIN_EVERY) {
+                eprintln!(
+                    "migrate: {} {}/{} ({} written)",
+                    kind.as_str(),
+                    p.done,
+                    p.total,
+                    p.written
+                );
+            }
+            return;
+        }
+        let Ok(mut bar) = self.bar.lock() else {
+            return;
+        };
+        if p.done == 0 {
+            if let Some(old) = bar.take() {
+                old.finish();
+            }
+            let style = ProgressStyle::with_template(
+                "{prefix:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            let new = ProgressBar::new(p.total as u64)
+                .with_style(style)
+                .with_prefix(kind.as_str());
+            *bar = Some(new);
+        }
+        if let Some(b) = bar.as_ref() {
+            b.set_position(p.done as u64);
+            b.set_message(format!("{} written", p.written));
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut bar) = self.bar.lock()
+            && let Some(b) = bar.take()
+        {
+            b.finish();
         }
     }
 }
