@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cluster;
 pub mod conn;
 pub mod keys;
+pub mod migrate;
 pub mod node;
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Copy a single node's SQLite store into the cluster's KV buckets (idempotent,
+    /// resumable, verified).
+    Migrate(Box<migrate::MigrateArgs>),
     /// Measure unibus side by side with raw NATS (starts its own local nodes).
     Bench {
         /// A shorter run (under 3 minutes on 2 cores).
@@ -53,5 +57,6 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Cluster(c) => cluster::run(c).await,
         Command::Keygen { out } => keys::keygen(&out),
         Command::Bench { quick, json } => bench::run(quick, json).await,
+        Command::Migrate(args) => migrate::run(*args).await,
     }
 }

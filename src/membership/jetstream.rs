@@ -25,6 +25,11 @@
 //! which holds every acknowledged (committed) write — so a caller's read after its own
 //! write sees it, whichever node the request enters through.
 //!
+//! Bulk reads ([`KvStore::scan`], used by `unibus migrate`) are the one exception: values
+//! come from an ordered consumer, which a follower may host, but the *key set* is always
+//! the leader's subject listing, so acknowledged creates and deletes are never missed;
+//! `migrate` re-reads any key it would act on from the leader.
+//!
 //! # Deletes
 //!
 //! A key is deleted by purging its subject from the stream (no tombstone left), so subject
@@ -124,11 +129,11 @@ pub struct KvStore {
     op_timeout: Duration,
     // Boxed behind `Arc`: a `kv::Store` carries the stream's cached info (kilobytes), and
     // `Store` is an enum passed around by value.
-    users: Arc<kv::Store>,
-    rooms: Arc<kv::Store>,
-    members: Arc<kv::Store>,
-    index: Arc<kv::Store>,
-    keys: Arc<kv::Store>,
+    pub(super) users: Arc<kv::Store>,
+    pub(super) rooms: Arc<kv::Store>,
+    pub(super) members: Arc<kv::Store>,
+    pub(super) index: Arc<kv::Store>,
+    pub(super) keys: Arc<kv::Store>,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -161,7 +166,7 @@ async fn bounded<T>(
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Bytes> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes> {
     serde_json::to_vec(value)
         .map(Bytes::from)
         .map_err(|e| StoreError::Backend(format!("encode record: {e}")))
@@ -175,7 +180,7 @@ fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
     })
 }
 
-fn epoch_key(room: &str, epoch: u32) -> String {
+pub(super) fn epoch_key(room: &str, epoch: u32) -> String {
     format!("{room}.{epoch:010}")
 }
 
@@ -194,7 +199,7 @@ fn replicas_in_range(n: usize) -> Result<usize> {
 // ---- single-bucket primitives, each one NATS request bounded by op_timeout
 
 impl KvStore {
-    async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
+    pub(super) async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
         let subject = format!("{}{key}", kv.prefix);
         let what = format!("read {}/{key}", kv.name);
         bounded(self.op_timeout, &what, async {
@@ -235,7 +240,7 @@ impl KvStore {
     }
 
     /// Creates `key`; `Ok(false)` if it already exists.
-    async fn create(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<bool> {
+    pub(super) async fn create(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<bool> {
         let what = format!("create {}/{key}", kv.name);
         bounded(self.op_timeout, &what, async {
             match kv.create(key, value).await {
@@ -247,7 +252,7 @@ impl KvStore {
         .await
     }
 
-    async fn put(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
+    pub(super) async fn put(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
         let what = format!("write {}/{key}", kv.name);
         bounded(self.op_timeout, &what, async {
             kv.put(key, value).await.map_err(|e| unavailable(&what, e))
@@ -284,7 +289,7 @@ impl KvStore {
     }
 
     /// Live keys matching `filter` (`>` or `prefix.>`), sorted, read from the leader.
-    async fn keys(&self, kv: &kv::Store, filter: &str) -> Result<Vec<String>> {
+    pub(super) async fn keys(&self, kv: &kv::Store, filter: &str) -> Result<Vec<String>> {
         let what = format!("list {}/{filter}", kv.name);
         let subject = format!("{}{filter}", kv.prefix);
         let mut info = bounded(self.op_timeout, &what, async {
@@ -321,7 +326,7 @@ impl KvStore {
         }
     }
 
-    async fn write_index(&self, room: &str, endpoint: &str) -> Result<()> {
+    pub(super) async fn write_index(&self, room: &str, endpoint: &str) -> Result<()> {
         self.put(
             &self.index,
             &format!("{endpoint}.{room}"),
@@ -342,6 +347,96 @@ impl KvStore {
         self.purge(&self.members, &format!("{room}.>")).await?;
         self.purge(&self.keys, &format!("{room}.>")).await?;
         Ok(())
+    }
+}
+
+// ---- bulk reads (migration and verification)
+
+impl KvStore {
+    /// Every live key of `kv` with its value, for bulk comparison (`unibus migrate`).
+    ///
+    /// One request per key would be tens of thousands of round trips, so values come from
+    /// one ordered consumer (`LastPerSubject`) instead. A consumer may be hosted by a
+    /// follower, which can lag behind the leader; to keep read-your-writes for the key set
+    /// this reads in two steps (see the module docs):
+    ///
+    /// 1. the consumer's values, then
+    /// 2. the key set from the leader (a subject listing, after step 1).
+    ///
+    /// The leader's key set wins: a key the consumer delivered but the leader no longer
+    /// lists was deleted and is dropped; a key the leader lists but the consumer missed is
+    /// read from the leader. So every acknowledged create or delete is reflected. A value
+    /// may still be stale when *another* writer changed the key while the scan ran on a
+    /// lagging follower; callers that act on a difference re-read that key with a leader
+    /// read ([`KvStore::get_raw`]) first, as `migrate` does.
+    pub(super) async fn scan(&self, kv: &kv::Store) -> Result<BTreeMap<String, Bytes>> {
+        let mut values = self.consume_latest(kv).await?;
+        let listed = self.keys(kv, ">").await?;
+        let listed_set: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+        values.retain(|key, _| listed_set.contains(key.as_str()));
+        for key in &listed {
+            if values.contains_key(key) {
+                continue;
+            }
+            if let Some((bytes, _)) = self.get_raw(kv, key).await? {
+                values.insert(key.clone(), bytes);
+            }
+        }
+        Ok(values)
+    }
+
+    /// The latest value of every key through one ordered consumer (may lag; see `scan`).
+    async fn consume_latest(&self, kv: &kv::Store) -> Result<BTreeMap<String, Bytes>> {
+        use jetstream::consumer::{DeliverPolicy, pull};
+        let what = format!("scan bucket {}", kv.name);
+        let consumer = bounded(self.op_timeout, &what, async {
+            kv.stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: format!("{}>", kv.prefix),
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable(&what, e))
+        })
+        .await?;
+        let mut out = BTreeMap::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = bounded(self.op_timeout, &what, async {
+            consumer.messages().await.map_err(|e| unavailable(&what, e))
+        })
+        .await?;
+        loop {
+            let next = bounded(self.op_timeout, &what, async { Ok(messages.next().await) }).await?;
+            let msg = match next {
+                None => break,
+                Some(Err(e)) => return Err(unavailable(&what, e)),
+                Some(Ok(msg)) => msg,
+            };
+            let pending = msg.info().map(|i| i.pending).map_err(|e| {
+                StoreError::Backend(format!("{what}: message without JetStream metadata: {e}"))
+            })?;
+            let deleted = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            if let Some(key) = msg.subject.as_str().strip_prefix(kv.prefix.as_str()) {
+                if deleted {
+                    out.remove(key);
+                } else {
+                    out.insert(key.to_string(), msg.payload.clone());
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        // The ordered consumer is ephemeral (memory, R1) and the server drops it after 30 s
+        // of inactivity; nothing to clean up here.
+        Ok(out)
     }
 }
 

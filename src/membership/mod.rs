@@ -43,6 +43,11 @@
 //! left. On top of that, `list_rooms_for_endpoint` re-reads each `members` record the index
 //! points to, so a stale index entry grants nothing.
 //!
+//! # Migration
+//!
+//! [`migrate`] copies a SQLite file into the KV buckets (`unibus migrate`): read-only on
+//! the source, idempotent and resumable on the target, verified by counts and a digest.
+//!
 //! # Failing closed
 //!
 //! [`Store::is_authorized`] and [`Store::has_admin`] return `bool`, not `Result`: any error
@@ -53,6 +58,7 @@
 pub mod api;
 pub mod ids;
 pub mod jetstream;
+pub mod migrate;
 pub mod service;
 pub mod sqlite;
 
@@ -173,6 +179,19 @@ mod b64 {
         let text = String::deserialize(d)?;
         STANDARD.decode(text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Every record of a store at one moment (what `unibus migrate` copies).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Users, by key.
+    pub users: Vec<User>,
+    /// Rooms, by id.
+    pub rooms: Vec<Room>,
+    /// Members, by (room, endpoint).
+    pub members: Vec<Member>,
+    /// Room keys, by (room, epoch).
+    pub keys: Vec<RoomKey>,
 }
 
 /// The one error type of the store. `NotFound` is the storage-agnostic "no such record".

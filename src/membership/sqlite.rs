@@ -15,8 +15,10 @@
 //! - Every operation is a single transaction: checks ("does the room exist?") and writes
 //!   see the same snapshot.
 
-use super::{Member, MemberState, Result, Role, Room, RoomKey, StoreError, User, ids, now_ms};
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use super::{
+    Member, MemberState, Result, Role, Room, RoomKey, Snapshot, StoreError, User, ids, now_ms,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -219,6 +221,127 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         tx.commit().map_err(|e| backend("commit migration", e))?;
     }
     Ok(())
+}
+
+/// Reads every record of the database at `path` without ever writing to it: the source of
+/// `unibus migrate`. Blocking; call it on the blocking pool.
+///
+/// The connection is opened `SQLITE_OPEN_READ_ONLY` (never created, never migrated, no
+/// checkpoint on close), so the file stays byte-identical. SQLite may still create the
+/// empty `-wal` and the `-shm` (shared-memory index) side files of a WAL database when
+/// they are missing; they hold no data and are left in place, because removing them under
+/// a node that opens the file at the same time would be unsafe. All four tables are read in
+/// one read transaction, so the snapshot is consistent even if a node still writes to the
+/// file. A file that is not SQLite, has no unibus schema or a schema version other than
+/// this binary's is refused as [`StoreError::Invalid`] (`database`); a missing file is
+/// [`StoreError::NotFound`].
+pub fn read_snapshot(path: &Path) -> Result<Snapshot> {
+    let mut conn = open_read_only(path)?;
+    let ctx = format!("read {}", path.display());
+    let tx = conn.transaction().map_err(|e| source_error(path, e))?;
+    let snapshot = Snapshot {
+        users: read_all(
+            &tx,
+            &format!("SELECT {USER_COLS} FROM users ORDER BY key"),
+            user_from_row,
+        )?,
+        rooms: read_all(
+            &tx,
+            &format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id"),
+            room_from_row,
+        )?,
+        members: read_all(
+            &tx,
+            &format!("SELECT {MEMBER_COLS} FROM members ORDER BY room, endpoint"),
+            member_from_row,
+        )?,
+        keys: read_all(
+            &tx,
+            &format!("SELECT {KEY_COLS} FROM room_keys ORDER BY room, epoch"),
+            key_from_row,
+        )?,
+    };
+    // Read-only: nothing to commit; ending the transaction releases the snapshot.
+    tx.rollback().map_err(|e| backend(&ctx, e))?;
+    Ok(snapshot)
+}
+
+/// Checks that `path` is a unibus SQLite database this binary can read, read-only and
+/// without reading the records (a cheap check before connecting anywhere).
+pub fn check_source(path: &Path) -> Result<()> {
+    open_read_only(path).map(|_| ())
+}
+
+/// Opens an existing database read-only and checks its schema version.
+fn open_read_only(path: &Path) -> Result<Connection> {
+    if !path.is_file() {
+        return Err(StoreError::not_found(format!(
+            "sqlite database {} (no such file)",
+            path.display()
+        )));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| source_error(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| source_error(path, e))?;
+    check_schema(&conn, path)?;
+    Ok(conn)
+}
+
+/// "Not SQLite" and "not a unibus database" are the caller's mistake, not a backend fault.
+fn source_error(path: &Path, err: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(e, _) = &err
+        && matches!(
+            e.code,
+            rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::CannotOpen
+        )
+    {
+        return StoreError::Invalid {
+            field: "database",
+            reason: format!("{} is not a SQLite database ({err})", path.display()),
+        };
+    }
+    backend(&format!("read {}", path.display()), err)
+}
+
+fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
+    let version: u32 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| source_error(path, e))?;
+    let known = schema_version();
+    let reason = if version == 0 {
+        format!(
+            "{} is not a unibus database (no unibus schema); pass the store file from the node's data dir",
+            path.display()
+        )
+    } else if version > known {
+        format!(
+            "{} has schema version {version}, newer than this binary reads ({known}); migrate with the unibus release that wrote it",
+            path.display()
+        )
+    } else if version < known {
+        format!(
+            "{} has schema version {version}, older than this binary reads ({known}); start a node of this release on it once to upgrade it, then migrate",
+            path.display()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::Invalid {
+        field: "database",
+        reason,
+    })
+}
+
+fn read_all<T>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    map: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = tx.prepare(sql).map_err(|e| backend(sql, e))?;
+    let rows = stmt.query_map([], map).map_err(|e| backend(sql, e))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(|e| backend(sql, e))
 }
 
 impl SqliteStore {
