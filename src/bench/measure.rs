@@ -73,11 +73,12 @@ where
             while Instant::now() < deadline {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                match op(i).await {
-                    Ok(()) => mine.push(t.elapsed()),
-                    Err(e) => {
+                let failed = op(i).await.err().map(|e| e.to_string());
+                match failed {
+                    None => mine.push(t.elapsed()),
+                    Some(message) => {
                         errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.lock().await.get_or_insert_with(|| e.to_string());
+                        first_error.lock().await.get_or_insert(message);
                     }
                 }
             }
@@ -91,7 +92,10 @@ where
     let mut latencies = std::mem::take(&mut *latencies.lock().await);
     latencies.sort();
     if let Some(e) = first_error.lock().await.take() {
-        eprintln!("bench: {} errors, first: {e}", errors.load(Ordering::Relaxed));
+        eprintln!(
+            "bench: {} errors, first: {e}",
+            errors.load(Ordering::Relaxed)
+        );
     }
     Stats {
         ops: latencies.len() as u64,

@@ -4,11 +4,17 @@
 //! the ratio compares like with like even when the machine is busy. Speed is only ever
 //! measured here (and recorded in BENCHMARKS.md), never asserted by tests.
 //!
-//! Workloads so far (names are a public interface; tools read them):
+//! Workloads so far (names are a public interface; tools read them): `ctl_read`,
+//! `ctl_write_r1`, `ctl_write_r3` and their `_nofsync` twins (see [`ctl`]),
+//! `connect_callout` (see [`connect`]), and:
 //! - `ready_single_s`: `node up` → `/readyz` 200 for one node; raw twin: a bare nats-server
 //!   with the same rendered config → its `/healthz` 200.
 //! - `ready_three_s`: the same for three nodes on loopback started together (all ready).
 //! - `node_rss_mib`: resident memory of an idle ready node, nats-server excluded.
+
+pub mod connect;
+pub mod ctl;
+pub mod measure;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -54,17 +60,73 @@ pub struct Options {
     pub quick: bool,
 }
 
-/// Runs every workload. Blocking: call it off the async runtime.
-pub fn run(unibus: &Path, nats_server: &Path, opts: Options) -> Report {
+/// Runs every workload. A workload that fails is reported on stderr and left out, so
+/// one broken path does not hide the others' numbers.
+pub async fn run(unibus: &Path, nats_server: &Path, opts: Options) -> Report {
     let rounds = if opts.quick { 3 } else { 10 };
+    let (tp_rounds, each) = if opts.quick {
+        (2, Duration::from_secs(2))
+    } else {
+        (5, Duration::from_secs(3))
+    };
     let mut workloads = Vec::new();
-    let (ready_single, rss) = ready_single(unibus, nats_server, rounds);
-    workloads.push(ready_single);
-    workloads.push(ready_three(unibus, nats_server, rounds.min(5)));
-    workloads.push(rss);
+    let (u, n) = (unibus.to_path_buf(), nats_server.to_path_buf());
+    if let Ok(mut startup) = tokio::task::spawn_blocking(move || {
+        let (ready_single, rss) = ready_single(&u, &n, rounds);
+        vec![ready_single, ready_three(&u, &n, rounds.min(5)), rss]
+    })
+    .await
+    {
+        workloads.append(&mut startup);
+    }
+    let mut push = |name: &str, result: Result<Vec<Workload>, String>| match result {
+        Ok(mut w) => workloads.append(&mut w),
+        Err(e) => eprintln!("bench: {name} failed: {e}"),
+    };
+    push(
+        "ctl_read",
+        ctl::ctl_read(unibus, tp_rounds, each)
+            .await
+            .map(|w| vec![w]),
+    );
+    push(
+        "ctl_write",
+        ctl::ctl_write(unibus, true, tp_rounds, each).await,
+    );
+    push(
+        "ctl_write_nofsync",
+        ctl::ctl_write(unibus, false, tp_rounds, each).await,
+    );
+    push(
+        "connect_callout",
+        connect::connect_callout(unibus, nats_server, tp_rounds, each)
+            .await
+            .map(|w| vec![w]),
+    );
     Report {
         machine: machine(nats_server),
         workloads,
+    }
+}
+
+/// A throughput workload: ops/s of both sides; the ratio compares unibus's rate times
+/// `per_op` (raw operations one unibus operation stands for) with the raw rate.
+pub fn throughput_workload(
+    name: &str,
+    ours: &measure::Stats,
+    raw: &measure::Stats,
+    per_op: f64,
+) -> Workload {
+    let (u, r) = (ours.ops_per_sec(), raw.ops_per_sec());
+    Workload {
+        name: name.into(),
+        unibus: u,
+        raw: Some(r),
+        ratio: (r > 0.0).then(|| u * per_op / r),
+        p50_ms: Some(ours.percentile_ms(0.5)),
+        p99_ms: Some(ours.percentile_ms(0.99)),
+        value: None,
+        unit: "ops/s".into(),
     }
 }
 

@@ -16,23 +16,14 @@ pub async fn run(quick: bool, json: bool) -> u8 {
         }
     };
     let opts = unibus::bench::Options { quick };
-    let report =
-        tokio::task::spawn_blocking(move || unibus::bench::run(&unibus, &nats_server, opts)).await;
-    match report {
-        Ok(report) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).unwrap_or_default()
-            );
-            0
-        }
-        Ok(report) => {
-            print!("{}", unibus::bench::table(&report));
-            0
-        }
-        Err(e) => {
-            eprintln!("error: the benchmark failed: {e}");
-            1
-        }
+    let report = unibus::bench::run(&unibus, &nats_server, opts).await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", unibus::bench::table(&report));
     }
+    0
 }

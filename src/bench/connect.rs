@@ -1,0 +1,85 @@
+//! `connect_callout`: a new TLS + nkey connection admitted by the auth callout (the store is
+//! consulted for every connection), vs the same client against a bare nats-server on the
+//! same certificates with the key listed statically (`authorization { users: [{nkey}] }`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::measure;
+use super::{Workload, throughput_workload};
+use crate::localnet::{Node, Ports, free_ports, http_get, poll};
+
+pub async fn connect_callout(
+    unibus: &Path,
+    nats_server: &Path,
+    rounds: usize,
+    each: Duration,
+) -> Result<Workload, String> {
+    let unibus = unibus.to_path_buf();
+    let node = tokio::task::spawn_blocking(move || {
+        let node = Node::start(&unibus, "bench", &Ports::pick(), &[], &[]);
+        node.wait_ready(Duration::from_secs(30));
+        node
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let secrets = node.data.join("secrets");
+    let ca = secrets.join("ca.crt");
+    let seed = std::fs::read_to_string(secrets.join("admin.seed")).map_err(|e| e.to_string())?;
+    let seed = seed.trim().to_string();
+    let public = nkeys::KeyPair::from_seed(&seed)
+        .map_err(|e| e.to_string())?
+        .public_key();
+
+    // The raw twin: same binary, same TLS files, static nkey authorization.
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let p = free_ports(2);
+    let (listen, monitor) = (format!("127.0.0.1:{}", p[0]), format!("127.0.0.1:{}", p[1]));
+    let q = |p: &Path| serde_json::Value::from(p.to_string_lossy()).to_string();
+    let conf = format!(
+        "listen: \"{listen}\"\nhttp: \"{monitor}\"\nauthorization {{ users: [ {{ nkey: \"{public}\" }} ] }}\n\
+         tls {{ cert_file: {}, key_file: {}, ca_file: {} }}\n",
+        q(&secrets.join("bench.crt")),
+        q(&secrets.join("bench.key")),
+        q(&ca)
+    );
+    let conf_path = dir.path().join("raw.conf");
+    std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
+    let mut raw_server = std::process::Command::new(nats_server)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let monitor_up = monitor.clone();
+    tokio::task::spawn_blocking(move || {
+        poll(Duration::from_secs(10), || {
+            http_get(&monitor_up, "/healthz")
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .ok_or("the raw nats-server did not start")?;
+
+    let connect_once = |addr: String, ca: std::path::PathBuf, seed: String| async move {
+        let client = async_nats::ConnectOptions::new()
+            .nkey(seed)
+            .require_tls(true)
+            .add_root_certificates(ca)
+            .max_reconnects(Some(0))
+            .connect(format!("tls://{addr}"))
+            .await?;
+        client.flush().await.map_err(std::io::Error::other)?;
+        drop(client);
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    let (node_listen, ca_a, seed_a) = (node.ports.listen.clone(), ca.clone(), seed.clone());
+    let ours = move |_i: u64| connect_once(node_listen.clone(), ca_a.clone(), seed_a.clone());
+    let raw = move |_i: u64| connect_once(listen.clone(), ca.clone(), seed.clone());
+    let (a, b) = measure::alternate(rounds, each, 4, ours, raw).await;
+    let _ = raw_server.kill();
+    let _ = raw_server.wait();
+    drop(node);
+    Ok(throughput_workload("connect_callout", &a, &b, 1.0))
+}
