@@ -53,6 +53,7 @@
 pub mod api;
 pub mod ids;
 pub mod jetstream;
+pub mod nonces;
 pub mod service;
 pub mod sqlite;
 
