@@ -363,6 +363,16 @@ impl Config {
         for peer in &self.peers {
             parse_peer(peer)?;
         }
+        if !self.peers.is_empty()
+            && !self.flags.decentralized
+            && self.flags.bus_auth != BusAuth::Off
+        {
+            return Err(ConfigError::new(
+                "flags.decentralized",
+                "the nodes of a cluster must share one store: start every node with \
+                 --flag decentralized=true (a single node without --peers keeps SQLite)",
+            ));
+        }
         if self.flags.decentralized && self.peers.len() < 2 {
             return Err(ConfigError::new(
                 "flags.decentralized",

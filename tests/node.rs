@@ -55,7 +55,7 @@ fn one_node_comes_up_ready_and_sigterm_stops_it_cleanly() {
 
 #[test]
 fn three_nodes_form_a_cluster_with_a_meta_leader_and_three_peers() {
-    let cluster = start_cluster(&[]);
+    let cluster = start_cluster(&["--flag", "decentralized=true"]);
     let nodes = &cluster.nodes;
     for node in nodes {
         let ready = node.wait_ready(READY);
@@ -183,7 +183,12 @@ fn a_node_whose_peers_are_down_stays_up_not_ready_until_they_start() {
     let names = ["n1", "n2", "n3"];
     let secrets = cluster_secrets(&names);
     let secrets = secrets.path().join("s");
-    let s = ["--secrets", secrets.to_str().unwrap()];
+    let s = [
+        "--secrets",
+        secrets.to_str().unwrap(),
+        "--flag",
+        "decentralized=true",
+    ];
     let (ports, peers) = cluster_ports(3);
     let first = start("n1", &ports[0], &peers[0], &s);
     // Up (alive) but not ready: the meta layer needs a quorum.

@@ -10,8 +10,9 @@
 //! | `issuer.seed` | 0600 | the auth-callout issuer, an account nkey (`A…`): signs every admission, shared by all nodes so any node may answer any server's callout |
 //! | `service.seed` | 0600 | the nodes' service user (`U…`), listed in `auth_users`: bypasses the callout to reach the store |
 //! | `admin.seed` | 0600 | the bootstrap admin user (`U…`), made an admin in the store on first boot |
+//! | `system.seed` | 0600 | the system-account user (`U…`, in `SYS`, listed in `auth_users`): the node uses it to find and disconnect the live connections of users who lost rights (`auth::revoke`) |
 //! | `routes.json` | 0600 | the user and password routes present to each other (`cluster { authorization {} }`) |
-//! | `cluster.json` | 0644 | the manifest: node names, hosts and the three public keys; written last |
+//! | `cluster.json` | 0644 | the manifest: node names, hosts and the public keys; written last |
 //!
 //! Why "write once": regenerating any of these silently would split a cluster (nodes with
 //! different issuers or CAs reject each other's clients). [`init_cluster`] therefore refuses
@@ -20,6 +21,14 @@
 //! an interrupted init: delete it and run again. [`ClusterSecrets::load`] re-checks that each
 //! seed is the kind and the key the manifest names, so a file copied from another cluster is
 //! caught at start-up rather than as an unexplained authorization failure.
+//!
+//! `system.seed` came later than the rest. A directory written before it (its manifest has
+//! no `system` key) still loads, with [`ClusterSecrets::system_seed`] `None`: such a cluster
+//! runs without live revocation (membership changes reach a connection when it next
+//! reconnects; the callout refuses new connections at once) and the node says so at start.
+//! Write-once forbids adding the file to an existing directory; make a new one with
+//! `unibus cluster init` to get it. When the manifest names a system key, the file must be
+//! there and match, like every other seed.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::DirBuilderExt;
@@ -42,6 +51,7 @@ pub const CA_KEY: &str = "ca.key";
 pub const ISSUER_SEED: &str = "issuer.seed";
 pub const SERVICE_SEED: &str = "service.seed";
 pub const ADMIN_SEED: &str = "admin.seed";
+pub const SYSTEM_SEED: &str = "system.seed";
 pub const ROUTES_FILE: &str = "routes.json";
 pub const MANIFEST: &str = "cluster.json";
 /// Where [`dev_secrets`] keeps a single node's secrets, inside its data dir.
@@ -157,6 +167,9 @@ struct Manifest {
     issuer: String,
     service: String,
     admin: String,
+    /// Absent in directories written before live revocation (see the module doc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
 }
 
 /// A complete set of cluster secrets: paths of the private files and the public keys.
@@ -178,6 +191,9 @@ pub struct ClusterSecrets {
     pub admin_seed: PathBuf,
     /// The bootstrap admin (`U…`).
     pub admin_public: String,
+    /// The system-account user and its key (`U…`); None for secrets made before it existed.
+    pub system_seed: Option<PathBuf>,
+    pub system_public: Option<String>,
     pub routes_file: PathBuf,
     pub routes: RouteCredentials,
 }
@@ -260,6 +276,14 @@ impl ClusterSecrets {
             keys::read_user_seed(&dir.join(ADMIN_SEED)),
             &manifest.admin,
         )?;
+        let system_seed = match &manifest.system {
+            Some(expected) => Some(check(
+                SYSTEM_SEED,
+                keys::read_user_seed(&dir.join(SYSTEM_SEED)),
+                expected,
+            )?),
+            None => None,
+        };
 
         let routes_file = must_exist(ROUTES_FILE)?;
         let routes_text = std::fs::read_to_string(&routes_file).map_err(io_err(&routes_file))?;
@@ -292,6 +316,8 @@ impl ClusterSecrets {
             service_public: manifest.service,
             admin_seed,
             admin_public: manifest.admin,
+            system_seed,
+            system_public: manifest.system,
             routes_file,
             routes,
         })
@@ -310,6 +336,11 @@ impl ClusterSecrets {
     /// The node service user's key pair (connects to nats-server past the callout).
     pub fn service_key(&self) -> Result<KeyPair, KeyError> {
         keys::read_user_seed(&self.service_seed)
+    }
+
+    /// The system-account user's key pair, if these secrets have one.
+    pub fn system_key(&self) -> Option<Result<KeyPair, KeyError>> {
+        self.system_seed.as_deref().map(keys::read_user_seed)
     }
 }
 
@@ -378,6 +409,7 @@ pub fn init_cluster(
         ISSUER_SEED,
         SERVICE_SEED,
         ADMIN_SEED,
+        SYSTEM_SEED,
         ROUTES_FILE,
         MANIFEST,
     ]
@@ -464,13 +496,16 @@ pub fn init_cluster(
         )?;
     }
 
-    // Nkeys: the callout issuer (an account key), the service user, the bootstrap admin.
+    // Nkeys: the callout issuer (an account key), the service user, the bootstrap admin,
+    // the system-account user.
     let issuer_key = KeyPair::new_account();
     let service_key = KeyPair::new_user();
     let admin_key = KeyPair::new_user();
+    let system_key = KeyPair::new_user();
     keys::write_seed(&out_dir.join(ISSUER_SEED), &issuer_key)?;
     keys::write_seed(&out_dir.join(SERVICE_SEED), &service_key)?;
     keys::write_seed(&out_dir.join(ADMIN_SEED), &admin_key)?;
+    keys::write_seed(&out_dir.join(SYSTEM_SEED), &system_key)?;
 
     let routes = RouteCredentials::generate()?;
     keys::create_secret(&out_dir.join(ROUTES_FILE), &to_json(&routes)?)?;
@@ -482,6 +517,7 @@ pub fn init_cluster(
         issuer: issuer_key.public_key(),
         service: service_key.public_key(),
         admin: admin_key.public_key(),
+        system: Some(system_key.public_key()),
     };
     keys::create_with_mode(&out_dir.join(MANIFEST), &to_json(&manifest)?, PUBLIC_MODE)?;
     ClusterSecrets::load(out_dir)
@@ -598,6 +634,7 @@ mod tests {
             &s.issuer_seed,
             &s.service_seed,
             &s.admin_seed,
+            s.system_seed.as_ref().unwrap(),
             &s.routes_file,
         ] {
             assert_eq!(mode(private), 0o600, "{}", private.display());
@@ -608,6 +645,8 @@ mod tests {
         assert!(s.issuer_public.starts_with('A'));
         assert!(s.service_public.starts_with('U') && s.admin_public.starts_with('U'));
         assert_ne!(s.service_public, s.admin_public);
+        let system = s.system_public.as_deref().unwrap();
+        assert!(system.starts_with('U') && system != s.service_public && system != s.admin_public);
         assert_eq!(s.issuer_key().unwrap().public_key(), s.issuer_public);
         assert_eq!(s.service_key().unwrap().public_key(), s.service_public);
         assert!(
@@ -691,6 +730,26 @@ mod tests {
             ClusterSecrets::load(empty.path()),
             Err(CertError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn secrets_from_before_the_system_user_still_load_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster(dir.path(), &names(&["n1"]), &[]).unwrap();
+        let manifest = dir.path().join(MANIFEST);
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        m.as_object_mut().unwrap().remove("system");
+        std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+        std::fs::remove_file(dir.path().join(SYSTEM_SEED)).unwrap();
+        let s = ClusterSecrets::load(dir.path()).unwrap();
+        assert!(s.system_seed.is_none() && s.system_public.is_none());
+
+        // Named in the manifest but missing: refused, like any other seed.
+        let other = tempfile::tempdir().unwrap();
+        init_cluster(other.path(), &names(&["n1"]), &[]).unwrap();
+        std::fs::remove_file(other.path().join(SYSTEM_SEED)).unwrap();
+        assert!(ClusterSecrets::load(other.path()).is_err());
     }
 
     #[test]

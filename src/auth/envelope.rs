@@ -135,6 +135,8 @@ pub struct Verified {
     pub key: String,
     /// The body, as the exact JSON that was signed.
     pub body: Box<RawValue>,
+    /// The request's nonce, for a replay record shared beyond this process.
+    pub nonce: String,
 }
 
 impl Verified {
@@ -303,6 +305,7 @@ pub fn verify(
     Ok(Verified {
         key,
         body: envelope.body,
+        nonce: envelope.nonce,
     })
 }
 

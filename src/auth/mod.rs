@@ -8,6 +8,7 @@
 //!   ├─ issuer.seed   account key A…   signs every admission (callout responses, user JWTs)
 //!   ├─ service.seed  user key U…      the nodes' own identity, listed in `auth_users`
 //!   ├─ admin.seed    user key U…      bootstrap admin, put into the store on first boot
+//!   ├─ system.seed   user key U…      system-account user: finds and kicks live connections
 //!   ├─ ca.crt/key, NODE.crt/key       TLS for clients (who pin ca.crt) and routes (mutual)
 //!   └─ routes.json                    user/password routes present to each other
 //! ```
@@ -26,6 +27,9 @@
 //! - **Fail closed.** An error, a timeout, a missing answer or an unknown key is a denial:
 //!   nats-server itself refuses a client whose callout gets no valid answer within its
 //!   timeout, and the authenticator answers a store error with [`callout::deny_response`].
+//! - **Live revocation** ([`revoke`]): when a user loses rights, the node finds that user's
+//!   connections on every server (`CONNZ` over the system account) and disconnects them
+//!   (`KICK`); the client reconnects and the callout computes its permissions afresh.
 //! - **Control-plane requests are signed** by the caller's nkey ([`envelope`]), so the
 //!   membership service knows who asks independently of the connection's identity.
 //!
@@ -37,6 +41,7 @@ pub mod certs;
 pub mod envelope;
 pub mod jwt;
 pub mod keys;
+pub mod revoke;
 pub mod server_config;
 
 pub use callout::{

@@ -7,12 +7,11 @@
 //!
 //! - [`callout_config`]: accounts `AUTH` (the service user; JetStream for the store),
 //!   `APP` (admitted clients; JetStream for room history), `SYS` (the system account), and
-//!   the control plane crossing from one to the other: `AUTH` exports `unibus.ctl.>` and
-//!   micro discovery (`$SRV.>`, answered by every node, so a stream response) as services,
-//!   `APP` imports them — clients reach the membership service without ever entering the
-//!   account that holds the store;
 //!   the `authorization { auth_callout {} }` block naming the issuer, the `auth_users` that
-//!   bypass the callout, and `AUTH` as the account the callout runs in.
+//!   bypass the callout, and `AUTH` as the account the callout runs in. The control plane
+//!   runs in `AUTH` (the service user) but its callers live in `APP`, so `AUTH` exports
+//!   `unibus.ctl.>` and micro discovery (`$SRV.>`, answered by every node: a stream of
+//!   replies) as services and `APP` imports them; nothing else crosses between the two.
 //! - [`tls_config`]: the client listener's `tls {}`. `verify: false`: clients prove who
 //!   they are with nkeys, not certificates; they pin `ca.crt` to know the server is ours.
 //!   With a `tls {}` block nats-server refuses plaintext clients.
@@ -53,7 +52,7 @@ pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str
     users: [ {{ nkey: {service} }} ]
     exports: [
       {{ service: \"unibus.ctl.>\" }}
-      {{ service: \"$SRV.>\", response: stream }}
+      {{ service: \"$SRV.>\", response_type: stream }}
     ]
   }}
   APP {{
@@ -133,6 +132,9 @@ mod tests {
         assert!(text.contains("users: [ { nkey: \"USERVICE\" } ]"));
         assert!(text.contains("account: AUTH"));
         assert!(text.contains("system_account: SYS"));
+        // The control plane (in AUTH) reaches APP's callers through a service export/import.
+        assert!(text.contains(r#"{ service: "unibus.ctl.>" }"#));
+        assert!(text.contains(r#"{ service: { account: AUTH, subject: "unibus.ctl.>" } }"#));
         let with_sys = callout_config("AISSUER", "USERVICE", Some("USYS"));
         assert!(with_sys.contains("auth_users: [ \"USERVICE\", \"USYS\" ]"));
         assert!(with_sys.contains("SYS {\n    users: [ { nkey: \"USYS\" } ]"));

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::localnet::{Node, Ports, cluster_ports, http_get, poll};
+use crate::localnet::{LocalCluster, Node, Ports, http_get, poll};
 
 /// One measured workload, in the shape `--json` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -153,16 +153,13 @@ fn ready_single(unibus: &Path, nats_server: &Path, rounds: usize) -> (Workload, 
 fn ready_three(unibus: &Path, nats_server: &Path, rounds: usize) -> Workload {
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let (ports, peers) = cluster_ports(3);
         let start = Instant::now();
-        let nodes: Vec<Node> = (0..3)
-            .map(|i| Node::start(unibus, &format!("n{}", i + 1), &ports[i], &peers[i], &[]))
-            .collect();
-        for node in &nodes {
+        let mut cluster = LocalCluster::start(unibus, &["--flag", "decentralized=true"]);
+        for node in &cluster.nodes {
             node.wait_ready(Duration::from_secs(60));
         }
         ours.push(start.elapsed().as_secs_f64());
-        raw.push(raw_ready(nats_server, nodes));
+        raw.push(raw_ready(nats_server, std::mem::take(&mut cluster.nodes)));
     }
     value_workload("ready_three_s", median(&ours), Some(median(&raw)), "s")
 }

@@ -196,6 +196,13 @@ fn replicas_in_range(n: usize) -> Result<usize> {
     }
 }
 
+impl KvStore {
+    /// The JetStream context the buckets live in (the nonce ledger shares it).
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
 // ---- single-bucket primitives, each one NATS request bounded by op_timeout
 
 impl KvStore {

@@ -59,6 +59,7 @@ pub mod api;
 pub mod ids;
 pub mod jetstream;
 pub mod migrate;
+pub mod nonces;
 pub mod service;
 pub mod sqlite;
 

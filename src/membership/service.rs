@@ -14,6 +14,10 @@
 //!    owners invite, remove and rekey; members read their room, its members and keys, and
 //!    may leave.
 //!
+//! Gate 1's replay check is cluster-wide with the KV store: besides this node's cache, each
+//! nonce is claimed once in the shared ledger ([`super::nonces`]), so the same bytes sent
+//! through another node are a replay too.
+//!
 //! Only then does the store see the request. Ids are validated by the store itself before
 //! they reach SQL or KV, and come back as `invalid`.
 
@@ -28,6 +32,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::*;
+use super::nonces::NonceLedger;
 use super::{MemberState, Role, Store, StoreError};
 use crate::auth::envelope::{self, ReplayCache};
 use crate::config::BusAuth;
@@ -65,6 +70,8 @@ pub struct Handler {
     store: Arc<Store>,
     config: ServiceConfig,
     replay: ReplayCache,
+    /// Cluster-wide replay record (KV store only: a SQLite node is alone).
+    ledger: Option<NonceLedger>,
     on_revoke: Option<OnRevoke>,
 }
 
@@ -77,10 +84,19 @@ struct Caller {
 impl Handler {
     pub fn new(store: Arc<Store>, config: ServiceConfig, on_revoke: Option<OnRevoke>) -> Self {
         let replay = ReplayCache::new(REPLAY_CACHE_ENTRIES);
+        let ledger = match &*store {
+            Store::JetStream(kv) if config.bus_auth != BusAuth::Off => Some(NonceLedger::new(
+                kv.jetstream().clone(),
+                config.skew,
+                kv.op_timeout(),
+            )),
+            _ => None,
+        };
         Handler {
             store,
             config,
             replay,
+            ledger,
             on_revoke,
         }
     }
@@ -103,19 +119,41 @@ impl Handler {
     }
 
     async fn process(&self, op: Op, raw: &[u8]) -> Result<serde_json::Value, CtlError> {
-        let (claimed_key, body) = self.authenticate(op, raw)?;
+        let (claimed_key, body, nonce) = self.authenticate(op, raw)?;
+        if let (Some(ledger), Some(nonce)) = (&self.ledger, nonce) {
+            let soft = self.config.bus_auth == BusAuth::Soft;
+            match ledger.claim(&claimed_key, &nonce).await {
+                Ok(true) => {}
+                Ok(false) if soft => tracing::warn!(
+                    op = op.name(),
+                    "bus-auth soft: would deny: {}",
+                    envelope::EnvelopeError::Replayed
+                ),
+                Ok(false) => return Err(envelope_error(envelope::EnvelopeError::Replayed)),
+                Err(e) if soft => {
+                    tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let caller = self.identify(&claimed_key).await?;
         self.dispatch(op, &caller, body).await
     }
 
-    /// Gate 1: the envelope. Returns the signer's key and the operation's body.
-    fn authenticate(&self, op: Op, raw: &[u8]) -> Result<(String, serde_json::Value), CtlError> {
+    /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
+    /// signature verified, the nonce (for the cluster-wide replay check).
+    fn authenticate(
+        &self,
+        op: Op,
+        raw: &[u8],
+    ) -> Result<(String, serde_json::Value, Option<String>), CtlError> {
         let limits = envelope::Limits {
             max_body: self.config.max_body,
             skew: self.config.skew,
         };
-        let (key, body) = if self.config.bus_auth == BusAuth::Off {
-            claimed(raw, op, &limits)?
+        let (key, body, nonce) = if self.config.bus_auth == BusAuth::Off {
+            let (key, body) = claimed(raw, op, &limits)?;
+            (key, body, None)
         } else {
             match envelope::verify(
                 raw,
@@ -124,19 +162,20 @@ impl Handler {
                 &self.replay,
                 &limits,
             ) {
-                Ok(v) => (v.key, v.body),
+                Ok(v) => (v.key, v.body, Some(v.nonce)),
                 Err(e)
                     if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" =>
                 {
                     tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
-                    claimed(raw, op, &limits)?
+                    let (key, body) = claimed(raw, op, &limits)?;
+                    (key, body, None)
                 }
                 Err(e) => return Err(envelope_error(e)),
             }
         };
         let body = serde_json::from_str(body.get())
             .map_err(|e| CtlError::invalid(format!("body: {e}")))?;
-        Ok((key, body))
+        Ok((key, body, nonce))
     }
 
     /// Gate 2: the signer is an active user.
@@ -175,7 +214,13 @@ impl Handler {
             Op::UsersAdd => {
                 let req: AddUser = parse(body)?;
                 require_admin(caller)?;
-                ok(store.add_user(&req.key, &req.name, req.admin).await?)
+                // A name is optional on the wire; the store keeps one, so default it.
+                let name = if req.name.is_empty() {
+                    "user"
+                } else {
+                    &req.name
+                };
+                ok(store.add_user(&req.key, name, req.admin).await?)
             }
             Op::UsersGet => {
                 let req: UserRef = parse(body)?;
@@ -198,8 +243,13 @@ impl Handler {
             }
             Op::RoomsCreate => {
                 let req: CreateRoom = parse(body)?;
+                let name = if req.name.is_empty() {
+                    &req.room
+                } else {
+                    &req.name
+                };
                 ok(store
-                    .create_room(&req.room, &req.name, &caller.key, req.encrypted)
+                    .create_room(&req.room, name, &caller.key, req.encrypted)
                     .await?)
             }
             Op::RoomsGet => {

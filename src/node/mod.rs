@@ -17,6 +17,7 @@ pub mod http;
 pub mod monitor;
 pub mod nats_config;
 pub mod readiness;
+pub mod revocation;
 pub mod security;
 pub mod shutdown;
 pub mod stages;

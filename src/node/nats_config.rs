@@ -60,11 +60,12 @@ pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
         && security.bus_auth != BusAuth::Off
     {
         // Accounts AUTH (the node's service user and the store), APP (admitted clients),
-        // SYS; every client but the service user goes through the callout.
+        // SYS (with the system user live revocation kicks through); every client but the
+        // service and system users goes through the callout.
         out.push_str(&server_config::callout_config(
             &secrets.issuer_public,
             &secrets.service_public,
-            None,
+            secrets.system_public.as_deref(),
         ));
     }
     if let Some(tls) = &security.tls {

@@ -118,6 +118,32 @@ impl Security {
         Ok(options)
     }
 
+    /// Connect options for the node's system-account connection (live revocation: `CONNZ`
+    /// and `KICK` are system requests): the system user, listed in `auth_users` and living
+    /// in `SYS`, and the pinned CA. `Ok(None)` when there is nothing to revoke through —
+    /// `bus-auth=off` admits everyone with open permissions — or the secrets predate the
+    /// system user (see `auth::certs`).
+    pub fn system_connect_options(&self) -> Result<Option<async_nats::ConnectOptions>, String> {
+        let Some(secrets) = &self.secrets else {
+            return Ok(None);
+        };
+        let Some(path) = &secrets.system_seed else {
+            return Ok(None);
+        };
+        if self.bus_auth == BusAuth::Off {
+            return Ok(None);
+        }
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the system seed {}: {e}", path.display()))?;
+        let mut options = async_nats::ConnectOptions::new().nkey(seed.trim().to_string());
+        if let Some(tls) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone());
+        }
+        Ok(Some(options))
+    }
+
     /// Where the node prints how to connect.
     pub fn summary(&self) -> String {
         match &self.secrets {

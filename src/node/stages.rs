@@ -1,7 +1,8 @@
 //! The stages above nats-server, brought up in order: store → authenticator → membership
 //! service (DESIGN §1). Each starts once the one below it is up, is retried with backoff
 //! while it cannot start (shown as `down` with the reason in `/readyz`), and turns `up`
-//! only when it is really serving. They share one store handle.
+//! only when it is really serving. They share one store handle. The membership service
+//! gets the live-revocation hook (`revocation`), which needs a system-account connection.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::readiness::{Readiness, Readyz, Stage, StageState};
+use super::revocation;
 use super::security::Security;
 use super::shutdown::Shutdown;
 use super::store;
@@ -148,6 +150,17 @@ pub async fn run(ctx: Context) {
     else {
         return;
     };
+    // Live revocation: best-effort (the callout refuses new connections regardless), so a
+    // node without it still serves; `revocation::hook` says why in the log.
+    let on_revoke = tokio::select! {
+        hook = revocation::hook(&config, &security) => hook,
+        _ = shutdown.wait() => return,
+    };
+    let detail = if on_revoke.is_none() && security.bus_auth != BusAuth::Off {
+        "unibus.ctl.>; live revocation off (see the log)"
+    } else {
+        "unibus.ctl.>"
+    };
     let handler = Arc::new(Handler::new(
         store.clone(),
         ServiceConfig {
@@ -155,14 +168,14 @@ pub async fn run(ctx: Context) {
             skew: Duration::from_secs(config.ctl_skew_secs),
             max_body: config.ctl_max_body,
         },
-        None,
+        on_revoke,
     ));
     let r = readiness.clone();
     let ready = move || {
         set(
             &r,
             |z, s| z.stages.membership = s,
-            Stage::with_detail(StageState::Up, "unibus.ctl.>"),
+            Stage::with_detail(StageState::Up, detail),
         )
     };
     let stop = shutdown.clone();

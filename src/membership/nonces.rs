@@ -1,0 +1,111 @@
+//! The cluster-wide nonce ledger: a signed control-plane request is accepted once per
+//! cluster, not once per node.
+//!
+//! Each node's membership service keeps a replay cache in memory (`auth::envelope`), but
+//! every node answers `unibus.ctl.>` (one queue group) and a client's request goes to the
+//! node it is connected to — so without a shared record the same bytes, replayed through
+//! another node, would be accepted again. With the KV store, every nonce that passes the
+//! local checks is also *claimed* here: a publish to `unibus.nonces.<key>.<nonce>` in the
+//! stream `UNIBUS_NONCES` with `Nats-Expected-Last-Subject-Sequence: 0`, which JetStream
+//! accepts for exactly one publisher (the stream's leader orders them). A second claim gets
+//! "wrong last sequence": a replay. Entries expire after the skew window (plus a margin),
+//! when the skew check alone refuses the envelope.
+//!
+//! The stream lives in the `AUTH` account with the store, out of clients' reach; memory
+//! storage (nonces are worthless after the window) with the `users` bucket's replicas.
+//! Fail closed: a claim that cannot be made is an error (`unavailable`), never a pass.
+//! A single node (SQLite) has one service, so its in-memory cache is the whole truth and
+//! there is no ledger.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use tokio::sync::OnceCell;
+
+use super::StoreError;
+
+const STREAM: &str = "UNIBUS_NONCES";
+const PREFIX: &str = "unibus.nonces";
+
+/// Claims nonces in a replicated stream, created on first use.
+pub struct NonceLedger {
+    js: jetstream::Context,
+    keep: Duration,
+    op_timeout: Duration,
+    ready: OnceCell<()>,
+}
+
+impl NonceLedger {
+    /// A ledger remembering nonces for `skew` on both sides (twice the window, plus slack).
+    pub fn new(js: jetstream::Context, skew: Duration, op_timeout: Duration) -> Self {
+        NonceLedger {
+            js,
+            keep: skew * 2 + Duration::from_secs(5),
+            op_timeout,
+            ready: OnceCell::new(),
+        }
+    }
+
+    /// True if this is the first claim of (`key`, `nonce`) in the cluster, false for a replay.
+    /// Both are checked envelope fields: `key` a user public key, `nonce` base64url.
+    pub async fn claim(&self, key: &str, nonce: &str) -> Result<bool, StoreError> {
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !token_ok(key) || !token_ok(nonce) {
+            return Err(StoreError::Invalid {
+                field: "nonce",
+                reason: "key and nonce must be [A-Za-z0-9_-]".into(),
+            });
+        }
+        let bounded = |what: &'static str| {
+            move |_| StoreError::Unavailable(format!("nonce ledger: {what}: timed out"))
+        };
+        tokio::time::timeout(
+            self.op_timeout,
+            self.ready.get_or_try_init(|| self.create()),
+        )
+        .await
+        .map_err(bounded("create stream"))??;
+        let publish = PublishMessage::build()
+            .payload(bytes::Bytes::new())
+            .expected_last_subject_sequence(0);
+        let claim = async {
+            let ack = self
+                .js
+                .send_publish(format!("{PREFIX}.{key}.{nonce}"), publish)
+                .await?;
+            ack.await
+        };
+        match tokio::time::timeout(self.op_timeout, claim)
+            .await
+            .map_err(bounded("claim"))?
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => Err(StoreError::Unavailable(format!("nonce ledger: claim: {e}"))),
+        }
+    }
+
+    async fn create(&self) -> Result<(), StoreError> {
+        let replicas = match self.js.get_stream("KV_users").await {
+            Ok(mut s) => s.info().await.map(|i| i.config.num_replicas).unwrap_or(1),
+            Err(_) => 1,
+        };
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec![format!("{PREFIX}.>")],
+                max_age: self.keep,
+                max_messages_per_subject: 1,
+                storage: stream::StorageType::Memory,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("nonce ledger: create {STREAM}: {e}")))?;
+        Ok(())
+    }
+}
