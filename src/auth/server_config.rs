@@ -34,7 +34,26 @@ const TLS_TIMEOUT_SECS: u32 = 2;
 /// Accounts, system account and the auth-callout block. `service_user` (and
 /// `system_user`, if given: a `SYS` user for server-side disconnects) bypass the callout.
 pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str>) -> String {
+    callout_config_with_app(issuer, service_user, None, system_user)
+}
+
+/// [`callout_config`] with the node's own `APP` user (`app_user`): it bypasses the callout
+/// too and lands in `APP`, where it serves the control plane and keeps the `ROOMS` stream
+/// (room history lives in the account the clients publish in, so no import is needed).
+pub fn callout_config_with_app(
+    issuer: &str,
+    service_user: &str,
+    app_user: Option<&str>,
+    system_user: Option<&str>,
+) -> String {
     let mut auth_users = vec![quote(service_user)];
+    let app_users = match app_user {
+        Some(user) => {
+            auth_users.push(quote(user));
+            format!("\n    users: [ {{ nkey: {} }} ]", quote(user))
+        }
+        None => String::new(),
+    };
     let sys_users = match system_user {
         Some(user) => {
             auth_users.push(quote(user));
@@ -49,7 +68,7 @@ pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str
     users: [ {{ nkey: {service} }} ]
   }}
   APP {{
-    jetstream: enabled
+    jetstream: enabled{app_users}
   }}
   SYS {{{sys_users}}}
 }}
@@ -121,6 +140,11 @@ mod tests {
         assert!(text.contains("users: [ { nkey: \"USERVICE\" } ]"));
         assert!(text.contains("account: AUTH"));
         assert!(text.contains("system_account: SYS"));
+        let with_app = callout_config_with_app("AISSUER", "USERVICE", Some("UAPP"), None);
+        assert!(with_app.contains("auth_users: [ \"USERVICE\", \"UAPP\" ]"));
+        assert!(
+            with_app.contains("APP {\n    jetstream: enabled\n    users: [ { nkey: \"UAPP\" } ]")
+        );
         let with_sys = callout_config("AISSUER", "USERVICE", Some("USYS"));
         assert!(with_sys.contains("auth_users: [ \"USERVICE\", \"USYS\" ]"));
         assert!(with_sys.contains("SYS {\n    users: [ { nkey: \"USYS\" } ]"));

@@ -11,8 +11,8 @@
 //!    counts the would-be denial and goes on with the claimed key, `off` skips the checks.
 //! 2. **identity** — the signer must be an active (not revoked) user in the store;
 //! 3. **rules** — admins manage users; any admitted user creates rooms and owns them;
-//!    owners invite, remove and rekey; members read their room, its members and keys, and
-//!    may leave.
+//!    owners invite, remove and rekey; members read their room, its members and keys, open
+//!    feeds of its messages (`rooms.subscribe`, see [`super::history`]), and may leave.
 //!
 //! Only then does the store see the request. Ids are validated by the store itself before
 //! they reach SQL or KV, and come back as `invalid`.
@@ -28,6 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::*;
+use super::history::History;
 use super::{MemberState, Role, Store, StoreError};
 use crate::auth::envelope::{self, ReplayCache};
 use crate::config::BusAuth;
@@ -66,6 +67,7 @@ pub struct Handler {
     config: ServiceConfig,
     replay: ReplayCache,
     on_revoke: Option<OnRevoke>,
+    history: Option<History>,
 }
 
 /// Who is asking, after authentication and the identity check.
@@ -82,7 +84,24 @@ impl Handler {
             config,
             replay,
             on_revoke,
+            history: None,
         }
+    }
+
+    /// Serves room feeds (`rooms.subscribe`) and purges a deleted room's history from the
+    /// `ROOMS` stream. Without it, `rooms.subscribe` is `unavailable`.
+    pub fn with_history(mut self, history: History) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    fn history(&self) -> Result<&History, CtlError> {
+        self.history.as_ref().ok_or_else(|| {
+            CtlError::new(
+                ErrorKind::Unavailable,
+                "room history is not served by this node",
+            )
+        })
     }
 
     /// Handles one raw request for `op`: the reply body and, for an error, its kind.
@@ -230,7 +249,17 @@ impl Handler {
                 let req: RoomRef = parse(body)?;
                 self.require_owner(caller, &req.room).await?;
                 let members = store.list_members(&req.room).await?;
+                // Purge first: if that fails the room still exists and the delete can be
+                // retried; once more after, for what members sent in between.
+                if let Some(history) = &self.history {
+                    history.purge_room(&req.room).await?;
+                }
                 store.delete_room(&req.room).await?;
+                if let Some(history) = &self.history
+                    && let Err(e) = history.purge_room(&req.room).await
+                {
+                    tracing::warn!(room = req.room, "second purge of a deleted room: {e}");
+                }
                 self.revoked(members.into_iter().map(|m| m.endpoint).collect());
                 ok(serde_json::json!({}))
             }
@@ -319,6 +348,35 @@ impl Handler {
                 let req: KeyRef = parse(body)?;
                 self.require_member(caller, &req.room, true).await?;
                 ok(store.get_room_key(&req.room, req.epoch).await?)
+            }
+            Op::UsersXkey => {
+                let req: SetXkey = parse(body)?;
+                ok(store.set_user_xkey(&caller.key, &req.xkey).await?)
+            }
+            Op::MembersKeys => {
+                let req: RoomRef = parse(body)?;
+                self.require_member(caller, &req.room, false).await?;
+                let mut out = Vec::new();
+                for m in store.list_members(&req.room).await? {
+                    let xkey = match store.get_user(&m.endpoint).await {
+                        Ok(u) if u.revoked_at.is_none() => u.xkey,
+                        Ok(_) | Err(StoreError::NotFound { .. }) => None,
+                        Err(e) => return Err(e.into()),
+                    };
+                    out.push(MemberKey {
+                        key: m.endpoint,
+                        xkey,
+                    });
+                }
+                ok(out)
+            }
+            Op::RoomsSubscribe => {
+                let req: SubscribeRoom = parse(body)?;
+                self.require_member(caller, &req.room, true).await?;
+                ok(self
+                    .history()?
+                    .open_feed(&req.room, &caller.key, &req.inbox, req.start)
+                    .await?)
             }
             Op::KeysRekey => {
                 let req: Rekey = parse(body)?;
