@@ -94,6 +94,17 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// The log level when `UNIBUS_LOG` is unset: a node logs its life at `info`; client
+    /// commands print their result and only warnings besides.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Node(_) | Command::Cluster(_) | Command::Bench { .. } => "info",
+            _ => "warn",
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Node(c) => node::run(c).await,

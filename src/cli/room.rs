@@ -14,6 +14,7 @@ pub enum RoomCommand {
         /// End-to-end encrypted: bodies sealed with a room key only members hold.
         #[arg(long)]
         encrypted: bool,
+        /// A human-readable name (default: the room id).
         #[arg(long, default_value = "")]
         name: String,
         #[arg(long)]

@@ -13,6 +13,7 @@ pub enum UserCommand {
         /// May manage users.
         #[arg(long)]
         admin: bool,
+        /// A human-readable name (default: `user`).
         #[arg(long, default_value = "")]
         name: String,
         #[arg(long)]
@@ -49,6 +50,11 @@ pub async fn run(command: UserCommand) -> u8 {
             let client = match conn::client(&conn).await {
                 Ok(c) => c,
                 Err(code) => return code,
+            };
+            let name = if name.is_empty() {
+                "user".to_string()
+            } else {
+                name
             };
             match client.add_user(&key, &name, admin).await {
                 Ok(user) if json => output::json(&user),

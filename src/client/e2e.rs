@@ -80,6 +80,11 @@ impl RoomSecret {
         Ok(RoomSecret(key))
     }
 
+    /// The raw key (for tools and tests that check it never leaks; never send it anywhere).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     fn aead(&self, room: &str) -> Result<LessSafeKey, CryptoError> {
         UnboundKey::new(&CHACHA20_POLY1305, &self.0)
             .map(LessSafeKey::new)

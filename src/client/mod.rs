@@ -74,6 +74,9 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// How long `send` keeps retrying until its message is acknowledged.
     pub publish_timeout: Duration,
+    /// Try `servers` in the given order (a preferred local node first) instead of a random
+    /// order that spreads clients over the cluster.
+    pub retain_order: bool,
 }
 
 impl ClientOptions {
@@ -88,6 +91,7 @@ impl ClientOptions {
             name: None,
             request_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(30),
+            retain_order: false,
         }
     }
 
@@ -170,6 +174,9 @@ impl Client {
                     }
                 }
             });
+        if options.retain_order {
+            nats_options = nats_options.retain_servers_order();
+        }
         if let Some(ca) = &options.ca {
             if !ca.is_file() {
                 return Err(ClientError::Local(format!(

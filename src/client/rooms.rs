@@ -34,8 +34,9 @@ impl Client {
 
     // ---- rooms
 
-    /// Creates a room owned by the caller, then refreshes permissions so this connection
-    /// may use it. An encrypted room gets its first key epoch, wrapped for the owner.
+    /// Creates a room owned by the caller (an empty `name` becomes the room id), then
+    /// refreshes permissions so this connection may use it. An encrypted room gets its
+    /// first key epoch, wrapped for the owner.
     pub async fn create_room(
         &self,
         room: &str,
@@ -44,7 +45,7 @@ impl Client {
     ) -> Result<Room, ClientError> {
         let body = CreateRoom {
             room: room.into(),
-            name: name.into(),
+            name: if name.is_empty() { room } else { name }.into(),
             encrypted,
         };
         let created: Room = self.call(Op::RoomsCreate, &body).await?;
