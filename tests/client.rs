@@ -318,10 +318,24 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn encrypted_rooms_seal_bodies_wrap_keys_and_shut_out_removed_members() {
+/// Runs `test` on its own runtime with a cluster, one cluster at a time.
+fn with_cluster<F: std::future::Future<Output = ()>>(test: impl FnOnce(LocalCluster) -> F) {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let cluster = tokio::task::block_in_place(cluster);
+    let cluster = cluster();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test(cluster));
+}
+
+#[test]
+fn encrypted_rooms_seal_bodies_wrap_keys_and_shut_out_removed_members() {
+    with_cluster(encrypted_rooms);
+}
+
+async fn encrypted_rooms(cluster: LocalCluster) {
     let dir = tempfile::tempdir().unwrap();
     let admin = connect(&cluster, &[0], &cluster.secrets.join("admin.seed")).await;
     let (a_seed, a_key) = user(dir.path(), "a");
@@ -462,10 +476,26 @@ async fn encrypted_rooms_seal_bodies_wrap_keys_and_shut_out_removed_members() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listener_misses_nothing_when_its_node_is_killed_mid_stream() {
-    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let mut cluster = tokio::task::block_in_place(cluster);
+/// How the listener's node goes away.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Failure {
+    /// SIGKILL of the unibus node (its nats-server dies with it).
+    Kill,
+    /// SIGTERM: lame duck (clients are moved to peers), then a clean stop.
+    LameDuck,
+}
+
+#[test]
+fn a_listener_misses_nothing_when_its_node_is_killed_mid_stream() {
+    with_cluster(|c| listener_survives(c, Failure::Kill));
+}
+
+#[test]
+fn a_listener_misses_nothing_when_its_node_goes_into_lame_duck() {
+    with_cluster(|c| listener_survives(c, Failure::LameDuck));
+}
+
+async fn listener_survives(mut cluster: LocalCluster, failure: Failure) {
     let dir = tempfile::tempdir().unwrap();
     let admin = connect(&cluster, &[1], &cluster.secrets.join("admin.seed")).await;
     let (a_seed, a_key) = user(dir.path(), "a");
@@ -500,15 +530,20 @@ async fn a_listener_misses_nothing_when_its_node_is_killed_mid_stream() {
         let m = next(&mut feed).await.unwrap();
         got.push((m.seq, String::from_utf8(m.body).unwrap()));
     }
-    // SIGKILL node 1 (its nats-server dies with it) mid-stream.
+    // Node 1 goes away mid-stream.
     let node = &mut cluster.nodes[0];
-    let nats_pid = node.nats_pid();
-    node.signal(libc::SIGKILL);
-    if let Some(pid) = nats_pid {
-        kill(pid, libc::SIGKILL);
+    match failure {
+        Failure::Kill => {
+            let nats_pid = node.nats_pid();
+            node.signal(libc::SIGKILL);
+            if let Some(pid) = nats_pid {
+                kill(pid, libc::SIGKILL);
+            }
+            node.wait_exit(Duration::from_secs(10))
+                .expect("node 1 is dead");
+        }
+        Failure::LameDuck => node.signal(libc::SIGTERM),
     }
-    node.wait_exit(Duration::from_secs(10))
-        .expect("node 1 is dead");
 
     sender.await.unwrap();
     let mut acked = Vec::new();

@@ -227,7 +227,11 @@ impl FeedTask {
                 Ok(None) | Err(_) => return (Reopen::Resume, heard),
             };
             heard = true;
-            if message.status.is_some() {
+            if let Some(status) = message.status {
+                if status != async_nats::StatusCode::IDLE_HEARTBEAT {
+                    // The consumer is gone or in trouble (e.g. deleted after a removal).
+                    return (Reopen::Resume, heard);
+                }
                 // Idle heartbeat: it names the last consumer sequence sent.
                 let sent = message
                     .headers

@@ -40,6 +40,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
 
 use super::api::{self, CtlError, ErrorKind, Feed, Start};
 
@@ -131,6 +132,57 @@ impl History {
             after: info.delivered.stream_sequence,
             heartbeat_ms: HEARTBEAT.as_millis() as u64,
         })
+    }
+
+    /// Closes the open feeds of `room` (of one `listener`, or everyone's), when rights to
+    /// the room are taken away: the listener's client notices, asks for a new feed and is
+    /// refused, so a removed member stops receiving at once, without waiting for its
+    /// connection to be re-admitted with fewer permissions. Best effort per consumer.
+    pub async fn close_feeds(&self, room: &str, listener: Option<&str>) -> Result<usize, CtlError> {
+        let prefix = match listener {
+            Some(key) => format!("{}.{room}.{key}.", api::DELIVER_PREFIX),
+            None => format!("{}.{room}.", api::DELIVER_PREFIX),
+        };
+        self.close_matching(|subject| subject.starts_with(&prefix))
+            .await
+    }
+
+    /// Closes every feed of `listener` in any room (the user was revoked).
+    pub async fn close_feeds_of(&self, listener: &str) -> Result<usize, CtlError> {
+        // `unibus.deliver.<room>.<listener>.<inbox>`
+        let prefix = format!("{}.", api::DELIVER_PREFIX);
+        let owned = format!("{listener}.");
+        self.close_matching(|subject| {
+            subject
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(_room, rest)| rest.starts_with(&owned))
+        })
+        .await
+    }
+
+    async fn close_matching(&self, matches: impl Fn(&str) -> bool) -> Result<usize, CtlError> {
+        let stream = self
+            .js
+            .get_stream_no_info(api::ROOMS_STREAM)
+            .await
+            .map_err(|e| unavailable("cannot reach the room history", e))?;
+        let mut consumers = stream.consumers();
+        let mut doomed = Vec::new();
+        while let Some(info) = consumers.next().await {
+            let info = info.map_err(|e| unavailable("cannot list the room feeds", e))?;
+            if info.config.deliver_subject.as_deref().is_some_and(&matches) {
+                doomed.push(info.name);
+            }
+        }
+        let mut closed = 0;
+        for name in doomed {
+            match stream.delete_consumer(&name).await {
+                Ok(_) => closed += 1,
+                Err(e) => tracing::warn!(consumer = name, "cannot close a room feed: {e}"),
+            }
+        }
+        Ok(closed)
     }
 
     /// Removes every stored message of `room` (when it is deleted: a later room with the same

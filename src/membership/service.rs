@@ -212,6 +212,9 @@ impl Handler {
                 let req: UserRef = parse(body)?;
                 require_admin(caller)?;
                 let user = store.revoke_user(&req.key).await?;
+                if let Some(history) = &self.history {
+                    self.closed(history.close_feeds_of(&user.key).await);
+                }
                 self.revoked(vec![user.key.clone()]);
                 ok(user)
             }
@@ -255,10 +258,11 @@ impl Handler {
                     history.purge_room(&req.room).await?;
                 }
                 store.delete_room(&req.room).await?;
-                if let Some(history) = &self.history
-                    && let Err(e) = history.purge_room(&req.room).await
-                {
-                    tracing::warn!(room = req.room, "second purge of a deleted room: {e}");
+                if let Some(history) = &self.history {
+                    if let Err(e) = history.purge_room(&req.room).await {
+                        tracing::warn!(room = req.room, "second purge of a deleted room: {e}");
+                    }
+                    self.closed(history.close_feeds(&req.room, None).await);
                 }
                 self.revoked(members.into_iter().map(|m| m.endpoint).collect());
                 ok(serde_json::json!({}))
@@ -313,7 +317,11 @@ impl Handler {
                     ));
                 }
                 store.remove_member(&req.room, &req.key).await?;
-                self.revoked(vec![req.key.to_ascii_uppercase()]);
+                let key = req.key.to_ascii_uppercase();
+                if let Some(history) = &self.history {
+                    self.closed(history.close_feeds(&req.room, Some(&key)).await);
+                }
+                self.revoked(vec![key]);
                 ok(serde_json::json!({}))
             }
             Op::MembersLeave => {
@@ -326,6 +334,9 @@ impl Handler {
                     ));
                 }
                 store.remove_member(&req.room, &caller.key).await?;
+                if let Some(history) = &self.history {
+                    self.closed(history.close_feeds(&req.room, Some(&caller.key)).await);
+                }
                 self.revoked(vec![caller.key.clone()]);
                 ok(serde_json::json!({}))
             }
@@ -386,6 +397,17 @@ impl Handler {
                     .map_err(|e| CtlError::invalid(format!("material is not base64: {e}")))?;
                 ok(store.rekey(&req.room, &material).await?)
             }
+        }
+    }
+
+    /// Logs the outcome of closing feeds after rights were taken away. A failure is not the
+    /// caller's: the store change stands, and the feeds' consumers expire on their own once
+    /// the connection is re-admitted without the room.
+    fn closed(&self, result: Result<usize, CtlError>) {
+        match result {
+            Ok(n) if n > 0 => tracing::info!(feeds = n, "closed room feeds after a removal"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("could not close room feeds after a removal: {e}"),
         }
     }
 
