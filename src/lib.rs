@@ -9,9 +9,11 @@
 //! - [`auth`]: keys, cluster secrets, the signed control-plane envelope, the auth callout;
 //! - [`config`]: figment layers (defaults, `unibus.toml`, `UNIBUS_*`, CLI) and feature flags;
 //! - [`node`]: the node runtime: nats-server supervision, lifecycle, admin HTTP;
-//! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV).
+//! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV);
+//! - [`client`]: the client library (control plane, rooms, durable feeds, E2E encryption).
 pub mod auth;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod localnet;
 pub mod membership;

@@ -68,11 +68,16 @@ impl Responder {
                 };
                 let verdict = callout::verify_client_nonce(&request)
                     .map_err(|e| e.to_string())
-                    .and_then(|key| allow.get(&key).ok_or_else(|| format!("unknown key {key}")));
+                    .and_then(|key| {
+                        allow
+                            .get(&key)
+                            .map(|rooms| (key.clone(), rooms))
+                            .ok_or_else(|| format!("unknown key {key}"))
+                    });
                 let answer = match &verdict {
-                    Ok(rooms) => callout::allow_response(
+                    Ok((key, rooms)) => callout::allow_response(
                         &request,
-                        &callout::permissions_for(rooms, false),
+                        &callout::permissions_for(key, rooms, false),
                         &issuer,
                         Some(Duration::from_secs(300)),
                     ),
@@ -262,7 +267,16 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
     assert!(request.server_key.starts_with('N') && request.server_id.starts_with('N'));
     assert!(request.nonce.is_some() && request.client_sig.is_some());
     assert!(!request.tls);
-    round_trip(&client, "unibus.room.r1.>", "unibus.room.r1.chat").await;
+    let own = format!("unibus.room.r1.{}", alice.public_key());
+    round_trip(&client, "unibus.room.r1.>", &own).await;
+
+    // Her room, but another sender's subject: the subject names the sender.
+    client
+        .publish("unibus.room.r1.chat", "no".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    expect_violation(&mut events, "unibus.room.r1.chat").await;
 
     client
         .publish("unibus.room.r2.x", "no".into())
@@ -277,7 +291,7 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
     expect_violation(&mut events, "unibus.ctl.>").await;
 
     // Still connected after the violations; the server lists her under her own key.
-    round_trip(&client, "unibus.room.r1.>", "unibus.room.r1.again").await;
+    round_trip(&client, "unibus.room.r1.>", &own).await;
     let connz = server.monitor_json("/connz?auth=true").unwrap();
     let users: Vec<&str> = connz["connections"]
         .as_array()
@@ -321,7 +335,8 @@ async fn with_tls_clients_pin_the_project_ca_and_plaintext_is_refused() {
     let (client, _events) = connect_with_events(pinned, &url)
         .await
         .expect("a client pinning ca.crt connects over TLS");
-    round_trip(&client, "unibus.room.r1.>", "unibus.room.r1.tls").await;
+    let own = format!("unibus.room.r1.{}", alice.public_key());
+    round_trip(&client, "unibus.room.r1.>", &own).await;
     assert!(responder.request_for(&alice.public_key()).unwrap().0.tls);
 
     // A client that trusts another CA does not accept the server.

@@ -46,7 +46,7 @@ async fn seed(dir: &Path, sizes: &Sizes) -> (PathBuf, Vec<String>) {
     let tx = conn.transaction().unwrap();
     {
         let mut add_user = tx
-            .prepare("INSERT INTO users VALUES (?1, ?2, ?3, ?4, ?5)")
+            .prepare("INSERT INTO users (key, name, admin, created_at, revoked_at) VALUES (?1, ?2, ?3, ?4, ?5)")
             .unwrap();
         for (i, key) in users.iter().enumerate().skip(1) {
             let revoked = (i % 97 == 0).then_some(1_700_000_000_000i64 + i as i64);

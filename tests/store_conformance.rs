@@ -85,6 +85,31 @@ async fn users(store: &Store) {
 
     assert!(is_not_found(store.get_user(&user_key()).await));
     assert!(is_not_found(store.revoke_user(&user_key()).await));
+
+    // An xkey for end-to-end encrypted rooms: set by key (any case), replaceable, checked.
+    assert_eq!(store.get_user(&alice).await.unwrap().xkey, None);
+    let x1 = nkeys::XKey::new().public_key();
+    let x2 = nkeys::XKey::new().public_key();
+    let u = store
+        .set_user_xkey(&alice.to_lowercase(), &x1)
+        .await
+        .unwrap();
+    assert_eq!(u.xkey.as_deref(), Some(x1.as_str()));
+    assert_eq!(store.get_user(&alice).await.unwrap(), u);
+    assert_eq!(
+        store
+            .set_user_xkey(&alice, &x2.to_lowercase())
+            .await
+            .unwrap()
+            .xkey,
+        Some(x2.clone())
+    );
+    assert!(is_invalid(
+        store.set_user_xkey(&alice, &alice).await,
+        "xkey"
+    ));
+    assert!(is_invalid(store.set_user_xkey(&alice, "X.>").await, "xkey"));
+    assert!(is_not_found(store.set_user_xkey(&user_key(), &x1).await));
 }
 
 async fn rooms(store: &Store) {

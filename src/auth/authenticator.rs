@@ -138,7 +138,7 @@ impl Authenticator {
             .map(|m| m.room)
             .collect();
         let admin = self.store.get_user(&key).await.map(|u| u.admin)?;
-        let perms = callout::permissions_for(&rooms, admin);
+        let perms = callout::permissions_for(&key, &rooms, admin);
         if self.mode == BusAuth::Soft {
             // Soft admits with open permissions; show what enforce would grant.
             tracing::debug!(client = key, ?perms, "bus-auth soft: enforce would grant");

@@ -252,15 +252,24 @@ pub fn is_room_id(id: &str) -> bool {
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-/// The subjects of DESIGN §3 for a user who is a member of `rooms`.
+/// The subjects of DESIGN §3 for user `key`, a joined member of `rooms`.
 ///
 /// Everyone admitted: publish `unibus.ctl.>` (the control plane) and micro discovery
-/// (`$SRV.PING|INFO|STATS` and their `.>`), subscribe `_INBOX.>` (replies). Members of a
-/// room: publish and subscribe `unibus.room.<room>.>`. An id that is not a valid room id is
-/// skipped, never turned into a wildcard. `is_admin` adds no subjects: admin rights are
-/// enforced by the control plane, which sees the caller's verified key; the flag is here so
-/// admin-only subjects have one place to go. Lists are sorted and free of duplicates.
-pub fn permissions_for(rooms: &[String], is_admin: bool) -> Permissions {
+/// (`$SRV.PING|INFO|STATS` and their `.>`), subscribe `_INBOX.>` (replies, JetStream
+/// publish acks). For each room:
+///
+/// - publish only `unibus.room.<room>.<key>`: a message's subject names its sender, and
+///   the server, not the publisher, vouches for it (see `membership::history`);
+/// - subscribe `unibus.room.<room>.>` (live, core NATS) and
+///   `unibus.deliver.<room>.<key>.>` (the feeds the control plane opens for this user:
+///   history and live, with stream sequences).
+///
+/// No `$JS.API.>`: clients never touch the JetStream API, so nobody can create a consumer
+/// that reads a room they are not in. An id that is not a valid room id (or a key that is
+/// not a user key) is skipped, never turned into a wildcard. `is_admin` adds no subjects:
+/// admin rights are enforced by the control plane, which sees the caller's verified key.
+/// Lists are sorted and free of duplicates.
+pub fn permissions_for(key: &str, rooms: &[String], is_admin: bool) -> Permissions {
     let _ = is_admin;
     let mut pub_allow: Vec<String> = [
         "unibus.ctl.>",
@@ -275,10 +284,12 @@ pub fn permissions_for(rooms: &[String], is_admin: bool) -> Permissions {
     .map(|s| s.to_string())
     .collect();
     let mut sub_allow = vec!["_INBOX.>".to_string()];
-    for room in rooms.iter().filter(|r| is_room_id(r)) {
-        let subject = format!("unibus.room.{room}.>");
-        pub_allow.push(subject.clone());
-        sub_allow.push(subject);
+    if is_key(key, KeyPairType::User) {
+        for room in rooms.iter().filter(|r| is_room_id(r)) {
+            pub_allow.push(format!("unibus.room.{room}.{key}"));
+            sub_allow.push(format!("unibus.room.{room}.>"));
+            sub_allow.push(format!("unibus.deliver.{room}.{key}.>"));
+        }
     }
     for list in [&mut pub_allow, &mut sub_allow] {
         list.sort();
@@ -502,7 +513,7 @@ mod tests {
             request_jwt(&server, &issuer.public_key(), Some(&client), "x").as_bytes(),
         )
         .unwrap();
-        let perms = permissions_for(&["r1".into()], false);
+        let perms = permissions_for(&client.public_key(), &["r1".into()], false);
         let raw = allow_response(&req, &perms, &issuer, Some(Duration::from_secs(60))).unwrap();
         let resp = jwt::decode(raw.as_bytes()).unwrap();
         assert_eq!(resp.issuer, issuer.public_key());
@@ -532,25 +543,45 @@ mod tests {
 
     #[test]
     fn permissions_follow_design_section_3() {
-        let p = permissions_for(&["r1".into(), "r1".into(), "team-a_2".into()], false);
+        let key = KeyPair::new_user().public_key();
+        let p = permissions_for(&key, &["r1".into(), "r1".into(), "team-a_2".into()], false);
         assert_eq!(
             p.sub_allow,
-            vec!["_INBOX.>", "unibus.room.r1.>", "unibus.room.team-a_2.>"]
+            vec![
+                "_INBOX.>".to_string(),
+                format!("unibus.deliver.r1.{key}.>"),
+                format!("unibus.deliver.team-a_2.{key}.>"),
+                "unibus.room.r1.>".to_string(),
+                "unibus.room.team-a_2.>".to_string(),
+            ]
         );
         for s in [
             "unibus.ctl.>",
             "$SRV.PING",
             "$SRV.INFO.>",
             "$SRV.STATS",
-            "unibus.room.r1.>",
+            &format!("unibus.room.r1.{key}"),
         ] {
             assert!(p.pub_allow.iter().any(|x| x == s), "{s}");
         }
+        // A member publishes only as itself (the subject names the sender), and nobody
+        // reaches the JetStream API.
+        assert!(!p.pub_allow.iter().any(|s| s == "unibus.room.r1.>"));
+        assert!(
+            !p.pub_allow
+                .iter()
+                .chain(&p.sub_allow)
+                .any(|s| s.starts_with("$JS"))
+        );
         assert!(!p.sub_allow.iter().any(|s| s.starts_with("unibus.ctl")));
-        // Nothing that is not a room id becomes a subject.
+        // Nothing that is not a room id (or a user key) becomes a subject.
         for bad in ["*", ">", "a.b", "", "R1", "a b", "é", "-x", &"x".repeat(64)] {
-            let p = permissions_for(&[bad.to_string()], true);
+            let p = permissions_for(&key, &[bad.to_string()], true);
             assert_eq!(p.sub_allow, vec!["_INBOX.>"], "{bad:?}");
+        }
+        for bad_key in ["*", ">", "U.X", "", &KeyPair::new_account().public_key()] {
+            let p = permissions_for(bad_key, &["r1".into()], false);
+            assert_eq!(p.sub_allow, vec!["_INBOX.>"], "{bad_key:?}");
         }
         assert!(is_room_id(&"x".repeat(63)));
     }

@@ -322,3 +322,62 @@ mod tests {
         );
     }
 }
+
+/// Domain-separation tag for keys derived from another key's seed.
+const DERIVE_TAG: &[u8] = b"unibus-derived-key-v1\0";
+
+/// The 32 bytes a derived key is made from: SHA-256 over a tag, the purpose and the parent
+/// seed. One-way, so a derived key reveals nothing about its parent.
+fn derived_bytes(parent: &KeyPair, purpose: &str) -> Result<[u8; 32], nkeys::error::Error> {
+    let seed = parent.seed()?;
+    let mut input = Vec::with_capacity(DERIVE_TAG.len() + purpose.len() + seed.len() + 1);
+    input.extend_from_slice(DERIVE_TAG);
+    input.extend_from_slice(purpose.as_bytes());
+    input.push(0);
+    input.extend_from_slice(seed.as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
+/// A user key derived deterministically from `parent`'s seed for one `purpose`.
+///
+/// Why derive rather than write another seed file: every node computes the same key from
+/// the secrets it already shares (so the rendered nats-server configs agree), and existing
+/// secrets directories keep working without a new file. The node's `APP` identity (see
+/// `node::security`) is `derive_user(service, "app")`.
+pub fn derive_user(parent: &KeyPair, purpose: &str) -> Result<KeyPair, nkeys::error::Error> {
+    KeyPair::new_from_raw(KeyPairType::User, derived_bytes(parent, purpose)?)
+}
+
+/// The curve (x25519) key an endpoint uses for end-to-end encrypted rooms, derived from
+/// its user seed: the same seed file gives the same xkey on every machine, so there is no
+/// second private file to create, back up or lose.
+pub fn derive_xkey(user: &KeyPair) -> Result<nkeys::XKey, nkeys::error::Error> {
+    Ok(nkeys::XKey::new_from_raw(derived_bytes(user, "xkey")?))
+}
+
+#[cfg(test)]
+mod derive_tests {
+    use super::*;
+
+    #[test]
+    fn derived_keys_are_stable_distinct_and_of_the_right_kind() {
+        let parent = KeyPair::new_user();
+        let a = derive_user(&parent, "app").unwrap();
+        assert_eq!(
+            a.public_key(),
+            derive_user(&parent, "app").unwrap().public_key()
+        );
+        assert_eq!(a.key_pair_type(), KeyPairType::User);
+        assert_ne!(
+            a.public_key(),
+            derive_user(&parent, "other").unwrap().public_key()
+        );
+        assert_ne!(a.public_key(), parent.public_key());
+        let x = derive_xkey(&parent).unwrap();
+        assert!(x.public_key().starts_with('X'));
+        assert_eq!(x.public_key(), derive_xkey(&parent).unwrap().public_key());
+    }
+}

@@ -8,10 +8,10 @@
 //! - [`callout_config`]: accounts `AUTH` (the service user; JetStream for the store),
 //!   `APP` (admitted clients; JetStream for room history), `SYS` (the system account), and
 //!   the `authorization { auth_callout {} }` block naming the issuer, the `auth_users` that
-//!   bypass the callout, and `AUTH` as the account the callout runs in. The control plane
-//!   runs in `AUTH` (the service user) but its callers live in `APP`, so `AUTH` exports
-//!   `unibus.ctl.>` and micro discovery (`$SRV.>`, answered by every node: a stream of
-//!   replies) as services and `APP` imports them; nothing else crosses between the two.
+//!   bypass the callout, and `AUTH` as the account the callout runs in. The store stays in
+//!   `AUTH`, out of clients' reach; the control plane and room history are served in `APP`
+//!   by the node's own `APP` user (see [`callout_config_with_app`]), so nothing crosses
+//!   between the two accounts.
 //! - [`tls_config`]: the client listener's `tls {}`. `verify: false`: clients prove who
 //!   they are with nkeys, not certificates; they pin `ca.crt` to know the server is ours.
 //!   With a `tls {}` block nats-server refuses plaintext clients.
@@ -37,7 +37,26 @@ const TLS_TIMEOUT_SECS: u32 = 2;
 /// Accounts, system account and the auth-callout block. `service_user` (and
 /// `system_user`, if given: a `SYS` user for server-side disconnects) bypass the callout.
 pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str>) -> String {
+    callout_config_with_app(issuer, service_user, None, system_user)
+}
+
+/// [`callout_config`] with the node's own `APP` user (`app_user`): it bypasses the callout
+/// too and lands in `APP`, where it serves the control plane and keeps the `ROOMS` stream
+/// (room history lives in the account the clients publish in, so no import is needed).
+pub fn callout_config_with_app(
+    issuer: &str,
+    service_user: &str,
+    app_user: Option<&str>,
+    system_user: Option<&str>,
+) -> String {
     let mut auth_users = vec![quote(service_user)];
+    let app_users = match app_user {
+        Some(user) => {
+            auth_users.push(quote(user));
+            format!("\n    users: [ {{ nkey: {} }} ]", quote(user))
+        }
+        None => String::new(),
+    };
     let sys_users = match system_user {
         Some(user) => {
             auth_users.push(quote(user));
@@ -50,17 +69,9 @@ pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str
   AUTH {{
     jetstream: enabled
     users: [ {{ nkey: {service} }} ]
-    exports: [
-      {{ service: \"unibus.ctl.>\" }}
-      {{ service: \"$SRV.>\", response_type: stream }}
-    ]
   }}
   APP {{
-    jetstream: enabled
-    imports: [
-      {{ service: {{ account: AUTH, subject: \"unibus.ctl.>\" }} }}
-      {{ service: {{ account: AUTH, subject: \"$SRV.>\" }} }}
-    ]
+    jetstream: enabled{app_users}
   }}
   SYS {{{sys_users}}}
 }}
@@ -132,9 +143,11 @@ mod tests {
         assert!(text.contains("users: [ { nkey: \"USERVICE\" } ]"));
         assert!(text.contains("account: AUTH"));
         assert!(text.contains("system_account: SYS"));
-        // The control plane (in AUTH) reaches APP's callers through a service export/import.
-        assert!(text.contains(r#"{ service: "unibus.ctl.>" }"#));
-        assert!(text.contains(r#"{ service: { account: AUTH, subject: "unibus.ctl.>" } }"#));
+        let with_app = callout_config_with_app("AISSUER", "USERVICE", Some("UAPP"), None);
+        assert!(with_app.contains("auth_users: [ \"USERVICE\", \"UAPP\" ]"));
+        assert!(
+            with_app.contains("APP {\n    jetstream: enabled\n    users: [ { nkey: \"UAPP\" } ]")
+        );
         let with_sys = callout_config("AISSUER", "USERVICE", Some("USYS"));
         assert!(with_sys.contains("auth_users: [ \"USERVICE\", \"USYS\" ]"));
         assert!(with_sys.contains("SYS {\n    users: [ { nkey: \"USYS\" } ]"));

@@ -65,3 +65,16 @@ pub async fn connect(conn: &ConnArgs) -> Result<async_nats::Client, u8> {
         1
     })
 }
+
+/// Connects as a user for a client command. Errors are printed; the exit code returned.
+pub async fn client(conn: &ConnArgs) -> Result<unibus::client::Client, u8> {
+    let Some(seed_file) = &conn.seed_file else {
+        eprintln!("error: --seed-file (or UNIBUS_SEED_FILE) is required: the user's nkey seed");
+        return Err(2);
+    };
+    let mut options = unibus::client::ClientOptions::new(conn.servers.clone(), seed_file.clone());
+    options.ca = conn.ca.clone();
+    unibus::client::Client::connect(options)
+        .await
+        .map_err(|e| super::output::fail(&e))
+}

@@ -1,6 +1,10 @@
 //! The command line, one file per command family. Each handler parses nothing itself
 //! (clap did), calls the library, prints, and returns the exit code:
 //! 0 ok, 1 refused by the server or failed at run time, 2 bad usage or local error.
+//!
+//! Client commands (`user`, `room`, `send`, `listen`) are thin layers over
+//! `unibus::client::Client`: connect ([`conn::client`]), one library call, print
+//! ([`output`]).
 
 pub mod bench;
 pub mod cluster;
@@ -8,10 +12,16 @@ pub mod conn;
 pub mod keys;
 pub mod migrate;
 pub mod node;
+pub mod output;
+pub mod room;
+pub mod talk;
+pub mod user;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use conn::ConnArgs;
+use unibus::client::Start;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +50,43 @@ pub enum Command {
     /// Copy a single node's SQLite store into the cluster's KV buckets (idempotent,
     /// resumable, verified).
     Migrate(Box<migrate::MigrateArgs>),
+    /// Manage users (admins).
+    #[command(subcommand)]
+    User(user::UserCommand),
+    /// Create, inspect and manage rooms and their members.
+    #[command(subcommand)]
+    Room(room::RoomCommand),
+    /// Send MESSAGE to ROOM (without MESSAGE: one message per line of stdin). Prints each
+    /// message's stream sequence once the cluster has stored it.
+    Send {
+        room: String,
+        message: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print ROOM's messages, one line each: its history, then live.
+    Listen {
+        room: String,
+        /// Only messages after stream sequence SEQ (the last one you saw).
+        #[arg(long, value_name = "SEQ", conflicts_with = "new")]
+        since: Option<u64>,
+        /// Only messages sent from now on.
+        #[arg(long)]
+        new: bool,
+        /// One JSON object per line: room, seq, sender, time, body (and epoch).
+        #[arg(long)]
+        json: bool,
+        /// Stop after N messages.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop listening after SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Measure unibus side by side with raw NATS (starts its own local nodes).
     Bench {
         /// A shorter run (under 3 minutes on 2 cores).
@@ -51,6 +98,17 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// The log level when `UNIBUS_LOG` is unset: a node logs its life at `info`; client
+    /// commands print their result and only warnings besides.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Node(_) | Command::Cluster(_) | Command::Bench { .. } => "info",
+            _ => "warn",
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Node(c) => node::run(c).await,
@@ -58,5 +116,29 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Keygen { out } => keys::keygen(&out),
         Command::Bench { quick, json } => bench::run(quick, json).await,
         Command::Migrate(args) => migrate::run(*args).await,
+        Command::User(c) => user::run(c).await,
+        Command::Room(c) => room::run(c).await,
+        Command::Send {
+            room,
+            message,
+            json,
+            conn,
+        } => talk::send(&room, message, json, &conn).await,
+        Command::Listen {
+            room,
+            since,
+            new,
+            json,
+            count,
+            timeout,
+            conn,
+        } => {
+            let start = match (since, new) {
+                (Some(seq), _) => Start::After(seq),
+                (None, true) => Start::New,
+                (None, false) => Start::All,
+            };
+            talk::listen(&room, start, json, count, timeout, &conn).await
+        }
     }
 }

@@ -36,10 +36,13 @@ pub enum Op {
     KeysLatest,
     KeysGet,
     KeysRekey,
+    RoomsSubscribe,
+    UsersXkey,
+    MembersKeys,
 }
 
 impl Op {
-    pub const ALL: [Op; 17] = [
+    pub const ALL: [Op; 20] = [
         Op::UsersAdd,
         Op::UsersGet,
         Op::UsersList,
@@ -57,6 +60,9 @@ impl Op {
         Op::KeysLatest,
         Op::KeysGet,
         Op::KeysRekey,
+        Op::RoomsSubscribe,
+        Op::UsersXkey,
+        Op::MembersKeys,
     ];
 
     /// The endpoint name, also the `op` field of a signed envelope.
@@ -79,6 +85,9 @@ impl Op {
             Op::KeysLatest => "keys.latest",
             Op::KeysGet => "keys.get",
             Op::KeysRekey => "keys.rekey",
+            Op::RoomsSubscribe => "rooms.subscribe",
+            Op::UsersXkey => "users.xkey",
+            Op::MembersKeys => "members.keys",
         }
     }
 
@@ -165,6 +174,102 @@ pub struct KeyRef {
 pub struct Rekey {
     pub room: String,
     pub material: String,
+}
+
+/// `users.xkey`: the caller registers its own curve public key (`X…`) for end-to-end
+/// encrypted rooms.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetXkey {
+    pub xkey: String,
+}
+
+/// One entry of `members.keys`: a member of the room and its registered xkey, if any
+/// (what an owner wraps a new epoch's room key for).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberKey {
+    pub key: String,
+    #[serde(default)]
+    pub xkey: Option<String>,
+}
+
+/// Where a room feed starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// The room's whole stored history.
+    #[default]
+    All,
+    /// Only messages stored after the feed is opened.
+    New,
+    /// Messages with a stream sequence greater than this one.
+    After(u64),
+}
+
+/// `rooms.subscribe`: open a feed of a room's messages (history, then live) onto
+/// `unibus.deliver.<room>.<caller>.<inbox>`, a subject only the caller may subscribe to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeRoom {
+    pub room: String,
+    /// The caller's choice of last token (`[A-Za-z0-9_-]{1,64}`), so it can subscribe
+    /// before the feed starts and miss nothing.
+    pub inbox: String,
+    #[serde(default)]
+    pub start: Start,
+}
+
+/// The reply to `rooms.subscribe`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Feed {
+    /// The server-side consumer (ephemeral; it goes away when nobody listens).
+    pub consumer: String,
+    /// Where messages arrive.
+    pub subject: String,
+    /// The stream sequence the feed starts after: everything up to it is not delivered.
+    pub after: u64,
+    /// The server sends an idle heartbeat this often; missing three means the feed is gone.
+    pub heartbeat_ms: u64,
+}
+
+/// The JetStream stream (in `APP`) holding every room's messages.
+pub const ROOMS_STREAM: &str = "ROOMS";
+/// Room messages: `unibus.room.<room>.<sender key>`.
+pub const ROOM_PREFIX: &str = "unibus.room";
+/// Feeds: `unibus.deliver.<room>.<listener key>.<inbox>`.
+pub const DELIVER_PREFIX: &str = "unibus.deliver";
+
+/// The subject `sender` publishes `room` messages on. The authenticator allows each user
+/// exactly their own key's subject, so the last token is a sender identity the server
+/// vouches for.
+pub fn room_subject(room: &str, sender: &str) -> String {
+    format!("{ROOM_PREFIX}.{room}.{sender}")
+}
+
+/// Every message of `room`.
+pub fn room_filter(room: &str) -> String {
+    format!("{ROOM_PREFIX}.{room}.>")
+}
+
+/// Where a feed for `listener` in `room` is delivered.
+pub fn deliver_subject(room: &str, listener: &str, inbox: &str) -> String {
+    format!("{DELIVER_PREFIX}.{room}.{listener}.{inbox}")
+}
+
+/// The sender key of a message on `subject` in `room` (None if it is not a room subject).
+pub fn sender_of<'a>(subject: &'a str, room: &str) -> Option<&'a str> {
+    let rest = subject.strip_prefix(ROOM_PREFIX)?.strip_prefix('.')?;
+    let rest = rest.strip_prefix(room)?.strip_prefix('.')?;
+    (!rest.is_empty() && !rest.contains('.')).then_some(rest)
+}
+
+/// A feed inbox token: `[A-Za-z0-9_-]{1,64}`.
+pub fn is_inbox_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 64
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The kind of a control-plane error: stable strings clients branch on.
@@ -283,6 +388,22 @@ mod tests {
         }
         assert_eq!(Op::RoomsCreate.subject(), "unibus.ctl.rooms.create");
         assert_eq!(Op::from_name("rooms.*"), None);
+    }
+
+    #[test]
+    fn room_subjects_name_room_and_sender() {
+        assert_eq!(room_subject("r1", "UA"), "unibus.room.r1.UA");
+        assert_eq!(sender_of("unibus.room.r1.UA", "r1"), Some("UA"));
+        assert_eq!(sender_of("unibus.room.r1.UA.x", "r1"), None);
+        assert_eq!(sender_of("unibus.room.r10.UA", "r1"), None);
+        assert_eq!(deliver_subject("r", "U", "i"), "unibus.deliver.r.U.i");
+        assert!(is_inbox_token("aZ0_-"));
+        for bad in ["", "a.b", "*", ">", "a b", &"x".repeat(65)] {
+            assert!(!is_inbox_token(bad), "{bad:?}");
+        }
+        let json = serde_json::to_string(&Start::After(5)).unwrap();
+        assert_eq!(json, r#"{"after":5}"#);
+        assert_eq!(serde_json::to_string(&Start::New).unwrap(), r#""new""#);
     }
 
     #[test]

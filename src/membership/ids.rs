@@ -69,6 +69,24 @@ pub fn user_key(field: &'static str, key: &str) -> Result<String, StoreError> {
     }
 }
 
+/// Checks a curve (xkey) public key for end-to-end encryption (`X…`, checksum verified);
+/// returns it upper case.
+pub fn xkey(field: &'static str, key: &str) -> Result<String, StoreError> {
+    let invalid = |reason: String| StoreError::Invalid { field, reason };
+    let upper = key.to_ascii_uppercase();
+    if !key.is_ascii() || !upper.starts_with('X') {
+        return Err(invalid(format!(
+            "{key:?} is not a curve public key: xkeys start with 'X'"
+        )));
+    }
+    match nkeys::XKey::from_public_key(&upper) {
+        Ok(_) => Ok(upper),
+        Err(err) => Err(invalid(format!(
+            "{key:?} is not a valid xkey public key ({err})"
+        ))),
+    }
+}
+
 /// Checks a room-key epoch: epochs start at 1.
 pub fn epoch(epoch: u32) -> Result<u32, StoreError> {
     if epoch == 0 {

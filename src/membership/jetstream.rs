@@ -828,6 +828,7 @@ impl KvStore {
             admin,
             created_at: now_ms(),
             revoked_at: None,
+            xkey: None,
         };
         if self.create(&self.users, &user.key, encode(&user)?).await? {
             Ok(user)
@@ -855,6 +856,26 @@ impl KvStore {
             }
         }
         Ok(out)
+    }
+
+    pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        let xkey = ids::xkey("xkey", xkey)?;
+        for _ in 0..5 {
+            let Some((mut user, rev)) = self.get_json::<User>(&self.users, &key).await? else {
+                return Err(StoreError::not_found(format!("user {key}")));
+            };
+            if user.xkey.as_deref() == Some(xkey.as_str()) {
+                return Ok(user);
+            }
+            user.xkey = Some(xkey.clone());
+            if self.update(&self.users, &key, encode(&user)?, rev).await? {
+                return Ok(user);
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "user {key} kept changing while setting its xkey"
+        )))
     }
 
     pub(crate) async fn revoke_user(&self, key: &str) -> Result<User> {

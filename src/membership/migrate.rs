@@ -835,6 +835,7 @@ mod tests {
             admin: false,
             created_at: 1,
             revoked_at: None,
+            xkey: None,
         }
     }
 

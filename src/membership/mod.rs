@@ -56,6 +56,7 @@
 //! [`StoreError::Unavailable`].
 
 pub mod api;
+pub mod history;
 pub mod ids;
 pub mod jetstream;
 pub mod migrate;
@@ -79,6 +80,10 @@ pub struct User {
     pub created_at: u64,
     /// Unix milliseconds; a revoked user is never authorized again.
     pub revoked_at: Option<u64>,
+    /// The user's curve public key (`X…`) for end-to-end encrypted rooms, registered by the
+    /// user itself (`users.xkey`); room keys are wrapped for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xkey: Option<String>,
 }
 
 /// A room: a subject namespace `unibus.room.<id>.>` shared by its members.
@@ -333,6 +338,11 @@ impl Store {
     /// Marks a user revoked (idempotent: the first revocation time is kept).
     pub async fn revoke_user(&self, key: &str) -> Result<User> {
         dispatch!(self.revoke_user(key))
+    }
+
+    /// Sets (or replaces) a user's xkey; `NotFound` if the user does not exist.
+    pub async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
+        dispatch!(self.set_user_xkey(key, xkey))
     }
 
     /// True only if the user exists and is not revoked. Fails closed: any error is `false`.

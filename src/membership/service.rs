@@ -11,8 +11,8 @@
 //!    counts the would-be denial and goes on with the claimed key, `off` skips the checks.
 //! 2. **identity** — the signer must be an active (not revoked) user in the store;
 //! 3. **rules** — admins manage users; any admitted user creates rooms and owns them;
-//!    owners invite, remove and rekey; members read their room, its members and keys, and
-//!    may leave.
+//!    owners invite, remove and rekey; members read their room, its members and keys, open
+//!    feeds of its messages (`rooms.subscribe`, see [`super::history`]), and may leave.
 //!
 //! Gate 1's replay check is cluster-wide with the KV store: besides this node's cache, each
 //! nonce is claimed once in the shared ledger ([`super::nonces`]), so the same bytes sent
@@ -32,6 +32,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::*;
+use super::history::History;
 use super::nonces::NonceLedger;
 use super::{MemberState, Role, Store, StoreError};
 use crate::auth::envelope::{self, ReplayCache};
@@ -73,6 +74,7 @@ pub struct Handler {
     /// Cluster-wide replay record (KV store only: a SQLite node is alone).
     ledger: Option<NonceLedger>,
     on_revoke: Option<OnRevoke>,
+    history: Option<History>,
 }
 
 /// Who is asking, after authentication and the identity check.
@@ -98,13 +100,35 @@ impl Handler {
             replay,
             ledger,
             on_revoke,
+            history: None,
         }
     }
 
-    /// Handles one raw request for `op`: the reply body and, for an error, its kind.
-    pub async fn handle(&self, op: Op, raw: &[u8]) -> (Vec<u8>, Option<ErrorKind>) {
-        match self.process(op, raw).await {
-            Ok(value) => (json(&Reply::Ok(value)), None),
+    /// Serves room feeds (`rooms.subscribe`) and purges a deleted room's history from the
+    /// `ROOMS` stream. Without it, `rooms.subscribe` is `unavailable`.
+    pub fn with_history(mut self, history: History) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    fn history(&self) -> Result<&History, CtlError> {
+        self.history.as_ref().ok_or_else(|| {
+            CtlError::new(
+                ErrorKind::Unavailable,
+                "room history is not served by this node",
+            )
+        })
+    }
+
+    /// Handles one raw request for `op`: the reply body, for an error its kind, and the
+    /// users whose live connections must lose rights. The caller revokes (through
+    /// [`Handler::revoke`]) only after the reply is out: the caller itself may be among
+    /// them (a deleted room's owner, a member who leaves), and a kick that overtook the
+    /// reply would leave it without an answer.
+    pub async fn handle(&self, op: Op, raw: &[u8]) -> (Vec<u8>, Option<ErrorKind>, Vec<String>) {
+        let mut revoke = Vec::new();
+        match self.process(op, raw, &mut revoke).await {
+            Ok(value) => (json(&Reply::Ok(value)), None, revoke),
             Err(e) => {
                 tracing::debug!(
                     op = op.name(),
@@ -113,12 +137,17 @@ impl Handler {
                     e.message
                 );
                 let kind = e.kind;
-                (json(&Reply::<()>::Error(e)), Some(kind))
+                (json(&Reply::<()>::Error(e)), Some(kind), revoke)
             }
         }
     }
 
-    async fn process(&self, op: Op, raw: &[u8]) -> Result<serde_json::Value, CtlError> {
+    async fn process(
+        &self,
+        op: Op,
+        raw: &[u8],
+        revoke: &mut Vec<String>,
+    ) -> Result<serde_json::Value, CtlError> {
         let (claimed_key, body, nonce) = self.authenticate(op, raw)?;
         if let (Some(ledger), Some(nonce)) = (&self.ledger, nonce) {
             let soft = self.config.bus_auth == BusAuth::Soft;
@@ -137,7 +166,7 @@ impl Handler {
             }
         }
         let caller = self.identify(&claimed_key).await?;
-        self.dispatch(op, &caller, body).await
+        self.dispatch(op, &caller, body, revoke).await
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -208,6 +237,7 @@ impl Handler {
         op: Op,
         caller: &Caller,
         body: serde_json::Value,
+        revoke: &mut Vec<String>,
     ) -> Result<serde_json::Value, CtlError> {
         let store = &self.store;
         match op {
@@ -238,7 +268,10 @@ impl Handler {
                 let req: UserRef = parse(body)?;
                 require_admin(caller)?;
                 let user = store.revoke_user(&req.key).await?;
-                self.revoked(vec![user.key.clone()]);
+                if let Some(history) = &self.history {
+                    self.closed(history.close_feeds_of(&user.key).await);
+                }
+                revoke.push(user.key.clone());
                 ok(user)
             }
             Op::RoomsCreate => {
@@ -280,8 +313,19 @@ impl Handler {
                 let req: RoomRef = parse(body)?;
                 self.require_owner(caller, &req.room).await?;
                 let members = store.list_members(&req.room).await?;
+                // Purge first: if that fails the room still exists and the delete can be
+                // retried; once more after, for what members sent in between.
+                if let Some(history) = &self.history {
+                    history.purge_room(&req.room).await?;
+                }
                 store.delete_room(&req.room).await?;
-                self.revoked(members.into_iter().map(|m| m.endpoint).collect());
+                if let Some(history) = &self.history {
+                    if let Err(e) = history.purge_room(&req.room).await {
+                        tracing::warn!(room = req.room, "second purge of a deleted room: {e}");
+                    }
+                    self.closed(history.close_feeds(&req.room, None).await);
+                }
+                revoke.extend(members.into_iter().map(|m| m.endpoint));
                 ok(serde_json::json!({}))
             }
             Op::MembersInvite => {
@@ -334,7 +378,11 @@ impl Handler {
                     ));
                 }
                 store.remove_member(&req.room, &req.key).await?;
-                self.revoked(vec![req.key.to_ascii_uppercase()]);
+                let key = req.key.to_ascii_uppercase();
+                if let Some(history) = &self.history {
+                    self.closed(history.close_feeds(&req.room, Some(&key)).await);
+                }
+                revoke.push(key);
                 ok(serde_json::json!({}))
             }
             Op::MembersLeave => {
@@ -347,7 +395,10 @@ impl Handler {
                     ));
                 }
                 store.remove_member(&req.room, &caller.key).await?;
-                self.revoked(vec![caller.key.clone()]);
+                if let Some(history) = &self.history {
+                    self.closed(history.close_feeds(&req.room, Some(&caller.key)).await);
+                }
+                revoke.push(caller.key.clone());
                 ok(serde_json::json!({}))
             }
             Op::MembersList => {
@@ -370,6 +421,35 @@ impl Handler {
                 self.require_member(caller, &req.room, true).await?;
                 ok(store.get_room_key(&req.room, req.epoch).await?)
             }
+            Op::UsersXkey => {
+                let req: SetXkey = parse(body)?;
+                ok(store.set_user_xkey(&caller.key, &req.xkey).await?)
+            }
+            Op::MembersKeys => {
+                let req: RoomRef = parse(body)?;
+                self.require_member(caller, &req.room, false).await?;
+                let mut out = Vec::new();
+                for m in store.list_members(&req.room).await? {
+                    let xkey = match store.get_user(&m.endpoint).await {
+                        Ok(u) if u.revoked_at.is_none() => u.xkey,
+                        Ok(_) | Err(StoreError::NotFound { .. }) => None,
+                        Err(e) => return Err(e.into()),
+                    };
+                    out.push(MemberKey {
+                        key: m.endpoint,
+                        xkey,
+                    });
+                }
+                ok(out)
+            }
+            Op::RoomsSubscribe => {
+                let req: SubscribeRoom = parse(body)?;
+                self.require_member(caller, &req.room, true).await?;
+                ok(self
+                    .history()?
+                    .open_feed(&req.room, &caller.key, &req.inbox, req.start)
+                    .await?)
+            }
             Op::KeysRekey => {
                 let req: Rekey = parse(body)?;
                 self.require_owner(caller, &req.room).await?;
@@ -381,7 +461,19 @@ impl Handler {
         }
     }
 
-    fn revoked(&self, keys: Vec<String>) {
+    /// Logs the outcome of closing feeds after rights were taken away. A failure is not the
+    /// caller's: the store change stands, and the feeds' consumers expire on their own once
+    /// the connection is re-admitted without the room.
+    fn closed(&self, result: Result<usize, CtlError>) {
+        match result {
+            Ok(n) if n > 0 => tracing::info!(feeds = n, "closed room feeds after a removal"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("could not close room feeds after a removal: {e}"),
+        }
+    }
+
+    /// Takes rights away from live connections (see [`Handler::handle`]).
+    pub fn revoke(&self, keys: Vec<String>) {
         if let Some(hook) = &self.on_revoke
             && !keys.is_empty()
         {
@@ -537,10 +629,10 @@ pub async fn run(
             },
             _ = shutdown.wait() => break,
         };
-        let handler = handler.clone();
+        let (handler, client) = (handler.clone(), client.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let (body, kind) = handler.handle(op, &request.message.payload).await;
+            let (body, kind, revoke) = handler.handle(op, &request.message.payload).await;
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
             crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());
             let mut headers = HeaderMap::new();
@@ -550,6 +642,11 @@ pub async fn run(
             }
             if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
                 tracing::debug!("control-plane reply not sent: {e}");
+            }
+            if !revoke.is_empty() {
+                // The reply must reach the server before any kick does.
+                let _ = client.flush().await;
+                handler.revoke(revoke);
             }
         });
     }

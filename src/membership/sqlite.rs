@@ -56,6 +56,8 @@ pub const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (room, epoch)
     );",
+    // v2: users register a curve key for end-to-end encrypted rooms.
+    "ALTER TABLE users ADD COLUMN xkey TEXT;",
 ];
 
 /// The schema version this binary writes.
@@ -109,6 +111,7 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<User> {
         admin: row.get(2)?,
         created_at: to_u64(row.get(3)?),
         revoked_at: row.get::<_, Option<i64>>(4)?.map(to_u64),
+        xkey: row.get(5)?,
     })
 }
 
@@ -152,7 +155,7 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<RoomKey> {
     })
 }
 
-const USER_COLS: &str = "key, name, admin, created_at, revoked_at";
+const USER_COLS: &str = "key, name, admin, created_at, revoked_at, xkey";
 const ROOM_COLS: &str = "id, name, owner, encrypted, created_at";
 const MEMBER_COLS: &str = "room, endpoint, role, state, added_by, added_at";
 const KEY_COLS: &str = "room, epoch, material, created_at";
@@ -414,10 +417,11 @@ impl SqliteStore {
             admin,
             created_at: now_ms(),
             revoked_at: None,
+            xkey: None,
         };
         self.tx(move |tx| {
             tx.execute(
-                &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL)"),
+                &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL)"),
                 params![user.key, user.name, user.admin, to_i64(user.created_at)],
             )
             .map_err(|e| {
@@ -457,6 +461,29 @@ impl SqliteStore {
                 .map_err(|e| backend("list users", e))?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(|e| backend("list users", e))
+        })
+        .await
+    }
+
+    pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        let xkey = ids::xkey("xkey", xkey)?;
+        self.tx(move |tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE users SET xkey = ?2 WHERE key = ?1",
+                    params![key, xkey],
+                )
+                .map_err(|e| backend("set user xkey", e))?;
+            if changed == 0 {
+                return Err(StoreError::not_found(format!("user {key}")));
+            }
+            tx.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
+                [&key],
+                user_from_row,
+            )
+            .map_err(|e| backend("read user", e))
         })
         .await
     }

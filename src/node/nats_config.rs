@@ -59,12 +59,14 @@ pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
     if let Some(secrets) = &security.secrets
         && security.bus_auth != BusAuth::Off
     {
-        // Accounts AUTH (the node's service user and the store), APP (admitted clients),
-        // SYS (with the system user live revocation kicks through); every client but the
-        // service and system users goes through the callout.
-        out.push_str(&server_config::callout_config(
+        // Accounts AUTH (the node's service user and the store), APP (admitted clients and
+        // the node's APP user: control plane, room history), SYS (with the system user live revocation kicks through); every client but the
+        // node's own users goes through the callout.
+        let app = security.app_user().ok().flatten().map(|k| k.public_key());
+        out.push_str(&server_config::callout_config_with_app(
             &secrets.issuer_public,
             &secrets.service_public,
+            app.as_deref(),
             secrets.system_public.as_deref(),
         ));
     }

@@ -144,6 +144,39 @@ impl Security {
         Ok(Some(options))
     }
 
+    /// The node's identity in the `APP` account, derived from the service seed
+    /// (`auth::keys::derive_user(service, "app")`): it serves the control plane where
+    /// clients are, and owns the `ROOMS` stream. None without secrets or with `bus-auth`
+    /// off (then there are no accounts and the service identity is used as is).
+    pub fn app_user(&self) -> Result<Option<nkeys::KeyPair>, String> {
+        let Some(secrets) = &self.secrets else {
+            return Ok(None);
+        };
+        if self.bus_auth == BusAuth::Off {
+            return Ok(None);
+        }
+        let service =
+            crate::auth::keys::read_user_seed(&secrets.service_seed).map_err(|e| e.to_string())?;
+        crate::auth::keys::derive_user(&service, "app")
+            .map(Some)
+            .map_err(|e| format!("cannot derive the node's APP key: {e}"))
+    }
+
+    /// Connect options for the node's connections into `APP` (see [`Security::app_user`]).
+    pub fn app_connect_options(&self) -> Result<async_nats::ConnectOptions, String> {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(app) = self.app_user()? {
+            let seed = app.seed().map_err(|e| e.to_string())?;
+            options = options.nkey(seed);
+        }
+        if let Some(tls) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone());
+        }
+        Ok(options)
+    }
+
     /// Where the node prints how to connect.
     pub fn summary(&self) -> String {
         match &self.secrets {

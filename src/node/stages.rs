@@ -19,6 +19,7 @@ use super::shutdown::Shutdown;
 use super::store;
 use crate::auth::authenticator::{self, Authenticator};
 use crate::config::{BusAuth, Config};
+use crate::membership::history::History;
 use crate::membership::service::{self, Handler, ServiceConfig};
 
 /// What the stages need from the node.
@@ -140,11 +141,13 @@ pub async fn run(ctx: Context) {
         ),
     }
 
+    // The control plane and room history live in APP, where the clients are (see
+    // `membership::history`); the node reaches it as its derived APP user.
     let Some(client) = retry(
         &readiness,
         &mut shutdown,
         |z, s| z.stages.membership = s,
-        || store::connect_local(&config, &security, "ctl"),
+        || store::connect_app(&config, &security, "ctl"),
     )
     .await
     else {
@@ -161,15 +164,33 @@ pub async fn run(ctx: Context) {
     } else {
         "unibus.ctl.>"
     };
-    let handler = Arc::new(Handler::new(
-        store.clone(),
-        ServiceConfig {
-            bus_auth: security.bus_auth,
-            skew: Duration::from_secs(config.ctl_skew_secs),
-            max_body: config.ctl_max_body,
-        },
-        on_revoke,
-    ));
+    let replicas = if config.clustered() {
+        config.replicas
+    } else {
+        1
+    };
+    let Some(history) = retry(
+        &readiness,
+        &mut shutdown,
+        |z, s| z.stages.membership = s,
+        || History::open(client.clone(), replicas),
+    )
+    .await
+    else {
+        return;
+    };
+    let handler = Arc::new(
+        Handler::new(
+            store.clone(),
+            ServiceConfig {
+                bus_auth: security.bus_auth,
+                skew: Duration::from_secs(config.ctl_skew_secs),
+                max_body: config.ctl_max_body,
+            },
+            on_revoke,
+        )
+        .with_history(history),
+    );
     let r = readiness.clone();
     let ready = move || {
         set(

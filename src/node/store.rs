@@ -73,6 +73,28 @@ pub async fn connect_local(
         })
 }
 
+/// One of the node's connections into the `APP` account (control plane, room history), as
+/// the node's APP identity.
+pub async fn connect_app(
+    config: &Config,
+    security: &Security,
+    role: &str,
+) -> Result<async_nats::Client, StoreError> {
+    let url = config.local_nats_url(security.tls.is_some());
+    security
+        .app_connect_options()
+        .map_err(StoreError::Backend)?
+        .name(format!("unibus-{}-{role}", config.name))
+        .connection_timeout(config.op_timeout())
+        .request_timeout(Some(config.op_timeout()))
+        .max_reconnects(None)
+        .connect(&url)
+        .await
+        .map_err(|e| {
+            StoreError::Unavailable(format!("connect to the node's nats-server at {url}: {e}"))
+        })
+}
+
 /// A snapshot of the store for `/readyz`; an error means the store cannot answer now.
 pub async fn view(
     store: &Store,

@@ -1,0 +1,303 @@
+//! The client library: `unibus::client::Client`. The CLI's client commands are a thin layer
+//! over it; applications use it the same way.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), unibus::client::ClientError> {
+//! use futures_util::StreamExt;
+//! use unibus::client::{Client, ClientOptions, Start};
+//! let client = Client::connect(ClientOptions::new(
+//!     ["tls://n1:4222", "tls://n2:4222"],
+//!     "me.seed",
+//! ).ca("ca.crt")).await?;
+//! client.create_room("ops", "Operations", false).await?;
+//! client.send("ops", b"hello").await?;
+//! let mut feed = client.subscribe("ops", Start::All).await?;
+//! while let Some(message) = feed.next().await {
+//!     let message = message?;
+//!     println!("{} {}: {:?}", message.seq, message.sender, message.body);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # What the client does for the caller
+//!
+//! - **Connects** to several servers with the user's nkey (the auth callout admits it) and a
+//!   pinned CA, and reconnects forever: a node in lame duck or killed is a hiccup.
+//! - **Signs** every control-plane request ([`crate::auth::envelope`]) and decodes the
+//!   [`Reply`] into `Result<T, ClientError>`, keeping the server's typed [`ErrorKind`].
+//! - **Refreshes its permissions** after a call that changes them (creating or joining a
+//!   room): the server computes a connection's permissions when it connects, so the client
+//!   reconnects once to pick up the new ones.
+//! - **Sends** with JetStream acks and a message id, retrying until acknowledged or the
+//!   publish timeout passes: a retried message is stored once (the stream's duplicate
+//!   window), and a returned sequence means the message is durable.
+//! - **Subscribes** through a member-checked feed ([`feed`]) that delivers history and live
+//!   messages exactly once, in stream order, across reconnects.
+//! - **Encrypts** end to end in encrypted rooms ([`e2e`]).
+
+pub mod e2e;
+mod error;
+pub mod feed;
+mod messages;
+mod rooms;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::auth::envelope::Envelope;
+use crate::auth::keys;
+use crate::membership::api::{ErrorKind, Op, Reply};
+
+pub use crate::membership::api::{CtlError, Start};
+pub use error::ClientError;
+pub use feed::{RoomMessage, Subscription};
+
+/// How to reach the cluster and who to be.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// NATS URLs (`tls://host:4222`); the client picks one and fails over to the others.
+    pub servers: Vec<String>,
+    /// The user's nkey seed (`SU…`), from `unibus keygen`.
+    pub seed_file: PathBuf,
+    /// The cluster CA to pin (required when the cluster runs TLS).
+    pub ca: Option<PathBuf>,
+    /// Shown in the server's connection list.
+    pub name: Option<String>,
+    /// Bound on one control-plane request.
+    pub request_timeout: Duration,
+    /// How long `send` keeps retrying until its message is acknowledged.
+    pub publish_timeout: Duration,
+    /// Try `servers` in the given order (a preferred local node first) instead of a random
+    /// order that spreads clients over the cluster.
+    pub retain_order: bool,
+}
+
+impl ClientOptions {
+    pub fn new<S: Into<String>>(
+        servers: impl IntoIterator<Item = S>,
+        seed_file: impl Into<PathBuf>,
+    ) -> Self {
+        ClientOptions {
+            servers: servers.into_iter().map(Into::into).collect(),
+            seed_file: seed_file.into(),
+            ca: None,
+            name: None,
+            request_timeout: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(30),
+            retain_order: false,
+        }
+    }
+
+    pub fn ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.ca = Some(ca.into());
+        self
+    }
+}
+
+/// A connection to the bus as one user. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    key: nkeys::KeyPair,
+    public: String,
+    xkey: nkeys::XKey,
+    options: ClientOptions,
+    /// Bumped on every (re)connect: feeds reopen after one.
+    connects: watch::Receiver<u64>,
+    /// Whether each room is encrypted (it never changes for a room id while it exists).
+    encrypted: Mutex<HashMap<String, bool>>,
+    /// Unwrapped room keys by (room, epoch).
+    room_keys: Mutex<HashMap<(String, u32), e2e::RoomSecret>>,
+    /// The epoch `send` seals with, per room, and when it was checked.
+    send_epochs: Mutex<HashMap<String, (u32, e2e::RoomSecret, std::time::Instant)>>,
+}
+
+impl Client {
+    /// Connects and authenticates. Fails with [`ClientError::Local`] for a bad seed file,
+    /// URL or CA, [`ClientError::Refused`] (`unauthenticated`) when the cluster does not
+    /// admit the key, and [`ClientError::Connect`] when no server can be reached.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let key = keys::read_user_seed(&options.seed_file)
+            .map_err(|e| ClientError::Local(format!("--seed-file: {e}")))?;
+        let seed = key
+            .seed()
+            .map_err(|e| ClientError::Local(format!("--seed-file: {e}")))?;
+        let xkey = keys::derive_xkey(&key)
+            .map_err(|e| ClientError::Local(format!("cannot derive the xkey: {e}")))?;
+        let mut addrs = Vec::new();
+        for s in options
+            .servers
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+        {
+            let addr = s.parse::<async_nats::ServerAddr>().map_err(|e| {
+                ClientError::Local(format!("--server `{s}` is not a NATS URL: {e}"))
+            })?;
+            addrs.push(addr);
+        }
+        if addrs.is_empty() {
+            return Err(ClientError::Local("no --server given".into()));
+        }
+        let (connects_tx, connects) = watch::channel(0u64);
+        let mut nats_options = async_nats::ConnectOptions::with_nkey(seed)
+            .name(
+                options
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| "unibus-client".into()),
+            )
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(options.request_timeout))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((100 * attempt as u64).min(2000))
+            })
+            .event_callback(move |event| {
+                let connects_tx = connects_tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => connects_tx.send_modify(|n| *n += 1),
+                        other => tracing::debug!("nats: {other}"),
+                    }
+                }
+            });
+        if options.retain_order {
+            nats_options = nats_options.retain_servers_order();
+        }
+        if let Some(ca) = &options.ca {
+            if !ca.is_file() {
+                return Err(ClientError::Local(format!(
+                    "--ca {} does not exist",
+                    ca.display()
+                )));
+            }
+            nats_options = nats_options
+                .require_tls(true)
+                .add_root_certificates(ca.clone());
+        }
+        let servers = options.servers.join(",");
+        let nats = nats_options.connect(addrs).await.map_err(|e| {
+            use async_nats::ConnectErrorKind as K;
+            match e.kind() {
+                K::AuthorizationViolation | K::Authentication => ClientError::refused(
+                    ErrorKind::Unauthenticated,
+                    format!(
+                        "the cluster did not admit {} (not a user, or revoked)",
+                        key.public_key()
+                    ),
+                ),
+                _ => ClientError::Connect {
+                    servers: servers.clone(),
+                    reason: e.to_string(),
+                },
+            }
+        })?;
+        let mut js = jetstream::new(nats.clone());
+        js.set_timeout(options.request_timeout);
+        let public = key.public_key();
+        Ok(Client {
+            inner: Arc::new(Inner {
+                nats,
+                js,
+                key,
+                public,
+                xkey,
+                options,
+                connects,
+                encrypted: Mutex::new(HashMap::new()),
+                room_keys: Mutex::new(HashMap::new()),
+                send_epochs: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// This client's user key (`U…`).
+    pub fn key(&self) -> &str {
+        &self.inner.public
+    }
+
+    /// This client's curve key for encrypted rooms (`X…`), derived from its seed.
+    pub fn xkey(&self) -> String {
+        self.inner.xkey.public_key()
+    }
+
+    /// The underlying NATS connection (for tools and tests).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.inner.nats
+    }
+
+    /// One signed control-plane call.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        op: Op,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let envelope = Envelope::sign(op.name(), body, &self.inner.key)
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let payload = serde_json::to_vec(&envelope)
+            .map_err(|e| ClientError::Local(format!("encoding the request: {e}")))?;
+        let subject = op.subject();
+        let response = self
+            .inner
+            .nats
+            .request(subject.clone(), payload.into())
+            .await
+            .map_err(|e| {
+                use async_nats::client::RequestErrorKind as K;
+                match e.kind() {
+                    K::NoResponders => ClientError::NoResponders { subject },
+                    K::TimedOut => ClientError::Timeout {
+                        what: format!("a reply to {}", op.name()),
+                    },
+                    _ => ClientError::Closed(e.to_string()),
+                }
+            })?;
+        match serde_json::from_slice::<Reply<T>>(&response.payload) {
+            Ok(Reply::Ok(value)) => Ok(value),
+            Ok(Reply::Error(e)) => Err(ClientError::Refused(e)),
+            Err(e) => Err(ClientError::Protocol(format!("{}: {e}", op.name()))),
+        }
+    }
+
+    /// Reconnects so the server recomputes this connection's permissions (after a change
+    /// to the caller's rooms), and waits until connected again.
+    pub async fn refresh_permissions(&self) -> Result<(), ClientError> {
+        let mut connects = self.inner.connects.clone();
+        connects.mark_unchanged();
+        self.inner
+            .nats
+            .force_reconnect()
+            .await
+            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        match tokio::time::timeout(self.inner.options.request_timeout * 2, connects.changed()).await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ClientError::Closed("connection dropped".into())),
+            Err(_) => Err(ClientError::Timeout {
+                what: "the reconnect that refreshes permissions".into(),
+            }),
+        }
+    }
+
+    /// Flushes and closes the connection (waits for pending publishes to leave).
+    pub async fn close(&self) -> Result<(), ClientError> {
+        self.inner
+            .nats
+            .flush()
+            .await
+            .map_err(|e| ClientError::Closed(e.to_string()))
+    }
+}

@@ -1,0 +1,192 @@
+//! Typed control-plane calls: one method per operation of [`crate::membership::api::Op`],
+//! plus the follow-ups a caller would otherwise forget (refreshing permissions after a
+//! change to one's own rooms; a new key epoch when an encrypted room's members change).
+
+use crate::membership::api::*;
+use crate::membership::{Member, Room, RoomKey, User};
+
+use super::{Client, ClientError};
+
+impl Client {
+    // ---- users (admins)
+
+    pub async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User, ClientError> {
+        let body = AddUser {
+            key: key.into(),
+            name: name.into(),
+            admin,
+        };
+        self.call(Op::UsersAdd, &body).await
+    }
+
+    pub async fn get_user(&self, key: &str) -> Result<User, ClientError> {
+        self.call(Op::UsersGet, &UserRef { key: key.into() }).await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<User>, ClientError> {
+        self.call(Op::UsersList, &Empty {}).await
+    }
+
+    pub async fn revoke_user(&self, key: &str) -> Result<User, ClientError> {
+        self.call(Op::UsersRevoke, &UserRef { key: key.into() })
+            .await
+    }
+
+    // ---- rooms
+
+    /// Creates a room owned by the caller (an empty `name` becomes the room id), then
+    /// refreshes permissions so this connection may use it. An encrypted room gets its
+    /// first key epoch, wrapped for the owner.
+    pub async fn create_room(
+        &self,
+        room: &str,
+        name: &str,
+        encrypted: bool,
+    ) -> Result<Room, ClientError> {
+        let body = CreateRoom {
+            room: room.into(),
+            name: if name.is_empty() { room } else { name }.into(),
+            encrypted,
+        };
+        let created: Room = self.call(Op::RoomsCreate, &body).await?;
+        self.remember_room(&created);
+        if encrypted {
+            self.rekey(room).await?;
+        }
+        self.refresh_permissions().await?;
+        Ok(created)
+    }
+
+    pub async fn get_room(&self, room: &str) -> Result<Room, ClientError> {
+        let found: Room = self
+            .call(Op::RoomsGet, &RoomRef { room: room.into() })
+            .await?;
+        self.remember_room(&found);
+        Ok(found)
+    }
+
+    /// The caller's rooms, or (admins) another user's; `None` as an admin lists all rooms.
+    pub async fn list_rooms(&self, for_user: Option<&str>) -> Result<Vec<Room>, ClientError> {
+        let body = ForUser {
+            key: for_user.map(Into::into),
+        };
+        self.call(Op::RoomsList, &body).await
+    }
+
+    /// Deletes a room, its members, keys and stored history.
+    pub async fn delete_room(&self, room: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call(Op::RoomsDelete, &RoomRef { room: room.into() })
+            .await?;
+        Ok(())
+    }
+
+    // ---- members
+
+    /// Invites `key` (owners). In an encrypted room, a new epoch is wrapped for everyone
+    /// invited or joined, so the new member can read what is sent from now on.
+    pub async fn invite(&self, room: &str, key: &str) -> Result<Member, ClientError> {
+        let body = MemberRef {
+            room: room.into(),
+            key: key.into(),
+        };
+        let member: Member = self.call(Op::MembersInvite, &body).await?;
+        if self.is_encrypted(room).await? {
+            self.rekey(room).await?;
+        }
+        Ok(member)
+    }
+
+    /// Accepts an invitation, then refreshes permissions so this connection may use the room.
+    pub async fn join(&self, room: &str) -> Result<Member, ClientError> {
+        let member: Member = self
+            .call(Op::MembersJoin, &RoomRef { room: room.into() })
+            .await?;
+        self.refresh_permissions().await?;
+        Ok(member)
+    }
+
+    /// Removes a member (owners). In an encrypted room this makes a new epoch for those who
+    /// remain, so the removed member cannot read what is sent after.
+    pub async fn remove_member(&self, room: &str, key: &str) -> Result<(), ClientError> {
+        let body = MemberRef {
+            room: room.into(),
+            key: key.into(),
+        };
+        let _: serde_json::Value = self.call(Op::MembersRemove, &body).await?;
+        if self.is_encrypted(room).await? {
+            self.rekey(room).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves a room (members; the owner deletes it instead). In an encrypted room the owner
+    /// should `rekey` afterwards so the leaver cannot read later messages.
+    pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call(Op::MembersLeave, &RoomRef { room: room.into() })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn members(&self, room: &str) -> Result<Vec<Member>, ClientError> {
+        self.call(Op::MembersList, &RoomRef { room: room.into() })
+            .await
+    }
+
+    /// The memberships of the caller (or, admins, of `for_user`).
+    pub async fn memberships(&self, for_user: Option<&str>) -> Result<Vec<Member>, ClientError> {
+        let body = ForUser {
+            key: for_user.map(Into::into),
+        };
+        self.call(Op::MembersRooms, &body).await
+    }
+
+    // ---- keys
+
+    pub async fn latest_key(&self, room: &str) -> Result<Option<RoomKey>, ClientError> {
+        self.call(Op::KeysLatest, &RoomRef { room: room.into() })
+            .await
+    }
+
+    pub async fn room_key(&self, room: &str, epoch: u32) -> Result<RoomKey, ClientError> {
+        let body = KeyRef {
+            room: room.into(),
+            epoch,
+        };
+        self.call(Op::KeysGet, &body).await
+    }
+
+    /// Stores `material` as the room's next epoch (owners). [`Client::rekey`] builds the
+    /// material for an encrypted room; this is the raw operation.
+    pub async fn rekey_with(&self, room: &str, material: &[u8]) -> Result<RoomKey, ClientError> {
+        use base64::Engine;
+        let body = Rekey {
+            room: room.into(),
+            material: base64::engine::general_purpose::STANDARD.encode(material),
+        };
+        self.call(Op::KeysRekey, &body).await
+    }
+
+    // ---- helpers
+
+    pub(crate) fn remember_room(&self, room: &Room) {
+        if let Ok(mut known) = self.inner.encrypted.lock() {
+            known.insert(room.id.clone(), room.encrypted);
+        }
+    }
+
+    /// Whether `room` is encrypted (asks once per room; doubles as a membership check).
+    pub(crate) async fn is_encrypted(&self, room: &str) -> Result<bool, ClientError> {
+        let known = self
+            .inner
+            .encrypted
+            .lock()
+            .ok()
+            .and_then(|k| k.get(room).copied());
+        match known {
+            Some(encrypted) => Ok(encrypted),
+            None => Ok(self.get_room(room).await?.encrypted),
+        }
+    }
+}

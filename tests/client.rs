@@ -1,0 +1,575 @@
+//! The client library and the client CLI against a real three-node loopback cluster
+//! (`unibus node up` ×3, enforce + TLS, KV store at R3): rooms end to end, member-only
+//! history, end-to-end encryption, and a listener that survives the death of its node.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use unibus::auth::keys;
+use unibus::client::e2e::{self, CryptoError};
+use unibus::client::{Client, ClientError, ClientOptions, RoomMessage, Start, Subscription};
+use unibus::membership::api::ErrorKind;
+
+const READY: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Clusters are heavy on a small machine: one at a time.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+fn cluster() -> LocalCluster {
+    let cluster = start_cluster(&["--flag", "decentralized=true", "--replicas", "3"]);
+    for node in &cluster.nodes {
+        node.wait_ready(READY);
+    }
+    cluster
+}
+
+/// A fresh user seed in `dir`: (seed file, public key).
+fn user(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(format!("{name}.seed"));
+    let key = keys::generate_user_seed_file(&path).unwrap();
+    (path, key.public_key())
+}
+
+fn url(cluster: &LocalCluster, node: usize) -> String {
+    format!("tls://{}", cluster.nodes[node].ports.listen)
+}
+
+/// `unibus ARGS --server <node> --seed-file SEED --ca ca.crt`.
+fn cli(cluster: &LocalCluster, node: usize, seed: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend([
+        "--server".into(),
+        url(cluster, node),
+        "--seed-file".into(),
+        seed.to_string_lossy().into(),
+        "--ca".into(),
+        cluster.secrets.join("ca.crt").to_string_lossy().into(),
+    ]);
+    let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+    unibus(&refs)
+}
+
+fn ok(result: (i32, String, String)) -> String {
+    let (code, out, err) = result;
+    assert_eq!(code, 0, "expected success; stdout:\n{out}\nstderr:\n{err}");
+    out
+}
+
+/// Checks a refusal: exit 1 and `error: <kind>: …` on stderr.
+fn refused(result: (i32, String, String), kind: &str) {
+    let (code, out, err) = result;
+    assert_eq!(
+        code, 1,
+        "expected exit 1 ({kind}); stdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(
+        err.contains(&format!("error: {kind}: ")),
+        "expected `error: {kind}: …`, got:\n{err}"
+    );
+}
+
+async fn connect(cluster: &LocalCluster, nodes: &[usize], seed: &Path) -> Client {
+    let mut options = ClientOptions::new(nodes.iter().map(|n| url(cluster, *n)), seed);
+    options.ca = Some(cluster.secrets.join("ca.crt"));
+    options.retain_order = true;
+    options.publish_timeout = Duration::from_secs(90);
+    Client::connect(options).await.unwrap()
+}
+
+async fn next(feed: &mut Subscription) -> Result<RoomMessage, ClientError> {
+    tokio::time::timeout(WAIT, feed.next())
+        .await
+        .expect("a feed item in time")
+        .expect("the feed goes on")
+}
+
+#[test]
+fn two_users_on_three_nodes_through_the_cli_and_a_stranger_cannot_read() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.secrets.join("admin.seed");
+    let (a_seed, a) = user(dir.path(), "a");
+    let (b_seed, b) = user(dir.path(), "b");
+    let (c_seed, c) = user(dir.path(), "c");
+
+    // Users: admins add them; nobody else may.
+    for key in [&a, &b, &c] {
+        let out = ok(cli(
+            &cluster,
+            0,
+            &admin,
+            &["user", "add", key, "--name", "x"],
+        ));
+        assert!(out.contains(&format!("added user {key}")), "{out}");
+    }
+    refused(cli(&cluster, 1, &admin, &["user", "add", &a]), "conflict");
+    refused(cli(&cluster, 0, &a_seed, &["user", "list"]), "forbidden");
+    let users = ok(cli(&cluster, 1, &admin, &["user", "list", "--json"]));
+    let users: serde_json::Value = serde_json::from_str(&users).unwrap();
+    assert_eq!(users.as_array().unwrap().len(), 4, "{users}");
+    let table = ok(cli(&cluster, 2, &admin, &["user", "list"]));
+    assert!(table.starts_with("KEY") && table.contains(&c), "{table}");
+
+    // A creates a room on node 1 and invites B, who joins on node 3.
+    ok(cli(
+        &cluster,
+        0,
+        &a_seed,
+        &["room", "create", "r1", "--name", "Room one"],
+    ));
+    refused(
+        cli(&cluster, 0, &a_seed, &["room", "create", "r1"]),
+        "conflict",
+    );
+    refused(
+        cli(&cluster, 0, &a_seed, &["room", "create", "Bad.Room"]),
+        "invalid",
+    );
+    refused(
+        cli(&cluster, 2, &b_seed, &["room", "join", "r1"]),
+        "forbidden",
+    );
+    ok(cli(&cluster, 0, &a_seed, &["room", "invite", "r1", &b]));
+    refused(
+        cli(&cluster, 2, &b_seed, &["room", "invite", "r1", &c]),
+        "forbidden",
+    );
+    ok(cli(&cluster, 2, &b_seed, &["room", "join", "r1"]));
+    let members = ok(cli(&cluster, 2, &b_seed, &["room", "members", "r1"]));
+    assert!(members.contains(&a) && members.contains(&b) && members.contains("joined"));
+    refused(
+        cli(&cluster, 1, &c_seed, &["room", "members", "r1"]),
+        "forbidden",
+    );
+    let rooms = ok(cli(&cluster, 1, &b_seed, &["room", "list", "--json"]));
+    assert!(rooms.contains("\"id\":\"r1\""), "{rooms}");
+    let all = ok(cli(&cluster, 1, &admin, &["room", "list", "--for", &b]));
+    assert!(all.contains("r1") && all.contains("Room one"), "{all}");
+    refused(
+        cli(&cluster, 1, &c_seed, &["room", "list", "--for", &b]),
+        "forbidden",
+    );
+
+    // A sends on node 1; B listens on node 3 and gets every message, in order.
+    let mut seqs = Vec::new();
+    for i in 1..=5 {
+        let out = ok(cli(
+            &cluster,
+            0,
+            &a_seed,
+            &["send", "r1", &format!("hello {i}")],
+        ));
+        seqs.push(out.trim().parse::<u64>().expect("send prints the sequence"));
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let out = ok(cli(
+        &cluster,
+        2,
+        &b_seed,
+        &["listen", "r1", "--json", "--count", "5", "--timeout", "60"],
+    ));
+    let got: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 5, "{out}");
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m["body"], format!("hello {}", i + 1));
+        assert_eq!(m["seq"], seqs[i]);
+        assert_eq!(m["sender"], a.as_str());
+        assert!(m["time"].as_str().unwrap().ends_with('Z'), "{m}");
+    }
+    // Resuming after a sequence gives what came after it, once.
+    let out = ok(cli(
+        &cluster,
+        1,
+        &b_seed,
+        &[
+            "listen",
+            "r1",
+            "--since",
+            &seqs[2].to_string(),
+            "--count",
+            "2",
+            "--timeout",
+            "60",
+        ],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with(&seqs[3].to_string()) && lines[0].ends_with("hello 4"));
+    assert!(lines[1].contains(&a) && lines[1].ends_with("hello 5"));
+    // Stdin: one message per line; B replies.
+    let mut child = std::process::Command::new(UNIBUS)
+        .args(["send", "r1", "--server", &url(&cluster, 2), "--ca"])
+        .arg(cluster.secrets.join("ca.crt"))
+        .arg("--seed-file")
+        .arg(&b_seed)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"reply 1\nreply 2\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 2);
+    let out = ok(cli(
+        &cluster,
+        0,
+        &a_seed,
+        &["listen", "r1", "--new", "--timeout", "1"],
+    ));
+    assert_eq!(out, "", "--new shows nothing sent before");
+
+    // C, not a member, can neither listen (history or live) nor send.
+    refused(
+        cli(&cluster, 2, &c_seed, &["listen", "r1", "--timeout", "5"]),
+        "forbidden",
+    );
+    refused(
+        cli(&cluster, 0, &c_seed, &["send", "r1", "hi"]),
+        "forbidden",
+    );
+    // Nor can a revoked user even connect.
+    ok(cli(&cluster, 0, &admin, &["user", "revoke", &c]));
+    refused(
+        cli(&cluster, 1, &c_seed, &["room", "list"]),
+        "unauthenticated",
+    );
+    // Local errors are exit 2.
+    let (code, _, err) = unibus(&["room", "list", "--server", &url(&cluster, 0)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--seed-file"), "{err}");
+    let (code, _, err) = cli(
+        &cluster,
+        0,
+        Path::new("/nonexistent.seed"),
+        &["room", "list"],
+    );
+    assert_eq!(code, 2, "{err}");
+
+    // B leaves; then B can no longer read; A deletes the room and its history goes with it.
+    refused(
+        cli(&cluster, 0, &a_seed, &["room", "leave", "r1"]),
+        "conflict",
+    );
+    ok(cli(&cluster, 2, &b_seed, &["room", "leave", "r1"]));
+    refused(
+        cli(&cluster, 2, &b_seed, &["listen", "r1", "--timeout", "5"]),
+        "forbidden",
+    );
+    refused(
+        cli(&cluster, 2, &b_seed, &["room", "delete", "r1"]),
+        "forbidden",
+    );
+    ok(cli(&cluster, 0, &a_seed, &["room", "invite", "r1", &b]));
+    ok(cli(&cluster, 0, &a_seed, &["room", "remove", "r1", &b]));
+    ok(cli(&cluster, 0, &a_seed, &["room", "delete", "r1"]));
+    refused(
+        cli(&cluster, 0, &a_seed, &["room", "members", "r1"]),
+        "forbidden",
+    );
+    ok(cli(&cluster, 0, &a_seed, &["room", "create", "r1"]));
+    let out = ok(cli(
+        &cluster,
+        0,
+        &a_seed,
+        &["listen", "r1", "--timeout", "2"],
+    ));
+    assert_eq!(out, "", "a new room with an old id inherits no history");
+}
+
+/// Every stored message of the ROOMS stream, read as the node's own APP user.
+async fn raw_room_messages(cluster: &LocalCluster) -> Vec<Vec<u8>> {
+    let service = keys::read_user_seed(&cluster.secrets.join("service.seed")).unwrap();
+    let app = keys::derive_user(&service, "app").unwrap();
+    let nats = async_nats::ConnectOptions::with_nkey(app.seed().unwrap())
+        .require_tls(true)
+        .add_root_certificates(cluster.secrets.join("ca.crt"))
+        .connect(url(cluster, 1))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut stream = js.get_stream("ROOMS").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(m.payload.to_vec());
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Runs `test` on its own runtime with a cluster, one cluster at a time.
+fn with_cluster<F: std::future::Future<Output = ()>>(test: impl FnOnce(LocalCluster) -> F) {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = cluster();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test(cluster));
+}
+
+#[test]
+fn encrypted_rooms_seal_bodies_wrap_keys_and_shut_out_removed_members() {
+    with_cluster(encrypted_rooms);
+}
+
+async fn encrypted_rooms(cluster: LocalCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = connect(&cluster, &[0], &cluster.secrets.join("admin.seed")).await;
+    let (a_seed, a_key) = user(dir.path(), "a");
+    let (b_seed, b_key) = user(dir.path(), "b");
+    admin.add_user(&a_key, "a", false).await.unwrap();
+    admin.add_user(&b_key, "b", false).await.unwrap();
+    let a = connect(&cluster, &[0], &a_seed).await;
+    let b = connect(&cluster, &[2], &b_seed).await;
+    b.register_xkey().await.unwrap();
+
+    // Epoch 1 at creation (A only), epoch 2 at the invite (A and B).
+    a.create_room("sec", "", true).await.unwrap();
+    a.invite("sec", &b_key).await.unwrap();
+    b.join("sec").await.unwrap();
+    let mut feed = b.subscribe("sec", Start::All).await.unwrap();
+    a.send("sec", b"secret-one").await.unwrap();
+    let m = next(&mut feed).await.unwrap();
+    assert_eq!(
+        (m.body.as_slice(), m.epoch, m.sender.as_str()),
+        (&b"secret-one"[..], Some(2), a_key.as_str())
+    );
+
+    // A new epoch: B reads both, the history of every epoch it held.
+    assert_eq!(a.rekey("sec").await.unwrap().epoch, 3);
+    a.send("sec", b"secret-two").await.unwrap();
+    let m = next(&mut feed).await.unwrap();
+    assert_eq!((m.body.as_slice(), m.epoch), (&b"secret-two"[..], Some(3)));
+    let mut history = b.subscribe("sec", Start::All).await.unwrap();
+    for want in [&b"secret-one"[..], b"secret-two"] {
+        assert_eq!(next(&mut history).await.unwrap().body, want);
+    }
+    drop(history);
+
+    // Tampered ciphertext and an unknown epoch: typed errors, and the feed goes on.
+    let js = async_nats::jetstream::new(a.nats().clone());
+    let subject = format!("unibus.room.sec.{a_key}");
+    let secret = a.epoch_secret("sec", 3).await.unwrap();
+    let mut tampered = e2e::seal(&secret, "sec", 3, &a_key, b"flip me").unwrap();
+    *tampered.last_mut().unwrap() ^= 1;
+    js.publish(subject.clone(), tampered.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let unknown = e2e::seal(&secret, "sec", 99, &a_key, b"from the future").unwrap();
+    js.publish(subject.clone(), unknown.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    js.publish(subject.clone(), "plain text in an encrypted room".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    match next(&mut feed).await {
+        Err(ClientError::Crypto(CryptoError::Tampered { epoch: 3, .. })) => {}
+        other => panic!("expected a tampered error, got {other:?}"),
+    }
+    match next(&mut feed).await {
+        Err(ClientError::Crypto(CryptoError::UnknownEpoch { epoch: 99, .. })) => {}
+        other => panic!("expected an unknown epoch, got {other:?}"),
+    }
+    match next(&mut feed).await {
+        Err(ClientError::Crypto(CryptoError::Malformed { .. })) => {}
+        other => panic!("expected a malformed body, got {other:?}"),
+    }
+    a.send("sec", b"secret-three").await.unwrap();
+    assert_eq!(next(&mut feed).await.unwrap().body, b"secret-three");
+
+    // Removing B makes epoch 4 for A alone; B cannot open it, even holding the material.
+    a.remove_member("sec", &b_key).await.unwrap();
+    a.send("sec", b"after-b-left").await.unwrap();
+    let latest = admin.latest_key("sec").await.unwrap().unwrap();
+    assert_eq!(latest.epoch, 4);
+    let b_xkey = keys::derive_xkey(&keys::read_user_seed(&b_seed).unwrap()).unwrap();
+    assert!(matches!(
+        e2e::unwrap("sec", 4, &latest.material, &b_key, &b_xkey),
+        Err(CryptoError::NotForYou { epoch: 4, .. })
+    ));
+    match next(&mut feed).await {
+        Err(e) => assert!(
+            e.kind() == Some(ErrorKind::Forbidden)
+                || matches!(e, ClientError::Crypto(CryptoError::NotForYou { .. })),
+            "{e:?}"
+        ),
+        Ok(m) => panic!(
+            "a removed member read {:?}",
+            String::from_utf8_lossy(&m.body)
+        ),
+    }
+    let refused = b.subscribe("sec", Start::All).await.err().unwrap();
+    assert_eq!(refused.kind(), Some(ErrorKind::Forbidden), "{refused:?}");
+
+    // Neither the stream nor the store holds a plaintext body or room key.
+    let stored = raw_room_messages(&cluster).await;
+    assert!(stored.len() >= 6, "{}", stored.len());
+    let mut secrets = Vec::new();
+    for epoch in 1..=4 {
+        let key = admin.room_key("sec", epoch).await.unwrap();
+        let text = String::from_utf8_lossy(&key.material).to_string();
+        assert!(text.contains(&a_key), "wrapped for the owner: {text}");
+        assert_eq!(
+            text.contains(&b_key),
+            (2..=3).contains(&epoch),
+            "epoch {epoch}: {text}"
+        );
+        secrets.push(key.material);
+    }
+    let a_secrets: Vec<[u8; 32]> = {
+        let mut v = Vec::new();
+        for epoch in 1..=4 {
+            v.push(*a.epoch_secret("sec", epoch).await.unwrap().as_bytes());
+        }
+        v
+    };
+    use base64::Engine;
+    for body in &stored {
+        for plain in [
+            "secret-one",
+            "secret-two",
+            "secret-three",
+            "after-b-left",
+            "flip me",
+        ] {
+            assert!(
+                !contains(body, plain.as_bytes()),
+                "plaintext {plain} stored"
+            );
+        }
+    }
+    for material in &secrets {
+        for key in &a_secrets {
+            assert!(!contains(material, key));
+            let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+            assert!(!contains(material, b64.as_bytes()));
+        }
+    }
+}
+
+/// How the listener's node goes away.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Failure {
+    /// SIGKILL of the unibus node (its nats-server dies with it).
+    Kill,
+    /// SIGTERM: lame duck (clients are moved to peers), then a clean stop.
+    LameDuck,
+}
+
+#[test]
+fn a_listener_misses_nothing_when_its_node_is_killed_mid_stream() {
+    with_cluster(|c| listener_survives(c, Failure::Kill));
+}
+
+#[test]
+fn a_listener_misses_nothing_when_its_node_goes_into_lame_duck() {
+    with_cluster(|c| listener_survives(c, Failure::LameDuck));
+}
+
+async fn listener_survives(mut cluster: LocalCluster, failure: Failure) {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = connect(&cluster, &[1], &cluster.secrets.join("admin.seed")).await;
+    let (a_seed, a_key) = user(dir.path(), "a");
+    let (b_seed, b_key) = user(dir.path(), "b");
+    admin.add_user(&a_key, "a", false).await.unwrap();
+    admin.add_user(&b_key, "b", false).await.unwrap();
+    let a = connect(&cluster, &[1, 2], &a_seed).await;
+    a.create_room("dur", "", false).await.unwrap();
+    a.invite("dur", &b_key).await.unwrap();
+    // The listener is on node 1, with the others to fail over to.
+    let b = connect(&cluster, &[0, 1, 2], &b_seed).await;
+    b.join("dur").await.unwrap();
+    assert_eq!(b.nats().server_info().server_name, "n1");
+    let mut feed = b.subscribe("dur", Start::All).await.unwrap();
+
+    // The sender keeps sending (each send retries until acknowledged).
+    let total = 60u32;
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let sender = tokio::spawn(async move {
+        for i in 0..total {
+            let body = format!("m{i}");
+            match a.send("dur", body.as_bytes()).await {
+                Ok(seq) => acked_tx.send((seq, body)).unwrap(),
+                Err(e) => panic!("send {i} was never acknowledged: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+
+    let mut got: Vec<(u64, String)> = Vec::new();
+    while got.len() < 15 {
+        let m = next(&mut feed).await.unwrap();
+        got.push((m.seq, String::from_utf8(m.body).unwrap()));
+    }
+    // Node 1 goes away mid-stream.
+    let node = &mut cluster.nodes[0];
+    match failure {
+        Failure::Kill => {
+            let nats_pid = node.nats_pid();
+            node.signal(libc::SIGKILL);
+            if let Some(pid) = nats_pid {
+                kill(pid, libc::SIGKILL);
+            }
+            node.wait_exit(Duration::from_secs(10))
+                .expect("node 1 is dead");
+        }
+        Failure::LameDuck => node.signal(libc::SIGTERM),
+    }
+
+    sender.await.unwrap();
+    let mut acked = Vec::new();
+    while let Ok(x) = acked_rx.try_recv() {
+        acked.push(x);
+    }
+    assert_eq!(acked.len(), total as usize);
+    while got.len() < acked.len() {
+        let m = next(&mut feed).await.unwrap();
+        got.push((m.seq, String::from_utf8(m.body).unwrap()));
+    }
+    assert_eq!(
+        got, acked,
+        "every acknowledged message exactly once, in order"
+    );
+    // The listener leaves node 1: at once when it was killed; within the lame-duck
+    // duration (nats-server closes clients spread over it) when it went into lame duck.
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while b.nats().server_info().server_name == "n1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener never left node 1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And nothing more trickles in (no duplicates later).
+    let extra = tokio::time::timeout(Duration::from_secs(3), feed.next()).await;
+    assert!(extra.is_err(), "unexpected extra item: {extra:?}");
+}
