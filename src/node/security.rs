@@ -110,12 +110,7 @@ impl Security {
             })?;
             options = options.nkey(seed.trim().to_string());
         }
-        if let Some(tls) = &self.tls {
-            options = options
-                .require_tls(true)
-                .add_root_certificates(tls.ca.clone());
-        }
-        Ok(options)
+        Ok(self.pin_ca(options))
     }
 
     /// Connect options for the node's system-account connection (live revocation: `CONNZ`
@@ -135,13 +130,8 @@ impl Security {
         }
         let seed = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the system seed {}: {e}", path.display()))?;
-        let mut options = async_nats::ConnectOptions::new().nkey(seed.trim().to_string());
-        if let Some(tls) = &self.tls {
-            options = options
-                .require_tls(true)
-                .add_root_certificates(tls.ca.clone());
-        }
-        Ok(Some(options))
+        let options = async_nats::ConnectOptions::new().nkey(seed.trim().to_string());
+        Ok(Some(self.pin_ca(options)))
     }
 
     /// The node's identity in the `APP` account, derived from the service seed
@@ -169,12 +159,17 @@ impl Security {
             let seed = app.seed().map_err(|e| e.to_string())?;
             options = options.nkey(seed);
         }
-        if let Some(tls) = &self.tls {
-            options = options
+        Ok(self.pin_ca(options))
+    }
+
+    /// Requires TLS and pins the cluster's CA, when TLS is on.
+    fn pin_ca(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        match &self.tls {
+            Some(tls) => options
                 .require_tls(true)
-                .add_root_certificates(tls.ca.clone());
+                .add_root_certificates(tls.ca.clone()),
+            None => options,
         }
-        Ok(options)
     }
 
     /// Where the node prints how to connect.

@@ -51,26 +51,17 @@ pub async fn open(
     Ok(Store::JetStream(kv))
 }
 
-/// One of the node's own connections to its nats-server, as its service identity.
+/// One of the node's own connections to its nats-server, as its service identity (in
+/// `AUTH`, where the store lives).
 pub async fn connect_local(
     config: &Config,
     security: &Security,
     role: &str,
 ) -> Result<async_nats::Client, StoreError> {
-    let url = config.local_nats_url(security.tls.is_some());
-    security
+    let options = security
         .service_connect_options()
-        .map_err(StoreError::Backend)?
-        .name(format!("unibus-{}-{role}", config.name))
-        .connection_timeout(config.op_timeout())
-        .request_timeout(Some(config.op_timeout()))
-        // The node's server may restart under supervision: keep reconnecting forever.
-        .max_reconnects(None)
-        .connect(&url)
-        .await
-        .map_err(|e| {
-            StoreError::Unavailable(format!("connect to the node's nats-server at {url}: {e}"))
-        })
+        .map_err(StoreError::Backend)?;
+    connect_with(config, security, options, role).await
 }
 
 /// One of the node's connections into the `APP` account (control plane, room history), as
@@ -80,10 +71,22 @@ pub async fn connect_app(
     security: &Security,
     role: &str,
 ) -> Result<async_nats::Client, StoreError> {
-    let url = config.local_nats_url(security.tls.is_some());
-    security
+    let options = security
         .app_connect_options()
-        .map_err(StoreError::Backend)?
+        .map_err(StoreError::Backend)?;
+    connect_with(config, security, options, role).await
+}
+
+/// What every node connection shares: named after its role, bounded by `op_timeout`, and
+/// reconnecting forever (the node's server may restart under supervision).
+async fn connect_with(
+    config: &Config,
+    security: &Security,
+    options: async_nats::ConnectOptions,
+    role: &str,
+) -> Result<async_nats::Client, StoreError> {
+    let url = config.local_nats_url(security.tls.is_some());
+    options
         .name(format!("unibus-{}-{role}", config.name))
         .connection_timeout(config.op_timeout())
         .request_timeout(Some(config.op_timeout()))
