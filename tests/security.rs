@@ -304,9 +304,16 @@ async fn users_are_confined_to_their_rooms(alice: &mut Conn, a: &KeyPair) {
     );
     assert_eq!(created["owner"], a.public_key());
     alice.reconnect().await;
+    // A member publishes under its own key only (the server vouches for the sender).
+    let own = format!("unibus.room.ra.{}", a.public_key());
+    alice.round_trip("unibus.room.ra.>", &own).await;
     alice
-        .round_trip("unibus.room.ra.>", "unibus.room.ra.chat")
-        .await;
+        .client
+        .publish("unibus.room.ra.someone-else", "forged".into())
+        .await
+        .unwrap();
+    alice.client.flush().await.unwrap();
+    alice.violation("unibus.room.ra.someone-else").await;
 
     alice
         .client
@@ -318,9 +325,7 @@ async fn users_are_confined_to_their_rooms(alice: &mut Conn, a: &KeyPair) {
     let _denied = alice.client.subscribe("unibus.room.rb.>").await.unwrap();
     alice.violation("unibus.room.rb.>").await;
     // Still connected, still in her room.
-    alice
-        .round_trip("unibus.room.ra.>", "unibus.room.ra.again")
-        .await;
+    alice.round_trip("unibus.room.ra.>", &own).await;
 }
 
 async fn control_plane_refuses_bad_requests_with_typed_errors(
@@ -520,7 +525,7 @@ async fn a_removed_member_loses_the_room_on_another_node_within_2s(
     while delivered.is_none() && Instant::now() < deadline {
         alice
             .client
-            .publish("unibus.room.rv.hello", "hi".into())
+            .publish(format!("unibus.room.rv.{}", a.public_key()), "hi".into())
             .await
             .unwrap();
         delivered = tokio::time::timeout(Duration::from_millis(300), room.next())
@@ -556,12 +561,10 @@ async fn a_removed_member_loses_the_room_on_another_node_within_2s(
     // Reconnected with fresh permissions: his subscription to rv is refused, and so is a
     // publish.
     bob.violation("unibus.room.rv.>").await;
-    bob.client
-        .publish("unibus.room.rv.still-here", "?".into())
-        .await
-        .unwrap();
+    let bobs = format!("unibus.room.rv.{}", b.public_key());
+    bob.client.publish(bobs.clone(), "?".into()).await.unwrap();
     bob.client.flush().await.unwrap();
-    bob.violation("unibus.room.rv.still-here").await;
+    bob.violation(&bobs).await;
 }
 
 /// A user revoked by the admin through n1 loses its live connection on n2 within 2 s and
@@ -621,6 +624,99 @@ async fn bus_auth_soft_admits_an_unknown_key_and_logs_the_would_be_denial() {
     });
     let line = logged.unwrap_or_else(|| panic!("no would-deny line for {key}:\n{}", node.log()));
     assert!(line.contains("not an active user"), "{line}");
+    // …and counted.
+    let counted = poll(WAIT, || {
+        let (_, body) = http_get(&node.ports.http, "/metrics")?;
+        body.lines()
+            .any(|l| {
+                l.starts_with(
+                    "unibus_auth_decisions_total{result=\"would_deny\",reason=\"unknown_key\"} ",
+                )
+            })
+            .then_some(())
+    });
+    assert!(counted.is_some(), "the would-be denial is not in /metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_of_three_nodes_gone_the_survivor_denies_new_connections() {
+    let _heavy = HEAVY.lock().await;
+    let mut cluster = start_cluster(&["--flag", "decentralized=true", "--replicas", "3"]);
+    for node in &cluster.nodes {
+        node.wait_ready(READY);
+    }
+    let admin = KeyPair::from_seed(
+        std::fs::read_to_string(cluster.secrets.join("admin.seed"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let ca = cluster.secrets.join("ca.crt");
+    let url = format!("tls://{}", cluster.nodes[0].ports.listen);
+    connect(&url, &ca, with_key(&admin))
+        .await
+        .expect("a valid user is admitted while the cluster is whole");
+
+    for node in &mut cluster.nodes[1..] {
+        node.signal(libc::SIGKILL);
+        node.wait_exit(WAIT).expect("node killed");
+    }
+    // Once the survivor knows it has lost its quorum (it says so in /readyz), the store
+    // cannot vouch for anyone: every new connection is refused, none admitted.
+    let survivor = &cluster.nodes[0];
+    let noticed = poll(READY, || {
+        survivor.readyz().filter(|(status, _)| *status == 503)
+    });
+    assert!(noticed.is_some(), "the survivor still reports ready");
+    for attempt in 0..3 {
+        match connect(&url, &ca, with_key(&admin)).await {
+            Ok(_) => panic!("attempt {attempt}: admitted without a quorum"),
+            Err(kind) => assert!(
+                matches!(
+                    kind,
+                    ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::TimedOut
+                ),
+                "attempt {attempt}: refused for an unexpected reason: {kind:?}"
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_and_a_foreign_ca_are_refused() {
+    use std::io::{BufRead, BufReader, Write};
+    let _heavy = HEAVY.lock().await;
+    let (node, secrets) = single_node("tlsonly", &[]);
+    let admin =
+        KeyPair::from_seed(std::fs::read_to_string(&secrets.admin_seed).unwrap().trim()).unwrap();
+
+    // A plaintext client: the server announces TLS as required and refuses to go on.
+    let stream = std::net::TcpStream::connect(&node.ports.listen).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    let mut writer = stream;
+    writer
+        .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = reader.read_line(&mut answer);
+    assert!(
+        !answer.starts_with("PONG"),
+        "a plaintext client was served: {answer}"
+    );
+
+    // A client pinning another cluster's CA does not trust this server.
+    let other = cluster_secrets(&["elsewhere"]);
+    let url = format!("tls://{}", node.ports.listen);
+    let foreign = connect(&url, &other.path().join("s/ca.crt"), with_key(&admin)).await;
+    assert!(foreign.is_err(), "a client pinning a foreign CA connected");
+    // The right CA works (so the refusal above was about the CA).
+    connect(&url, &secrets.ca_cert, with_key(&admin))
+        .await
+        .expect("the right CA connects");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
