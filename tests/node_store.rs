@@ -71,6 +71,15 @@ fn a_decentralized_cluster_starts_at_r1_and_grows_to_r3_live() {
     let (code, out, err) = replicas("3");
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("all buckets at R3"), "{out}");
+    // Room history follows the store's replicas.
+    let rooms_row = out
+        .lines()
+        .find(|l| l.starts_with("ROOMS"))
+        .unwrap_or_default();
+    assert!(
+        rooms_row.split_whitespace().take(3).eq(["ROOMS", "3", "3"]),
+        "{out}"
+    );
     let r3 = poll(READY, || {
         bucket_replicas(&nodes[0]).filter(|b| b.len() == 5 && b.iter().all(|x| *x == (3, 3)))
     });

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use unibus::auth::certs;
-use unibus::membership::StoreError;
 use unibus::membership::jetstream::{BucketStatus, KvOptions, KvStore};
+use unibus::membership::{StoreError, history};
 use unibus::node::readiness::Readyz;
 
-use super::conn::{ConnArgs, connect};
+use super::conn::{ConnArgs, connect, connect_as, read_seed};
 use super::node::fetch_readyz;
 
 #[derive(Subcommand)]
@@ -173,13 +173,32 @@ async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
             1
         };
     }
+    // Room history (stream ROOMS, in APP) follows the store's replicas; the tool reaches
+    // APP as the nodes' APP user, derived from the service seed it was given.
+    let rooms = match app_jetstream(conn).await {
+        Ok(js) => js,
+        Err(code) => return code,
+    };
+    if let Some(js) = &rooms
+        && let Err(e) = history::set_replicas(js, n).await
+    {
+        eprintln!("error: {e}");
+        return 1;
+    }
     eprintln!(
         "replicas set to {n}; waiting until every replica is current \
          (interrupting is safe: re-run to keep waiting)"
     );
     let started = std::time::Instant::now();
     loop {
-        match kv.bucket_status().await {
+        let mut status = kv.bucket_status().await;
+        if let (Ok(rows), Some(js)) = (&mut status, &rooms) {
+            match history::replicas_status(js).await {
+                Ok(row) => rows.push(row),
+                Err(e) => status = Err(StoreError::Unavailable(e)),
+            }
+        }
+        match status {
             Ok(status) => {
                 let current: usize = status.iter().map(|b| b.replicas_current.min(n)).sum();
                 let done = status
@@ -207,4 +226,25 @@ async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A JetStream context in `APP` as the nodes' APP user, derived from the service seed in
+/// `--seed-file`. None when the cluster runs with `bus-auth=off` (no accounts: the service
+/// connection already sees the stream) or no seed was given.
+async fn app_jetstream(conn: &ConnArgs) -> Result<Option<async_nats::jetstream::Context>, u8> {
+    let Some(seed) = read_seed(conn)? else {
+        return Ok(None);
+    };
+    let app = nkeys::KeyPair::from_seed(&seed)
+        .and_then(|service| unibus::auth::keys::derive_user(&service, "app"))
+        .and_then(|app| app.seed());
+    let app = match app {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: --seed-file is not the service seed: {e}");
+            return Err(2);
+        }
+    };
+    let client = connect_as(conn, Some(app)).await?;
+    Ok(Some(async_nats::jetstream::new(client)))
 }

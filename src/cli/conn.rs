@@ -24,9 +24,29 @@ pub struct ConnArgs {
     pub ca: Option<PathBuf>,
 }
 
-/// Connects to the cluster for an operator command; an error is printed and mapped to an
-/// exit code.
+/// Reads `--seed-file`, if given.
+pub fn read_seed(conn: &ConnArgs) -> Result<Option<String>, u8> {
+    let Some(path) = &conn.seed_file else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) => {
+            eprintln!("error: --seed-file {}: {e}", path.display());
+            Err(2)
+        }
+    }
+}
+
+/// Connects to the cluster for an operator command as `--seed-file`; an error is printed
+/// and mapped to an exit code.
 pub async fn connect(conn: &ConnArgs) -> Result<async_nats::Client, u8> {
+    let seed = read_seed(conn)?;
+    connect_as(conn, seed).await
+}
+
+/// Connects with `--server` and `--ca` as the user of `seed` (none: no credentials).
+pub async fn connect_as(conn: &ConnArgs, seed: Option<String>) -> Result<async_nats::Client, u8> {
     let mut addrs = Vec::new();
     for s in conn
         .servers
@@ -43,14 +63,7 @@ pub async fn connect(conn: &ConnArgs) -> Result<async_nats::Client, u8> {
         }
     }
     let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
-    if let Some(path) = &conn.seed_file {
-        let seed = match std::fs::read_to_string(path) {
-            Ok(s) => s.trim().to_string(),
-            Err(e) => {
-                eprintln!("error: --seed-file {}: {e}", path.display());
-                return Err(2);
-            }
-        };
+    if let Some(seed) = seed {
         options = options.nkey(seed);
     }
     if let Some(ca) = &conn.ca {

@@ -52,6 +52,56 @@ pub const INACTIVE: Duration = Duration::from_secs(30);
 /// it is stored once.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// Sets the `ROOMS` stream's replicas live, like the store's buckets (the stream config
+/// is edited in place), and returns its replication as a bucket-shaped row. `js` must be
+/// an `APP` connection: operator tools connect as the node's APP user (derived from the
+/// service seed, see `node::security`).
+pub async fn set_replicas(js: &jetstream::Context, n: usize) -> Result<(), String> {
+    let mut stream = js
+        .get_stream(api::ROOMS_STREAM)
+        .await
+        .map_err(|e| format!("look up stream {}: {e}", api::ROOMS_STREAM))?;
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    if info.config.num_replicas == n {
+        return Ok(());
+    }
+    let mut config = info.config.clone();
+    config.num_replicas = n;
+    js.update_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("set replicas of stream {} to {n}: {e}", api::ROOMS_STREAM))
+}
+
+/// The `ROOMS` stream's replication: wanted, current (leader included), leader.
+pub async fn replicas_status(
+    js: &jetstream::Context,
+) -> Result<crate::membership::jetstream::BucketStatus, String> {
+    let mut stream = js
+        .get_stream(api::ROOMS_STREAM)
+        .await
+        .map_err(|e| format!("look up stream {}: {e}", api::ROOMS_STREAM))?;
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    let (current, leader) = match &info.cluster {
+        Some(c) => {
+            let leader = c.leader.clone().filter(|l| !l.is_empty());
+            let followers = c
+                .replicas
+                .iter()
+                .filter(|p| p.current && !p.offline)
+                .count();
+            (usize::from(leader.is_some()) + followers, leader)
+        }
+        None => (1, None),
+    };
+    Ok(crate::membership::jetstream::BucketStatus {
+        bucket: api::ROOMS_STREAM.to_string(),
+        replicas_wanted: info.config.num_replicas,
+        replicas_current: current,
+        leader,
+    })
+}
+
 /// The node's handle on the `ROOMS` stream.
 #[derive(Clone)]
 pub struct History {
