@@ -10,6 +10,7 @@
 //! - [`config`]: figment layers (defaults, `unibus.toml`, `UNIBUS_*`, CLI) and feature flags;
 //! - [`node`]: the node runtime: nats-server supervision, lifecycle, admin HTTP;
 //! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV).
+//! - [`workload`]: load and a history checker for the deploy demos.
 pub mod auth;
 pub mod bench;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod localnet;
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod workload;

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod keys;
 pub mod migrate;
 pub mod node;
+pub mod workload;
 
 use std::path::PathBuf;
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Copy a single node's SQLite store into the cluster's KV buckets (idempotent,
     /// resumable, verified).
     Migrate(Box<migrate::MigrateArgs>),
+    /// Load a cluster while it changes (run) and judge what it saw (check).
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
     /// Measure unibus side by side with raw NATS (starts its own local nodes).
     Bench {
         /// A shorter run (under 3 minutes on 2 cores).
@@ -51,6 +55,17 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// The log filter unless `UNIBUS_LOG` says otherwise. The workload opens a connection
+    /// every half second; async-nats' per-connection info lines would bury its own.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Workload(_) => "info,async_nats=warn",
+            _ => "info",
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Node(c) => node::run(c).await,
@@ -58,5 +73,6 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Keygen { out } => keys::keygen(&out),
         Command::Bench { quick, json } => bench::run(quick, json).await,
         Command::Migrate(args) => migrate::run(*args).await,
+        Command::Workload(c) => workload::run(c).await,
     }
 }
