@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Stop after this many seconds (default: run until SIGTERM/SIGINT).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
+    /// Also stop when this file appears (for a run inside a container, where no signal
+    /// reaches it: `docker cp` an empty file there).
+    #[arg(long, value_name = "PATH")]
+    stop_file: Option<PathBuf>,
     /// Pause between writes, ms.
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
@@ -127,9 +131,18 @@ async fn run_workload(args: RunArgs) -> Result<u8, WorkloadError> {
     let duration = args.duration.map(Duration::from_secs_f64);
     let reason = Arc::new(std::sync::Mutex::new(String::from("stopped")));
     let why = reason.clone();
+    let stop_file = args.stop_file.clone();
     tokio::spawn(async move {
         let said = tokio::select! {
             s = stop_signal() => s,
+            _ = async {
+                match stop_file {
+                    Some(path) => while !path.exists() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    },
+                    None => std::future::pending().await,
+                }
+            } => "stop file",
             _ = async {
                 match duration {
                     Some(d) => tokio::time::sleep(d).await,

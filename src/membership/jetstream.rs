@@ -625,34 +625,49 @@ impl KvStore {
     }
 
     /// Changes every bucket's replicas live by editing its stream config
-    /// (`update_stream`; never `update_key_value`). Safe to re-run. Does not wait: follow
-    /// with [`KvStore::wait_replicas_current`].
+    /// (`update_stream`; never `update_key_value`), and the nonce ledger's
+    /// ([`super::nonces`]) if it exists: every signed request claims a nonce there, so a
+    /// ledger left at R1 would stop the control plane whenever its one node restarts.
+    /// Safe to re-run. Does not wait: follow with [`KvStore::wait_replicas_current`].
     pub async fn set_replicas(&self, n: usize) -> Result<Vec<BucketStatus>> {
         let n = replicas_in_range(n)?;
         check_cluster_size(&self.client, &self.js, n, self.op_timeout).await?;
         for bucket in BUCKETS {
-            let stream_name = format!("KV_{bucket}");
-            let what = format!("set replicas of bucket {bucket} to {n}");
-            bounded(self.op_timeout, &what, async {
-                let s = self
-                    .js
-                    .get_stream(&stream_name)
-                    .await
-                    .map_err(|e| unavailable(&what, e))?;
-                let mut config = s.cached_info().config.clone();
-                if config.num_replicas == n {
+            self.set_stream_replicas(&format!("KV_{bucket}"), n, false)
+                .await?;
+        }
+        self.set_stream_replicas(super::nonces::STREAM, n, true)
+            .await?;
+        self.bucket_status().await
+    }
+
+    /// Sets one stream's replicas; a missing stream is an error unless `optional`.
+    async fn set_stream_replicas(&self, stream_name: &str, n: usize, optional: bool) -> Result<()> {
+        let what = format!("set replicas of {stream_name} to {n}");
+        bounded(self.op_timeout, &what, async {
+            let s = match self.js.get_stream(stream_name).await {
+                Ok(s) => s,
+                Err(e)
+                    if optional
+                        && matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
                     return Ok(());
                 }
-                config.num_replicas = n;
-                self.js
-                    .update_stream(config)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| StoreError::Backend(format!("{what}: {e}")))
-            })
-            .await?;
-        }
-        self.bucket_status().await
+                Err(e) => return Err(unavailable(&what, e)),
+            };
+            let mut config = s.cached_info().config.clone();
+            if config.num_replicas == n {
+                return Ok(());
+            }
+            config.num_replicas = n;
+            self.js
+                .update_stream(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| StoreError::Backend(format!("{what}: {e}")))
+        })
+        .await
     }
 
     /// Polls until every bucket has a leader and all wanted replicas are current.
