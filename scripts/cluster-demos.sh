@@ -31,9 +31,11 @@ demo_setup() {
 demo_cleanup() {
   local rc=$?
   [ -n "$WORKLOAD_PID" ] && kill "$WORKLOAD_PID" 2>/dev/null && wait "$WORKLOAD_PID" 2>/dev/null
+  [ -n "${SINGLE:-}" ] && docker logs "$SINGLE" >"$WORK/single.log" 2>&1
   [ -n "${SINGLE:-}" ] && docker rm -f -v "$SINGLE" >/dev/null 2>&1
+  dcompose logs --no-color --timestamps >"$WORK/cluster.log" 2>&1 || true
   dcompose down -v --remove-orphans >/dev/null 2>&1 || true
-  echo "demo: cleaned up (containers, volumes, network of $DPROJECT); histories in $WORK" >&2
+  echo "demo: cleaned up (containers, volumes, network of $DPROJECT); histories and logs in $WORK" >&2
   exit "$rc"
 }
 
@@ -237,7 +239,8 @@ partition_demo() {
   stop_workload "$WORK/majority.jsonl"
   local rc=0
   "$BIN" workload check --history "$WORK/majority.jsonl" --server "$SERVERS" \
-    --seed-file "$DSECRETS/admin.seed" --ca "$DSECRETS/ca.crt" >"$WORK/majority.txt" || rc=1
+    --seed-file "$DSECRETS/admin.seed" --ca "$DSECRETS/ca.crt" \
+    --majority "$cut,$rejoin" >"$WORK/majority.txt" || rc=1
   "$BIN" workload check --history "$WORK/isolated.jsonl" --server "$SERVERS" \
     --seed-file "$DSECRETS/admin.seed" --ca "$DSECRETS/ca.crt" \
     --isolated "$cut,$rejoin,$ready" >"$WORK/isolated.txt" || rc=1

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use unibus::workload::check::Side;
 use unibus::workload::{self, Isolation, RunOptions, Target, WorkloadError, history};
 
 use super::conn::ConnArgs;
@@ -60,8 +61,13 @@ pub struct CheckArgs {
     /// The history's client was on a node cut off the network: CUT_MS,REJOIN_MS[,READY_MS]
     /// (ms since the epoch). Nothing may be acknowledged or admitted in between; denials
     /// until READY are expected.
-    #[arg(long, value_name = "CUT,REJOIN[,READY]")]
+    #[arg(long, value_name = "CUT,REJOIN[,READY]", conflicts_with = "majority")]
     isolated: Option<Isolation>,
+    /// The history's client used the nodes that kept a quorum while another was cut off:
+    /// CUT_MS,REJOIN_MS. They must acknowledge writes in between; denials during leader
+    /// failover are reported, not failed on.
+    #[arg(long, value_name = "CUT,REJOIN")]
+    majority: Option<Isolation>,
     /// How long to keep retrying a read-back while the cluster is unavailable, seconds.
     #[arg(long, default_value_t = 60)]
     patience_secs: u64,
@@ -188,7 +194,12 @@ async fn stop_signal() -> &'static str {
 
 async fn check(args: CheckArgs) -> Result<u8, WorkloadError> {
     let events = history::read(&args.history)?;
-    let (mut report, ids) = workload::check::analyse(&events, args.isolated);
+    let (window, side) = match (args.isolated, args.majority) {
+        (Some(w), _) => (Some(w), Side::Isolated),
+        (None, Some(w)) => (Some(w), Side::Majority),
+        (None, None) => (None, Side::Isolated),
+    };
+    let (mut report, ids) = workload::check::analyse(&events, window, side);
     if !ids.is_empty() {
         let target = target(&args.conn)?;
         workload::check::verify(

@@ -6,10 +6,16 @@
 //! read (the cluster stays unavailable) is *unverified*, which fails the check too: a
 //! check that could not look has not shown that nothing was lost.
 //!
-//! With `isolated` (a node cut off the network, the history written by a client of that
-//! node) the check also judges the isolation: between the cut and the rejoin nothing may be
-//! acknowledged and no new connection admitted (the node fails closed), and denials until
-//! the node is ready again are expected rather than counted against it.
+//! With a partition window the check also judges the partition, from one side of it:
+//!
+//! - [`Side::Isolated`] (the history's client sat on the node that was cut off): between the
+//!   cut and the rejoin nothing may be acknowledged and no new connection admitted (the
+//!   node fails closed); denials until the node is ready again are expected, not counted.
+//! - [`Side::Majority`] (the client used the other nodes): they must keep serving — writes
+//!   acknowledged during the cut — and lose nothing. Valid users denied are reported but do
+//!   not fail the check: when the cut-off node held stream leaders, the majority elects new
+//!   ones (several seconds, NATS Raft) and the rejoin can trigger another election; reads
+//!   of the user record fail closed meanwhile, by design.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -63,12 +69,27 @@ impl std::str::FromStr for Isolation {
 /// link went may still be answered.
 const CUT_SLACK_MS: u64 = 1000;
 
-/// What happened while a node was isolated (only with [`Isolation`]).
+/// Which side of a partition a history was written from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// A client of the node that was cut off.
+    #[default]
+    Isolated,
+    /// A client of the nodes that kept a quorum.
+    Majority,
+}
+
+/// What happened while a node was cut off (only with [`Isolation`]).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct IsolationReport {
     pub window: Option<Isolation>,
-    /// Acknowledged while cut off: must be 0 (a minority cannot commit).
+    pub side: Side,
+    /// Acknowledged while cut off: must be 0 on the isolated side (a minority cannot
+    /// commit), and above 0 on the majority's (it keeps serving).
     pub writes_acked: u64,
+    /// The longest gap between acknowledged writes that overlaps the cut, in seconds.
+    pub longest_write_gap_s: f64,
     pub attempts_unavailable: u64,
     pub attempts_timed_out: u64,
     pub attempts_other: u64,
@@ -111,14 +132,17 @@ impl Report {
     /// Nothing acknowledged lost (or left unverified), no valid user denied, and — with an
     /// isolation window — nothing acknowledged or admitted while cut off.
     pub fn passed(&self) -> bool {
-        let isolated_ok = self
-            .isolation
-            .as_ref()
-            .is_none_or(|i| i.writes_acked == 0 && i.connects_admitted == 0);
-        self.writes_lost == 0
-            && self.writes_unverified == 0
-            && self.valid_users_denied == 0
-            && isolated_ok
+        let intact = self.writes_lost == 0 && self.writes_unverified == 0;
+        match &self.isolation {
+            None => intact && self.valid_users_denied == 0,
+            Some(i) if i.side == Side::Isolated => {
+                intact
+                    && self.valid_users_denied == 0
+                    && i.writes_acked == 0
+                    && i.connects_admitted == 0
+            }
+            Some(i) => intact && i.writes_acked > 0,
+        }
     }
 
     /// The report as `key: value` lines (stable names; the demos grep them).
@@ -162,9 +186,18 @@ impl Report {
             },
         );
         if let Some(i) = &self.isolation {
-            line("isolated: writes acknowledged:", i.writes_acked.to_string());
+            let side = match i.side {
+                Side::Isolated => "isolated",
+                Side::Majority => "during the cut",
+            };
+            let mut line = |k: &str, v: String| line(&format!("{side}: {k}"), v);
+            line("writes acknowledged:", i.writes_acked.to_string());
             line(
-                "isolated: failed attempts:",
+                "longest write gap (s):",
+                format!("{:.2}", i.longest_write_gap_s),
+            );
+            line(
+                "failed attempts:",
                 format!(
                     "{} unavailable, {} timed out, {} other; slowest {} ms",
                     i.attempts_unavailable,
@@ -174,14 +207,14 @@ impl Report {
                 ),
             );
             line(
-                "isolated: new connections:",
+                "new connections:",
                 format!(
                     "{} admitted, {} denied, {} unreachable",
                     i.connects_admitted, i.connects_denied, i.connects_unreachable
                 ),
             );
             line(
-                "isolated: first ack after rejoin:",
+                "first ack after rejoin:",
                 i.first_ack_after_rejoin_s
                     .map(|s| format!("{s:.1} s"))
                     .unwrap_or_else(|| "none".into()),
@@ -199,13 +232,18 @@ impl Report {
 }
 
 /// Everything the history says, before looking at the cluster.
-pub fn analyse(events: &[Event], isolation: Option<Isolation>) -> (Report, Vec<String>) {
+pub fn analyse(
+    events: &[Event],
+    isolation: Option<Isolation>,
+    side: Side,
+) -> (Report, Vec<String>) {
     let mut r = Report::default();
     let mut to_verify = Vec::new();
     let mut acked_at = Vec::new();
     let (mut first, mut last) = (u64::MAX, 0u64);
     let mut iso = isolation.map(|w| IsolationReport {
         window: Some(w),
+        side,
         ..IsolationReport::default()
     });
     // Judged as "while cut off": finished after the cut (plus slack) and before the rejoin.
@@ -291,7 +329,8 @@ pub fn analyse(events: &[Event], isolation: Option<Isolation>) -> (Report, Vec<S
                 match outcome {
                     ConnectOutcome::Admitted => r.connects_admitted += 1,
                     // Expected while the node is cut off and until it is ready again.
-                    ConnectOutcome::Denied if matches!(in_window, Some((_, true))) => {}
+                    ConnectOutcome::Denied
+                        if side == Side::Isolated && matches!(in_window, Some((_, true))) => {}
                     ConnectOutcome::Denied => r.valid_users_denied += 1,
                     ConnectOutcome::Unreachable => r.connects_unreachable += 1,
                 }
@@ -306,6 +345,15 @@ pub fn analyse(events: &[Event], isolation: Option<Isolation>) -> (Report, Vec<S
     {
         r.longest_write_gap_s = gap as f64 / 1000.0;
         r.longest_write_gap_at_s = at.saturating_sub(first) as f64 / 1000.0;
+    }
+    if let (Some(i), Some(w)) = (iso.as_mut(), isolation.as_ref()) {
+        i.longest_write_gap_s = acked_at
+            .windows(2)
+            .filter(|p| p[1] > w.cut_ms && p[0] < w.rejoin_ms)
+            .map(|p| p[1] - p[0])
+            .max()
+            .unwrap_or(w.rejoin_ms - w.cut_ms) as f64
+            / 1000.0;
     }
     if first != u64::MAX {
         r.duration_s = last.saturating_sub(first) as f64 / 1000.0;
@@ -419,7 +467,7 @@ mod tests {
             connect(2000, ConnectOutcome::Denied),
             connect(2500, ConnectOutcome::Unreachable),
         ];
-        let (r, ids) = analyse(&events, None);
+        let (r, ids) = analyse(&events, None, Side::Isolated);
         assert_eq!(ids, vec!["a", "b", "c", "d"]);
         assert_eq!((r.writes_acked, r.writes_exists_on_retry), (3, 1));
         assert_eq!(r.writes_unacknowledged, 1);
@@ -447,7 +495,7 @@ mod tests {
             connect(32000, ConnectOutcome::Denied),
             write("after", 30000, 31000, WriteOutcome::Acked),
         ];
-        let (r, _) = analyse(&events, Some(w));
+        let (r, _) = analyse(&events, Some(w), Side::Isolated);
         let i = r.isolation.clone().unwrap();
         assert_eq!((i.writes_acked, i.connects_denied), (0, 1));
         assert_eq!(r.valid_users_denied, 0);
@@ -455,8 +503,22 @@ mod tests {
         assert!(r.passed(), "{}", r.table());
 
         let bad = vec![write("split", 15000, 15100, WriteOutcome::Acked)];
-        let (r, _) = analyse(&bad, Some(w));
+        let (r, _) = analyse(&bad, Some(w), Side::Isolated);
         assert!(!r.passed());
+
+        // The same acknowledgement on the majority's side is what it should do; its
+        // denials during failover are reported, not failed on.
+        let majority = vec![
+            write("a", 9000, 9010, WriteOutcome::Acked),
+            write("b", 9100, 17000, WriteOutcome::Acked),
+            connect(12000, ConnectOutcome::Denied),
+        ];
+        let (r, _) = analyse(&majority, Some(w), Side::Majority);
+        assert_eq!(r.valid_users_denied, 1);
+        assert!((r.isolation.clone().unwrap().longest_write_gap_s - 7.99).abs() < 1e-9);
+        assert!(r.passed(), "{}", r.table());
+        let (r, _) = analyse(&majority[..1], Some(w), Side::Majority);
+        assert!(!r.passed(), "nothing acknowledged during the cut");
         assert!("3,2".parse::<Isolation>().is_err());
     }
 }

@@ -370,41 +370,80 @@ async fn probe_loop(
     (admitted, denied)
 }
 
-/// One new connection to one server, then a round trip, then closed.
+/// The subject a probe asks: allowed to every admitted user (`unibus.ctl.>`) and served by
+/// no one, so the server itself answers "no responders" — a round trip that needs no store.
+const PROBE_SUBJECT: &str = "unibus.ctl.probe";
+
+/// One new connection to one server, proven by a round trip, then closed.
+///
+/// Returning from `connect` is no proof of admission: async-nats takes any first server op
+/// after CONNECT (an INFO update, say) as success, and `flush` only empties the socket
+/// buffer, while the server may still be waiting on the auth callout. A request is
+/// processed only after CONNECT was accepted, so its answer is the proof; an authorization
+/// error reported on the connection instead is a denial.
 async fn probe(target: &Target, seed: &str, server: &str) -> (ConnectOutcome, Option<String>) {
     let Ok(addr) = server.parse::<async_nats::ServerAddr>() else {
         return (ConnectOutcome::Unreachable, Some("not a NATS URL".into()));
     };
-    // Longer than the auth callout's own 2 s timeout, so a slow callout shows as what it
-    // ends in (admitted or denied), not as an unreachable server.
-    let options = base_options(target, seed, Duration::from_secs(5));
-    match options.connect(addr).await {
-        Ok(client) => {
-            let flushed = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
-            drop(client);
-            match flushed {
-                Ok(Ok(())) => (ConnectOutcome::Admitted, None),
-                Ok(Err(e)) => (ConnectOutcome::Unreachable, Some(format!("flush: {e}"))),
-                Err(_) => (ConnectOutcome::Unreachable, Some("flush timed out".into())),
+    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen = refused.clone();
+    // Longer than the auth callout's own timeout, so a slow callout shows as what it ends
+    // in (admitted or denied), not as an unreachable server.
+    let options = base_options(target, seed, Duration::from_secs(5)).event_callback(move |event| {
+        let seen = seen.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event
+                && is_auth_error(&e.to_string())
+                && let Ok(mut s) = seen.lock()
+            {
+                *s = Some(e.to_string());
             }
         }
+    });
+    let client = match options.connect(addr).await {
+        Ok(client) => client,
         Err(e) => {
             let message = e.to_string();
-            let lower = message.to_ascii_lowercase();
             let denied = matches!(
                 e.kind(),
                 async_nats::ConnectErrorKind::AuthorizationViolation
                     | async_nats::ConnectErrorKind::Authentication
-            ) || lower.contains("authoriz")
-                || lower.contains("authenticat");
+            ) || is_auth_error(&message);
             let outcome = if denied {
                 ConnectOutcome::Denied
             } else {
                 ConnectOutcome::Unreachable
             };
-            (outcome, Some(message))
+            return (outcome, Some(message));
         }
+    };
+    let answer = tokio::time::timeout(
+        Duration::from_secs(6),
+        client.request(PROBE_SUBJECT, bytes::Bytes::new()),
+    )
+    .await;
+    drop(client);
+    let denial = refused.lock().ok().and_then(|s| s.clone());
+    match (answer, denial) {
+        (_, Some(why)) => (ConnectOutcome::Denied, Some(why)),
+        (Ok(Ok(_)), None) => (ConnectOutcome::Admitted, None),
+        (Ok(Err(e)), None) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            (ConnectOutcome::Admitted, None)
+        }
+        (Ok(Err(e)), None) => (
+            ConnectOutcome::Unreachable,
+            Some(format!("round trip: {e}")),
+        ),
+        (Err(_), None) => (
+            ConnectOutcome::Unreachable,
+            Some("round trip: no answer within 6s".into()),
+        ),
     }
+}
+
+fn is_auth_error(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    lower.contains("authoriz") || lower.contains("authenticat")
 }
 
 /// A short random run id (room ids must stay within 63 characters of `[a-z0-9_-]`).
