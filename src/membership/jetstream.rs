@@ -166,6 +166,40 @@ async fn bounded<T>(
     }
 }
 
+/// Attempts an idempotent request may make within one `op_timeout`.
+const IDEMPOTENT_ATTEMPTS: u32 = 4;
+
+/// Runs an idempotent request (a read, a purge, a plain put) bounded by `limit` as a
+/// whole, but gives each attempt only a share of it and retries a lost or `unavailable`
+/// one. A request in flight while a stream leader hands over (lame duck, a rolling
+/// restart) is dropped by the old leader and never answered; waiting the whole
+/// `op_timeout` for it stalled every write behind it for 2 s, where a retry reaches the
+/// new leader at once. Compare-and-set writes (`create`, `update`) never go through here:
+/// a retry of one that landed would report a conflict.
+async fn bounded_retry<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let share = (limit / IDEMPOTENT_ATTEMPTS).max(Duration::from_millis(100));
+    let mut pause = Duration::from_millis(25);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let err = match tokio::time::timeout(share.min(left), attempt()).await {
+            Ok(Err(StoreError::Unavailable(e))) => StoreError::Unavailable(e),
+            Ok(other) => return other,
+            Err(_) => StoreError::Unavailable(format!("{what}: no answer within {limit:?}")),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(err);
+        }
+        tracing::debug!("{what}: retrying ({err})");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes> {
     serde_json::to_vec(value)
         .map(Bytes::from)
@@ -209,7 +243,7 @@ impl KvStore {
     pub(super) async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
         let subject = format!("{}{key}", kv.prefix);
         let what = format!("read {}/{key}", kv.name);
-        bounded(self.op_timeout, &what, async {
+        bounded_retry(self.op_timeout, &what, || async {
             match kv.stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(msg) => {
                     let op = msg
@@ -261,8 +295,10 @@ impl KvStore {
 
     pub(super) async fn put(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
         let what = format!("write {}/{key}", kv.name);
-        bounded(self.op_timeout, &what, async {
-            kv.put(key, value).await.map_err(|e| unavailable(&what, e))
+        bounded_retry(self.op_timeout, &what, || async {
+            kv.put(key, value.clone())
+                .await
+                .map_err(|e| unavailable(&what, e))
         })
         .await
     }
@@ -284,10 +320,10 @@ impl KvStore {
     async fn purge(&self, kv: &kv::Store, key: &str) -> Result<()> {
         let what = format!("delete {}/{key}", kv.name);
         let subject = format!("{}{key}", kv.prefix);
-        bounded(self.op_timeout, &what, async {
+        bounded_retry(self.op_timeout, &what, || async {
             kv.stream
                 .purge()
-                .filter(subject)
+                .filter(subject.clone())
                 .await
                 .map(|_| ())
                 .map_err(|e| unavailable(&what, e))
