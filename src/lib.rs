@@ -11,6 +11,8 @@
 //! - [`node`]: the node runtime: nats-server supervision, lifecycle, admin HTTP;
 //! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV);
 //! - [`client`]: the client library (control plane, rooms, durable feeds, E2E encryption).
+//! - [`membership`]: the control-plane store (SQLite or replicated JetStream KV).
+//! - [`workload`]: load and a history checker for the deploy demos.
 pub mod auth;
 pub mod bench;
 pub mod client;
@@ -19,3 +21,4 @@ pub mod localnet;
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod workload;

@@ -5,6 +5,7 @@ mod common;
 use common::{Cluster, cluster3, connect, user_key};
 use std::time::{Duration, Instant};
 use unibus::membership::jetstream::{KvOptions, KvStore, ReconcileReport};
+use unibus::membership::nonces::{self, NonceLedger};
 use unibus::membership::{MemberState, Role, Store, StoreError};
 
 async fn open(cluster: &Cluster, replicas: usize) -> KvStore {
@@ -180,6 +181,20 @@ async fn replicas_r1_to_r3_live_with_data_intact() {
         .await
         .unwrap();
     store.rekey("ops", b"k1").await.unwrap();
+    // The nonce ledger, made at first use with the users bucket's replicas (R1 here).
+    let client = connect(&cluster.urls()).await;
+    let ledger = NonceLedger::new(
+        async_nats::jetstream::new(client.clone()),
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert!(ledger.claim(&owner, "n0nce").await.unwrap());
+    let js = async_nats::jetstream::new(client);
+    let ledger_replicas = || async {
+        let mut s = js.get_stream(nonces::STREAM).await.unwrap();
+        s.info().await.unwrap().config.num_replicas
+    };
+    assert_eq!(ledger_replicas().await, 1);
     assert!(
         kv.bucket_status()
             .await
@@ -197,6 +212,9 @@ async fn replicas_r1_to_r3_live_with_data_intact() {
         assert_eq!((b.replicas_wanted, b.replicas_current), (3, 3), "{b:?}");
         assert!(b.leader.is_some());
     }
+    // The ledger moves with the buckets: left at R1 it would stop every signed request
+    // while its one node restarts.
+    assert_eq!(ledger_replicas().await, 3);
     // Untouched config survives (update_stream, not update_key_value).
     let info = kv
         .bucket("members")

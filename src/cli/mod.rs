@@ -16,6 +16,7 @@ pub mod output;
 pub mod room;
 pub mod talk;
 pub mod user;
+pub mod workload;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,9 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Load a cluster while it changes (run) and judge what it saw (check).
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
     /// Measure unibus side by side with raw NATS (starts its own local nodes).
     Bench {
         /// A shorter run (under 3 minutes on 2 cores).
@@ -99,11 +103,13 @@ pub enum Command {
 }
 
 impl Cli {
-    /// The log level when `UNIBUS_LOG` is unset: a node logs its life at `info`; client
-    /// commands print their result and only warnings besides.
-    pub fn default_log_level(&self) -> &'static str {
+    /// The log filter unless `UNIBUS_LOG` says otherwise: a node logs its life at `info`;
+    /// client commands print their result and only warnings besides; the workload opens a
+    /// connection every half second, and async-nats' per-connection lines would bury its own.
+    pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Node(_) | Command::Cluster(_) | Command::Bench { .. } => "info",
+            Command::Workload(_) => "info,async_nats=warn",
             _ => "warn",
         }
     }
@@ -140,5 +146,6 @@ pub async fn run(cli: Cli) -> u8 {
             };
             talk::listen(&room, start, json, count, timeout, &conn).await
         }
+        Command::Workload(c) => workload::run(c).await,
     }
 }

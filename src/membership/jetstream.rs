@@ -166,6 +166,40 @@ async fn bounded<T>(
     }
 }
 
+/// Attempts an idempotent request may make within one `op_timeout`.
+const IDEMPOTENT_ATTEMPTS: u32 = 4;
+
+/// Runs an idempotent request (a read, a purge, a plain put) bounded by `limit` as a
+/// whole, but gives each attempt only a share of it and retries a lost or `unavailable`
+/// one. A request in flight while a stream leader hands over (lame duck, a rolling
+/// restart) is dropped by the old leader and never answered; waiting the whole
+/// `op_timeout` for it stalled every write behind it for 2 s, where a retry reaches the
+/// new leader at once. Compare-and-set writes (`create`, `update`) never go through here:
+/// a retry of one that landed would report a conflict.
+async fn bounded_retry<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let share = (limit / IDEMPOTENT_ATTEMPTS).max(Duration::from_millis(100));
+    let mut pause = Duration::from_millis(25);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let err = match tokio::time::timeout(share.min(left), attempt()).await {
+            Ok(Err(StoreError::Unavailable(e))) => StoreError::Unavailable(e),
+            Ok(other) => return other,
+            Err(_) => StoreError::Unavailable(format!("{what}: no answer within {limit:?}")),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(err);
+        }
+        tracing::debug!("{what}: retrying ({err})");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes> {
     serde_json::to_vec(value)
         .map(Bytes::from)
@@ -209,7 +243,7 @@ impl KvStore {
     pub(super) async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
         let subject = format!("{}{key}", kv.prefix);
         let what = format!("read {}/{key}", kv.name);
-        bounded(self.op_timeout, &what, async {
+        bounded_retry(self.op_timeout, &what, || async {
             match kv.stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(msg) => {
                     let op = msg
@@ -261,8 +295,10 @@ impl KvStore {
 
     pub(super) async fn put(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<u64> {
         let what = format!("write {}/{key}", kv.name);
-        bounded(self.op_timeout, &what, async {
-            kv.put(key, value).await.map_err(|e| unavailable(&what, e))
+        bounded_retry(self.op_timeout, &what, || async {
+            kv.put(key, value.clone())
+                .await
+                .map_err(|e| unavailable(&what, e))
         })
         .await
     }
@@ -284,10 +320,10 @@ impl KvStore {
     async fn purge(&self, kv: &kv::Store, key: &str) -> Result<()> {
         let what = format!("delete {}/{key}", kv.name);
         let subject = format!("{}{key}", kv.prefix);
-        bounded(self.op_timeout, &what, async {
+        bounded_retry(self.op_timeout, &what, || async {
             kv.stream
                 .purge()
-                .filter(subject)
+                .filter(subject.clone())
                 .await
                 .map(|_| ())
                 .map_err(|e| unavailable(&what, e))
@@ -625,34 +661,49 @@ impl KvStore {
     }
 
     /// Changes every bucket's replicas live by editing its stream config
-    /// (`update_stream`; never `update_key_value`). Safe to re-run. Does not wait: follow
-    /// with [`KvStore::wait_replicas_current`].
+    /// (`update_stream`; never `update_key_value`), and the nonce ledger's
+    /// ([`super::nonces`]) if it exists: every signed request claims a nonce there, so a
+    /// ledger left at R1 would stop the control plane whenever its one node restarts.
+    /// Safe to re-run. Does not wait: follow with [`KvStore::wait_replicas_current`].
     pub async fn set_replicas(&self, n: usize) -> Result<Vec<BucketStatus>> {
         let n = replicas_in_range(n)?;
         check_cluster_size(&self.client, &self.js, n, self.op_timeout).await?;
         for bucket in BUCKETS {
-            let stream_name = format!("KV_{bucket}");
-            let what = format!("set replicas of bucket {bucket} to {n}");
-            bounded(self.op_timeout, &what, async {
-                let s = self
-                    .js
-                    .get_stream(&stream_name)
-                    .await
-                    .map_err(|e| unavailable(&what, e))?;
-                let mut config = s.cached_info().config.clone();
-                if config.num_replicas == n {
+            self.set_stream_replicas(&format!("KV_{bucket}"), n, false)
+                .await?;
+        }
+        self.set_stream_replicas(super::nonces::STREAM, n, true)
+            .await?;
+        self.bucket_status().await
+    }
+
+    /// Sets one stream's replicas; a missing stream is an error unless `optional`.
+    async fn set_stream_replicas(&self, stream_name: &str, n: usize, optional: bool) -> Result<()> {
+        let what = format!("set replicas of {stream_name} to {n}");
+        bounded(self.op_timeout, &what, async {
+            let s = match self.js.get_stream(stream_name).await {
+                Ok(s) => s,
+                Err(e)
+                    if optional
+                        && matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
                     return Ok(());
                 }
-                config.num_replicas = n;
-                self.js
-                    .update_stream(config)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| StoreError::Backend(format!("{what}: {e}")))
-            })
-            .await?;
-        }
-        self.bucket_status().await
+                Err(e) => return Err(unavailable(&what, e)),
+            };
+            let mut config = s.cached_info().config.clone();
+            if config.num_replicas == n {
+                return Ok(());
+            }
+            config.num_replicas = n;
+            self.js
+                .update_stream(config)
+                .await
+                .map(|_| ())
+                .map_err(|e| StoreError::Backend(format!("{what}: {e}")))
+        })
+        .await
     }
 
     /// Polls until every bucket has a leader and all wanted replicas are current.

@@ -28,7 +28,12 @@
 //! - **Verified.** After copying, the target is read again and compared with the source:
 //!   record counts per kind, every member's index entry, and a SHA-256 digest over a
 //!   canonical serialisation of every record (see `digest`), computed by the same
-//!   function on both sides. Both digests are reported.
+//!   function on both sides. Both digests are reported. Verified means the target *holds*
+//!   the source: the target side of the comparison is restricted to the source's keys, and
+//!   whatever else the cluster holds is counted as `extra` and left alone. A cluster never
+//!   starts empty — its nodes put their bootstrap admin in the store on first boot — and
+//!   the growth path migrates into a cluster that is already serving, so requiring the
+//!   target to *equal* the source would make a correct copy fail to verify.
 //!
 //! Differences seen in the bulk read are confirmed with a leader read before they are
 //! reported or overwritten, because a bulk read may be served by a lagging follower.
@@ -40,7 +45,7 @@ use futures_util::StreamExt;
 use ring::digest::{Context, SHA256};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Writes in flight at once, by default.
@@ -138,8 +143,11 @@ pub struct KindReport {
     pub kind: Kind,
     /// Records in the source.
     pub source: usize,
-    /// Records in the target after the run (before it, for a dry run).
+    /// Records in the target after the run (before it, for a dry run), extra ones included.
     pub target: usize,
+    /// Target records with no counterpart in the source (the cluster's own: its bootstrap
+    /// admin, writes since it started). Kept; they do not affect verification.
+    pub extra: usize,
     /// Source records the target lacked (for members: or lacked their index entry).
     pub new: usize,
     /// Source records the target already held with equal content.
@@ -163,9 +171,9 @@ pub struct MigrateReport {
     pub index_missing: usize,
     /// SHA-256 (hex) of the source's canonical serialisation.
     pub source_digest: String,
-    /// SHA-256 (hex) of the target's canonical serialisation.
+    /// SHA-256 (hex) of the target's canonical serialisation, restricted to the source's keys.
     pub target_digest: String,
-    /// Counts, index and digests all match.
+    /// Every source record is in the target with equal content (counts, index, digests).
     pub verified: bool,
 }
 
@@ -669,13 +677,25 @@ fn report(
     target: &Target,
     tallies: Vec<Tally>,
 ) -> MigrateReport {
+    let source = source_lines(records);
+    let target_all = target_lines(target);
+    let mut target_of_source: Lines = Default::default();
+    for ((slot, theirs), ours) in target_of_source.iter_mut().zip(&target_all).zip(&source) {
+        let keys: BTreeSet<&str> = ours.iter().map(|(k, _)| k.as_str()).collect();
+        *slot = theirs
+            .iter()
+            .filter(|(k, _)| keys.contains(k.as_str()))
+            .cloned()
+            .collect();
+    }
     let mut kinds = Vec::with_capacity(Kind::ALL.len());
     let mut conflict_examples = Vec::new();
-    for (kind, tally) in Kind::ALL.into_iter().zip(tallies) {
+    for (i, (kind, tally)) in Kind::ALL.into_iter().zip(tallies).enumerate() {
         kinds.push(KindReport {
             kind,
             source: records.iter().filter(|r| r.kind() == kind).count(),
             target: target.of(kind).len(),
+            extra: target_all[i].len() - target_of_source[i].len(),
             new: tally.new,
             unchanged: tally.unchanged,
             conflicts: tally.conflicts,
@@ -685,9 +705,9 @@ fn report(
     }
     conflict_examples.truncate(CONFLICTS_SHOWN);
     let index_missing = records.iter().filter(|r| !target.has_index(r)).count();
-    let source_digest = digest(&source_lines(records));
-    let target_digest = digest(&target_lines(target));
-    let verified = kinds.iter().all(|k| k.source == k.target)
+    let source_digest = digest(&source);
+    let target_digest = digest(&target_of_source);
+    let verified = kinds.iter().all(|k| k.source == k.target - k.extra)
         && index_missing == 0
         && source_digest == target_digest;
     MigrateReport {
@@ -780,15 +800,16 @@ fn digest(lines: &Lines) -> String {
 /// A plain-text rendering of a report for the CLI.
 pub fn table(r: &MigrateReport) -> String {
     let mut out = format!(
-        "{:<10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
-        "KIND", "SOURCE", "TARGET", "NEW", "UNCHANGED", "CONFLICTS", "WRITTEN"
+        "{:<10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
+        "KIND", "SOURCE", "TARGET", "EXTRA", "NEW", "UNCHANGED", "CONFLICTS", "WRITTEN"
     );
     for k in &r.kinds {
         out.push_str(&format!(
-            "{:<10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
+            "{:<10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
             k.kind.as_str(),
             k.source,
             k.target,
+            k.extra,
             k.new,
             k.unchanged,
             k.conflicts,
@@ -796,7 +817,10 @@ pub fn table(r: &MigrateReport) -> String {
         ));
     }
     out.push_str(&format!("source digest sha256:{}\n", r.source_digest));
-    out.push_str(&format!("target digest sha256:{}\n", r.target_digest));
+    out.push_str(&format!(
+        "target digest sha256:{} (the source's keys)\n",
+        r.target_digest
+    ));
     for name in &r.conflict_examples {
         out.push_str(&format!("conflict: {name} differs in the target (kept)\n"));
     }
@@ -807,12 +831,16 @@ pub fn table(r: &MigrateReport) -> String {
         ));
     }
     let verdict = match (r.dry_run, r.verified) {
-        (true, true) => "dry run: the target already equals the source; nothing to copy".into(),
+        (true, true) => "dry run: the target already holds the source; nothing to copy".into(),
         (true, false) => format!(
             "dry run: nothing written; a run would write {} records",
             r.kinds.iter().map(|k| k.new).sum::<usize>()
         ),
-        (false, true) => format!("verified: {} writes; target equals source", r.written()),
+        (false, true) => format!(
+            "verified: {} writes; the target holds every source record ({} of its own kept)",
+            r.written(),
+            r.kinds.iter().map(|k| k.extra).sum::<usize>()
+        ),
         (false, false) => format!(
             "NOT verified: {} writes; target differs from source ({} conflicts; re-run, or --overwrite to replace conflicts)",
             r.written(),
@@ -870,6 +898,31 @@ mod tests {
             .users
             .insert(a.key.clone(), Bytes::from_static(b"not json"));
         assert_ne!(digest(&source), digest(&target_lines(&target)));
+    }
+
+    #[test]
+    fn a_target_holding_the_source_and_more_verifies_and_counts_the_rest_as_extra() {
+        let (a, cluster_admin) = (user("a"), user("the cluster's bootstrap admin"));
+        let snapshot = Snapshot {
+            users: vec![a.clone()],
+            ..Snapshot::default()
+        };
+        let records = records(&snapshot);
+        let mut target = Target::default();
+        for u in [&a, &cluster_admin] {
+            target.users.insert(u.key.clone(), encode(u).unwrap());
+        }
+        let tallies = || Kind::ALL.iter().map(|_| Tally::default()).collect();
+        let r = report(false, &records, &target, tallies());
+        assert!(r.verified, "{}", table(&r));
+        assert_eq!(r.source_digest, r.target_digest);
+        let users = &r.kinds[0];
+        assert_eq!((users.source, users.target, users.extra), (1, 2, 1));
+        assert!(table(&r).contains("1 of its own kept"), "{}", table(&r));
+
+        // Missing a source record still fails, extra records or not.
+        target.users.remove(&a.key);
+        assert!(!report(false, &records, &target, tallies()).verified);
     }
 
     #[test]

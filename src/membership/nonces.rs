@@ -12,7 +12,10 @@
 //! when the skew check alone refuses the envelope.
 //!
 //! The stream lives in the `AUTH` account with the store, out of clients' reach; memory
-//! storage (nonces are worthless after the window) with the `users` bucket's replicas.
+//! storage (nonces are worthless after the window) with the `users` bucket's replicas at
+//! creation; `unibus cluster replicas` ([`super::jetstream::KvStore::set_replicas`]) changes
+//! it with the buckets, so raising the store to R3 does not leave the ledger — which every
+//! signed request needs — on one node.
 //! Fail closed: a claim that cannot be made is an error (`unavailable`), never a pass.
 //! A single node (SQLite) has one service, so its in-memory cache is the whole truth and
 //! there is no ledger.
@@ -24,7 +27,8 @@ use tokio::sync::OnceCell;
 
 use super::StoreError;
 
-const STREAM: &str = "UNIBUS_NONCES";
+/// The ledger's stream.
+pub const STREAM: &str = "UNIBUS_NONCES";
 const PREFIX: &str = "unibus.nonces";
 
 /// Claims nonces in a replicated stream, created on first use.

@@ -11,6 +11,10 @@ use super::security::Security;
 use crate::auth::server_config;
 use crate::config::{BusAuth, Config};
 
+/// Routes ping their peer this often and drop it after this many unanswered pings.
+pub const ROUTE_PING_INTERVAL_SECS: u64 = 1;
+pub const ROUTE_PING_MAX: u32 = 3;
+
 /// File names inside the data dir.
 pub const CONF_FILE: &str = "nats-server.conf";
 pub const PID_FILE: &str = "nats-server.pid";
@@ -94,6 +98,14 @@ pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
         if let Some(secrets) = &security.secrets {
             inner.push_str(&server_config::route_authorization(&secrets.routes));
         }
+        // Dead routes must be noticed in seconds, not minutes (nats-server's default is a
+        // ping every 2 min): while a route to a cut-off peer still counts as up, the peer's
+        // queue subscribers — its authenticator, its control-plane service — keep getting a
+        // share of this node's auth callouts and `unibus.ctl` requests, which vanish. A
+        // partition then looks like random denials and timeouts on the healthy majority.
+        inner.push_str(&format!(
+            "ping_interval: \"{ROUTE_PING_INTERVAL_SECS}s\"\nping_max: {ROUTE_PING_MAX}\n"
+        ));
         let inner: String = inner.lines().map(|l| format!("  {l}\n")).collect();
         line(
             &mut out,
@@ -144,6 +156,10 @@ mod tests {
         let text = render(&config, Path::new("/d"), &open());
         assert!(text.contains("routes: [\"nats-route://n2:6222\", \"nats-route://n3:6222\"]"));
         assert!(text.contains("sync_interval: \"2m\""));
+        assert!(
+            text.contains("  ping_interval: \"1s\"\n  ping_max: 3\n"),
+            "{text}"
+        );
         assert!(text.contains("name: \"unibus\""));
     }
 }
