@@ -147,20 +147,27 @@ async fn auth_checks_fail_closed_on_lost_connection_and_lost_quorum() {
     let (survivor, other) = (others.next().unwrap(), others.next().unwrap());
 
     // 1. The connection is gone (its only server died), the cluster is healthy: deny.
+    // Opening is set-up, not the subject: retry it through a loaded machine's hiccups.
+    let client = pinned(cluster.node(other).url()).await;
     let via_other = Store::JetStream(
-        KvStore::open(pinned(cluster.node(other).url()).await, opts.clone())
-            .await
-            .unwrap(),
+        retry(Duration::from_secs(20), || {
+            KvStore::open(client.clone(), opts.clone())
+        })
+        .await
+        .unwrap(),
     );
     assert!(via_other.is_authorized(&admin).await && via_other.has_admin().await);
     cluster.node(other).kill();
     assert_denies(&via_other, &admin, bound).await;
 
     // 2. Quorum lost: only a follower is left; it cannot answer leader reads. Deny.
+    let client = pinned(cluster.node(survivor).url()).await;
     let via_survivor = Store::JetStream(
-        KvStore::open(pinned(cluster.node(survivor).url()).await, opts)
-            .await
-            .unwrap(),
+        retry(Duration::from_secs(20), || {
+            KvStore::open(client.clone(), opts.clone())
+        })
+        .await
+        .unwrap(),
     );
     assert!(via_survivor.is_authorized(&admin).await && via_survivor.has_admin().await);
     cluster.node(&leader).kill();
