@@ -170,34 +170,56 @@ async fn bounded<T>(
 const IDEMPOTENT_ATTEMPTS: u32 = 4;
 
 /// Runs an idempotent request (a read, a purge, a plain put) bounded by `limit` as a
-/// whole, but gives each attempt only a share of it and retries a lost or `unavailable`
-/// one. A request in flight while a stream leader hands over (lame duck, a rolling
-/// restart) is dropped by the old leader and never answered; waiting the whole
-/// `op_timeout` for it stalled every write behind it for 2 s, where a retry reaches the
-/// new leader at once. Compare-and-set writes (`create`, `update`) never go through here:
-/// a retry of one that landed would report a conflict.
+/// whole, hedged: if an attempt has not answered after a quarter of `limit`, another one
+/// goes out beside it (the first keeps running; whichever answers first wins), and an
+/// attempt that fails `unavailable` is repeated after a short pause. A request in flight
+/// while a stream leader hands over (lame duck, a rolling restart) is dropped by the old
+/// leader and never answered; waiting the whole `op_timeout` for it stalled every write
+/// behind it for 2 s, where a second request reaches the new leader at once. A slow but
+/// live attempt is never cancelled for a retry. Compare-and-set writes (`create`,
+/// `update`) never go through here: a repeat of one that landed would report a conflict.
 async fn bounded_retry<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let deadline = tokio::time::Instant::now() + limit;
-    let share = (limit / IDEMPOTENT_ATTEMPTS).max(Duration::from_millis(100));
-    let mut pause = Duration::from_millis(25);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let err = match tokio::time::timeout(share.min(left), attempt()).await {
-            Ok(Err(StoreError::Unavailable(e))) => StoreError::Unavailable(e),
-            Ok(other) => return other,
-            Err(_) => StoreError::Unavailable(format!("{what}: no answer within {limit:?}")),
-        };
-        if tokio::time::Instant::now() + pause >= deadline {
-            return Err(err);
+    let hedge_after = limit / IDEMPOTENT_ATTEMPTS;
+    let run = async {
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        inflight.push(attempt());
+        let mut launched = 1u32;
+        let mut pause = Duration::from_millis(25);
+        let mut last = None;
+        loop {
+            if inflight.is_empty() {
+                if launched >= IDEMPOTENT_ATTEMPTS {
+                    return Err(last.unwrap_or_else(|| {
+                        StoreError::Unavailable(format!("{what}: no attempt answered"))
+                    }));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
+                inflight.push(attempt());
+                launched += 1;
+            }
+            tokio::select! {
+                answer = inflight.next() => match answer {
+                    Some(Err(StoreError::Unavailable(e))) => {
+                        tracing::debug!("{what}: attempt failed ({e}); retrying");
+                        last = Some(StoreError::Unavailable(e));
+                    }
+                    Some(other) => return other,
+                    None => {}
+                },
+                _ = tokio::time::sleep(hedge_after), if launched < IDEMPOTENT_ATTEMPTS => {
+                    tracing::debug!("{what}: no answer after {hedge_after:?}; asking again");
+                    inflight.push(attempt());
+                    launched += 1;
+                }
+            }
         }
-        tracing::debug!("{what}: retrying ({err})");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(250));
-    }
+    };
+    bounded(limit, what, run).await
 }
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes> {

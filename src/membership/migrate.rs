@@ -158,7 +158,7 @@ pub struct KindReport {
     pub written: usize,
 }
 
-/// What a run did and whether the target now equals the source.
+/// What a run did and whether the target now holds the source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MigrateReport {
     /// Nothing was written.
