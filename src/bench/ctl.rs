@@ -12,7 +12,7 @@ use std::time::Duration;
 use nkeys::KeyPair;
 
 use super::measure::{self, Stats};
-use super::{Workload, app_seed, client, raw_connection, seed_of, throughput_workload};
+use super::{Workload, app_seed, client, new_user, raw_connection, seed_of, throughput_workload};
 use crate::client::Client;
 use crate::localnet::{LocalCluster, Node, Ports};
 use crate::membership::Room;
@@ -120,7 +120,16 @@ pub async fn ctl_write(
         .add_user(&invitee, "invitee", false)
         .await
         .map_err(|e| e.to_string())?;
-    let kv_store = crate::membership::jetstream::KvStore::open(service.clone(), Default::default())
+    // Rooms are created by a user of their own (see `new_user`).
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (owner_seed, _) = new_user(&admin, scratch.path(), "writer").await?;
+    let owner = client(&secrets, &[&listen], &owner_seed).await?;
+    let kv_options = crate::membership::jetstream::KvOptions {
+        create: false,
+        replicas: 3,
+        ..Default::default()
+    };
+    let kv_store = crate::membership::jetstream::KvStore::open(service.clone(), kv_options)
         .await
         .map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(service);
@@ -146,16 +155,19 @@ pub async fn ctl_write(
             .await
             .map_err(|e| e.to_string())?;
         let run = format!("r{replicas}{}", if fsync { "f" } else { "n" });
-        let (admin, invitee) = (admin.clone(), invitee.clone());
-        let ours = move |i: u64| {
-            let (admin, invitee, room) = (admin.clone(), invitee.clone(), format!("w{run}-{i}"));
+        let (owner, invitee) = (owner.clone(), invitee.clone());
+        // Room ids unique over all rounds (`i` restarts with each round).
+        let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ours = move |_i: u64| {
+            let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (owner, invitee, room) = (owner.clone(), invitee.clone(), format!("w{run}-{n}"));
             async move {
-                create_room(&admin, &room).await?;
+                create_room(&owner, &room).await?;
                 let body = MemberRef {
                     room: room.clone(),
                     key: invitee.clone(),
                 };
-                admin
+                owner
                     .call::<_, serde_json::Value>(Op::MembersInvite, &body)
                     .await
                     .map(|_| ())

@@ -1,7 +1,7 @@
 //! Fault workloads on a three-node cluster at R3 (values, lower is better):
 //!
-//! - `rolling_restart_gap_s`: a writer does signed control-plane writes (`rooms.create`,
-//!   which writes the `rooms`, `members` and `rooms_by_member` buckets) while each node in
+//! - `rolling_restart_gap_s`: a writer does signed control-plane writes (`users.add`, then
+//!   `members.invite`: the `users`, `members` and `rooms_by_member` buckets) while each node in
 //!   turn gets SIGTERM (lame duck), exits, is started again on its data dir and becomes
 //!   ready, and every bucket is back at three current replicas before the next node goes.
 //!   The value is the longest gap between two acknowledged writes.
@@ -30,7 +30,10 @@ use crate::localnet::{LocalCluster, Node, http_get, poll};
 use crate::membership::api;
 use crate::membership::jetstream::{KvOptions, KvStore};
 
-/// A writer doing `rooms.create` in a loop, recording when each write was acknowledged.
+/// A writer doing control-plane writes in a loop, recording when each was acknowledged:
+/// `users.add` of a fresh key (the `users` bucket), then `members.invite` of it into one
+/// room (`members` and `rooms_by_member`). Neither grows the writer's own room list, so its
+/// reconnects (the auth callout lists the user's rooms) stay as cheap as at the start.
 struct Writer {
     acks: Arc<std::sync::Mutex<Vec<Instant>>>,
     stop: Arc<AtomicBool>,
@@ -39,30 +42,43 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(client: Client, prefix: &str) -> Writer {
+    async fn start(client: Client, room: &str) -> Result<Writer, String> {
+        create_room(&client, room).await?;
         let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s, prefix) = (acks.clone(), stop.clone(), prefix.to_string());
+        let (a, s, room) = (acks.clone(), stop.clone(), room.to_string());
         let task = tokio::spawn(async move {
-            let mut i = 0u64;
+            let ack = || {
+                if let Ok(mut a) = a.lock() {
+                    a.push(Instant::now());
+                }
+            };
             while !s.load(Ordering::Relaxed) {
-                i += 1;
-                match create_room(&client, &format!("{prefix}-{i}")).await {
-                    Ok(_) => {
-                        if let Ok(mut a) = a.lock() {
-                            a.push(Instant::now());
-                        }
-                    }
+                let key = nkeys::KeyPair::new_user().public_key();
+                if client.add_user(&key, "w", false).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                ack();
+                let body = api::MemberRef {
+                    room: room.clone(),
+                    key,
+                };
+                match client
+                    .call::<_, serde_json::Value>(api::Op::MembersInvite, &body)
+                    .await
+                {
+                    Ok(_) => ack(),
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
         });
-        Writer {
+        Ok(Writer {
             acks,
             stop,
             task,
             started: Instant::now(),
-        }
+        })
     }
 
     fn acked_since(&self, t: Instant) -> usize {
@@ -148,6 +164,7 @@ async fn store(cluster: &LocalCluster) -> Result<KvStore, String> {
         service,
         KvOptions {
             create: false,
+            replicas: 3,
             ..KvOptions::default()
         },
     )
@@ -182,7 +199,7 @@ async fn wait_exit(node: &mut Node, limit: Duration) -> Result<(), String> {
 /// `rolling_restart_gap_s` on `cluster` (every node is restarted, the cluster stays whole).
 pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, String> {
     let kv = store(cluster).await?;
-    let writer = Writer::start(writer_client(cluster, 0).await?, "roll");
+    let writer = Writer::start(writer_client(cluster, 0).await?, "roll").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..cluster.nodes.len() {
         let node = &mut cluster.nodes[i];
@@ -222,7 +239,8 @@ pub async fn leader_kill(cluster: &mut LocalCluster) -> Result<Workload, String>
     let writer = Writer::start(
         writer_client(cluster, (victim + 1) % cluster.nodes.len()).await?,
         "kill",
-    );
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let node = &mut cluster.nodes[victim];
     let killed = Instant::now();

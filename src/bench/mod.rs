@@ -124,6 +124,22 @@ pub async fn start_cluster(unibus: &Path, fsync: bool) -> Result<BenchCluster, S
     .map_err(|e| format!("the cluster did not start: {e}"))?
 }
 
+/// Makes a fresh user (as `admin`) whose seed is written to `dir/<name>.seed`; returns the
+/// seed file and the public key. Workloads that create many rooms do it as such a user:
+/// the auth callout lists a user's rooms when it admits a connection, so the admin's own
+/// connections must not inherit thousands of benchmark rooms.
+pub async fn new_user(admin: &Client, dir: &Path, name: &str) -> Result<(PathBuf, String), String> {
+    let key = nkeys::KeyPair::new_user();
+    let seed = key.seed().map_err(|e| e.to_string())?;
+    let file = dir.join(format!("{name}.seed"));
+    std::fs::write(&file, seed).map_err(|e| format!("{}: {e}", file.display()))?;
+    admin
+        .add_user(&key.public_key(), name, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((file, key.public_key()))
+}
+
 /// The seed in `path`, trimmed.
 pub fn seed_of(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path)
