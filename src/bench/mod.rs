@@ -589,19 +589,22 @@ pub fn table(report: &Report) -> String {
         report.wall_s
     );
     out.push_str(&format!(
-        "{:<28} {:>12} {:>12} {:>7}  {}\n",
-        "WORKLOAD", "UNIBUS", "RAW", "RATIO", "UNIT"
+        "{:<28} {:>12} {:>12} {:>7} {:>9} {:>9}  {}\n",
+        "WORKLOAD", "UNIBUS", "RAW", "RATIO", "P50_MS", "P99_MS", "UNIT"
     ));
     let num = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
     for w in &report.workloads {
+        let ms = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<28} {:>12} {:>12} {:>7}  {}\n",
+            "{:<28} {:>12} {:>12} {:>7} {:>9} {:>9}  {}\n",
             w.name,
             format!("{:.3}", w.unibus),
             num(w.raw),
             w.ratio
                 .map(|r| format!("{r:.2}"))
                 .unwrap_or_else(|| "-".into()),
+            ms(w.p50_ms),
+            ms(w.p99_ms),
             w.unit
         ));
     }

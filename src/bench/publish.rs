@@ -303,11 +303,11 @@ pub async fn room_durable(
     let raw = move |i: u64| {
         let (js, body) = (js.clone(), body.clone());
         async move {
-            // With a message id like the client library's, so the stream does the same
-            // duplicate-window bookkeeping.
+            // With a fresh message id like the client library's, so the stream does the
+            // same duplicate-window bookkeeping (and never answers from it).
             let message = async_nats::jetstream::message::PublishMessage::build()
                 .payload(body)
-                .message_id(format!("m{i}"));
+                .message_id(nuid::next().to_string());
             let ack = js
                 .send_publish(format!("bench.durable.{}", i % 16), message)
                 .await

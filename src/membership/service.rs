@@ -149,9 +149,19 @@ impl Handler {
         revoke: &mut Vec<String>,
     ) -> Result<serde_json::Value, CtlError> {
         let (claimed_key, body, nonce) = self.authenticate(op, raw)?;
-        if let (Some(ledger), Some(nonce)) = (&self.ledger, nonce) {
+        // The cluster-wide nonce claim (a replicated write) and the signer's lookup (a
+        // leader read) are independent: run them together, then judge them in order, so
+        // nothing is dispatched unless both passed and a replay is still reported first.
+        let claim = async {
+            match (&self.ledger, nonce) {
+                (Some(ledger), Some(nonce)) => Some(ledger.claim(&claimed_key, &nonce).await),
+                _ => None,
+            }
+        };
+        let (claim, caller) = tokio::join!(claim, self.identify(&claimed_key));
+        if let Some(claim) = claim {
             let soft = self.config.bus_auth == BusAuth::Soft;
-            match ledger.claim(&claimed_key, &nonce).await {
+            match claim {
                 Ok(true) => {}
                 Ok(false) if soft => tracing::warn!(
                     op = op.name(),
@@ -165,8 +175,7 @@ impl Handler {
                 Err(e) => return Err(e.into()),
             }
         }
-        let caller = self.identify(&claimed_key).await?;
-        self.dispatch(op, &caller, body, revoke).await
+        self.dispatch(op, &caller?, body, revoke).await
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -330,9 +339,14 @@ impl Handler {
             }
             Op::MembersInvite => {
                 let req: MemberRef = parse(body)?;
-                self.require_owner(caller, &req.room).await?;
+                // Two independent reads, together; the owner check is judged first.
+                let (owner, invitee) = tokio::join!(
+                    self.require_owner(caller, &req.room),
+                    store.get_user(&req.key)
+                );
+                owner?;
                 // Only an active user can be invited: a typo'd key fails here, not later.
-                match store.get_user(&req.key).await {
+                match invitee {
                     Ok(u) if u.revoked_at.is_none() => {}
                     Ok(_) => {
                         return Err(CtlError::new(
