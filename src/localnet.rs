@@ -268,6 +268,18 @@ impl Node {
         Some(kb / 1024.0)
     }
 
+    /// Kills the node and its nats-server (SIGKILL) but keeps its data dir.
+    pub fn kill_now(&mut self) {
+        let nats = self.nats_pid();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = nats {
+            kill(pid, libc::SIGKILL);
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         kill(self.pid(), sig);
     }
@@ -281,14 +293,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let nats = self.nats_pid();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Some(pid) = nats {
-            kill(pid, libc::SIGKILL);
-        }
+        self.kill_now();
     }
 }
 

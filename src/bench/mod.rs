@@ -459,10 +459,11 @@ fn ready_three(unibus: &Path, nats_server: &Path, rounds: usize) -> Workload {
     value_workload("ready_three_s", median(&ours), Some(median(&raw)), "s")
 }
 
-/// The raw twin of a start-up: stops the nodes, then starts bare nats-servers on their
-/// rendered configs (with empty JetStream dirs, as the nodes had) and times them until
-/// every `/healthz` is 200.
-fn raw_ready(nats_server: &Path, nodes: Vec<Node>) -> f64 {
+/// The raw twin of a start-up: stops the nodes (keeping their data dirs: the configs
+/// point at the TLS files in them), then starts bare nats-servers on their rendered configs
+/// (with empty JetStream dirs, as the nodes had) and times them until every `/healthz` is
+/// 200.
+fn raw_ready(nats_server: &Path, mut nodes: Vec<Node>) -> f64 {
     let Ok(scratch) = tempfile::tempdir() else {
         return f64::NAN;
     };
@@ -472,7 +473,9 @@ fn raw_ready(nats_server: &Path, nodes: Vec<Node>) -> f64 {
         .map(|(i, n)| fresh_conf(&n.data, &scratch.path().join(i.to_string())))
         .collect();
     let addrs: Vec<String> = nodes.iter().map(|n| n.ports.nats_http.clone()).collect();
-    drop(nodes);
+    for node in &mut nodes {
+        node.kill_now();
+    }
     for addr in &addrs {
         poll(Duration::from_secs(10), || {
             http_get(addr, "/healthz").is_none().then_some(())
@@ -483,16 +486,23 @@ fn raw_ready(nats_server: &Path, nodes: Vec<Node>) -> f64 {
         .iter()
         .filter_map(|c| spawn_nats(nats_server, c))
         .collect();
-    for addr in &addrs {
+    let all_up = addrs.iter().all(|addr| {
         poll(Duration::from_secs(60), || {
             http_get(addr, "/healthz").filter(|(s, _)| *s == 200)
-        });
-    }
-    let took = start.elapsed().as_secs_f64();
+        })
+        .is_some()
+    });
+    let took = if all_up {
+        start.elapsed().as_secs_f64()
+    } else {
+        eprintln!("bench: a bare nats-server on a node's config did not become healthy");
+        f64::NAN
+    };
     for child in &mut children {
         let _ = child.kill();
         let _ = child.wait();
     }
+    drop(nodes);
     took
 }
 

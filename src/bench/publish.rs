@@ -3,10 +3,12 @@
 //! - `room_publish`: messages/s *delivered to a subscriber* of a plain room: the sender uses
 //!   the client library (`Client::send`: a JetStream publish, acknowledged once stored)
 //!   through node 1 and the listener a member-checked feed (`Client::subscribe`) through
-//!   node 2; the raw twin publishes with core NATS on the same kind of subject
-//!   (`unibus.room.<room>.<sender>`, which the `ROOMS` stream captures as well) through
-//!   node 1 and subscribes with core NATS to `unibus.room.<room>.>` through node 2, on the
-//!   same member connections.
+//!   node 2; the raw twin publishes with core NATS through node 1 and subscribes with core
+//!   NATS through node 2, as the node's APP identity, on subjects of the same shape
+//!   outside the room namespace (`bench.room.<room>.<sender>`). Not on the room subjects
+//!   themselves: the `ROOMS` stream captures those, so raw core publishes there would be
+//!   stored too (unacknowledged, as fast as the publisher can go), and the stream's
+//!   backlog would slow the unibus round that follows.
 //! - `room_publish_encrypted`: the same with 1 KiB bodies in an end-to-end encrypted room
 //!   (sealed by the sender, opened by the listener) vs 1 KiB raw core messages.
 //! - `room_durable`: acknowledged sends/s (`Client::send`) vs acknowledged JetStream
@@ -17,7 +19,7 @@
 //! user of a room sees. Each body carries its send time and the id of the round it belongs
 //! to, so a message from an earlier round that arrives late is not counted, and the
 //! p50/p99 reported are publish → deliver latencies on the unibus side.
-//! The two sides use different rooms so one side's messages never reach the other's
+//! The two sides use different subjects so one side's messages never reach the other's
 //! subscriber.
 
 use std::sync::Arc;
@@ -128,10 +130,6 @@ pub async fn room_publish(
         .create_room(&room, "", encrypted)
         .await
         .map_err(|e| e.to_string())?;
-    sender
-        .create_room(&raw_room, "", false)
-        .await
-        .map_err(|e| e.to_string())?;
     // The listener connects after the rooms exist: permissions are computed at connect.
     let listener = client(secrets, &[n2, n1], &seed).await?;
 
@@ -149,12 +147,14 @@ pub async fn room_publish(
             }
         }
     });
-    let mut raw_sub = listener
-        .nats()
-        .subscribe(format!("{}.{raw_room}.>", api::ROOM_PREFIX))
+    let app = app_seed(secrets)?;
+    let raw_pub = raw_connection(secrets, &[n1], app.clone()).await?;
+    let raw_listener = raw_connection(secrets, &[n2], app).await?;
+    let mut raw_sub = raw_listener
+        .subscribe(format!("bench.room.{raw_room}.>"))
         .await
         .map_err(|e| e.to_string())?;
-    listener.nats().flush().await.map_err(|e| e.to_string())?;
+    raw_listener.flush().await.map_err(|e| e.to_string())?;
     let t = raw_tally.clone();
     let raw_task = tokio::spawn(async move {
         while let Some(m) = raw_sub.next().await {
@@ -162,7 +162,7 @@ pub async fn room_publish(
         }
     });
 
-    let raw_subject = api::room_subject(&raw_room, sender.key());
+    let raw_subject = format!("bench.room.{raw_room}.{}", sender.key());
     let (mut ours, mut raw) = (Side::default(), Side::default());
     let mut round_id = 0u64;
     for _ in 0..rounds {
@@ -179,11 +179,7 @@ pub async fn room_publish(
         )
         .await;
         round_id += 1;
-        let (nats, t, subject) = (
-            sender.nats().clone(),
-            raw_tally.clone(),
-            raw_subject.clone(),
-        );
+        let (nats, t, subject) = (raw_pub.clone(), raw_tally.clone(), raw_subject.clone());
         raw.add(
             &raw_tally,
             round_id,
