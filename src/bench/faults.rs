@@ -103,11 +103,16 @@ impl Writer {
     /// Stops the writer; the longest gap between acknowledged writes (the start and the
     /// stop count as edges, so a writer that stalls to the end is measured too).
     async fn finish(self) -> (f64, usize) {
+        let (gap, acks, _) = self.finish_with_acks().await;
+        (gap, acks)
+    }
+
+    async fn finish_with_acks(self) -> (f64, usize, Vec<Instant>) {
         self.stop.store(true, Ordering::Relaxed);
         let end = Instant::now();
         let _ = self.task.await;
         let acks = self.acks.lock().map(|a| a.clone()).unwrap_or_default();
-        (longest_gap(self.started, &acks, end), acks.len())
+        (longest_gap(self.started, &acks, end), acks.len(), acks)
     }
 }
 
@@ -201,8 +206,10 @@ pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, Str
     let kv = store(cluster).await?;
     let writer = Writer::start(writer_client(cluster, 0).await?, "roll").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut stopped = Vec::new();
     for i in 0..cluster.nodes.len() {
         let node = &mut cluster.nodes[i];
+        stopped.push(Instant::now());
         node.signal(libc::SIGTERM);
         wait_exit(node, Duration::from_secs(60)).await?;
         node.respawn();
@@ -214,8 +221,29 @@ pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, Str
     writer
         .wait_acks_after(Instant::now(), 10, Duration::from_secs(10))
         .await;
-    let (gap, acks) = writer.finish().await;
+    let (gap, acks, times) = writer.finish_with_acks().await;
     eprintln!("bench: rolling restart: {acks} writes acknowledged, longest gap {gap:.2}s");
+    if let (Some(first), Some(t0)) = (times.first(), stopped.first()) {
+        eprintln!(
+            "bench:   first write acknowledged {:.2}s before the first SIGTERM",
+            t0.duration_since(*first).as_secs_f64()
+        );
+    }
+    // Where the long gaps were, relative to the SIGTERM before them (for the write-up).
+    for w in times.windows(2) {
+        let len = w[1].duration_since(w[0]).as_secs_f64();
+        if len < 0.5 {
+            continue;
+        }
+        match stopped.iter().rposition(|t| *t <= w[0]) {
+            Some(i) => eprintln!(
+                "bench:   gap {len:.2}s from {:.2}s after node {}'s SIGTERM",
+                w[0].duration_since(stopped[i]).as_secs_f64(),
+                i + 1
+            ),
+            None => eprintln!("bench:   gap {len:.2}s before the first SIGTERM"),
+        }
+    }
     Ok(value_workload("rolling_restart_gap_s", gap, None, "s"))
 }
 

@@ -613,6 +613,9 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
     })
 }
 
+/// How long a stopping service waits for the requests it already took.
+const DRAIN: Duration = Duration::from_secs(3);
+
 /// Runs the micro service on `client` until shutdown; calls `ready` once every endpoint
 /// is subscribed at the server.
 pub async fn run(
@@ -635,16 +638,18 @@ pub async fn run(
     let mut requests = futures_util::stream::select_all(endpoints);
     client.flush().await?;
     ready();
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         let (op, request) = tokio::select! {
             next = requests.next() => match next {
                 Some(r) => r,
                 None => break,
             },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             _ = shutdown.wait() => break,
         };
         let (handler, client) = (handler.clone(), client.clone());
-        tokio::spawn(async move {
+        in_flight.spawn(async move {
             let started = std::time::Instant::now();
             let (body, kind, revoke) = handler.handle(op, &request.message.payload).await;
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
@@ -663,6 +668,20 @@ pub async fn run(
                 handler.revoke(revoke);
             }
         });
+    }
+    // Drain before the node's nats-server goes into lame duck (`node::run` waits for
+    // this): stop taking requests, so the queue group hands new ones to the other nodes at
+    // once, and let those in flight finish while this node's server still serves
+    // JetStream. Cut short, they would hang until the store's timeout and their callers
+    // with them.
+    drop(requests);
+    let _ = client.flush().await;
+    let drained = tokio::time::timeout(DRAIN, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("control-plane requests still in flight after {DRAIN:?}; stopping anyway");
     }
     service.stop().await?;
     Ok(())
