@@ -674,9 +674,11 @@ pub async fn run(
     // once, and let those in flight finish while this node's server still serves
     // JetStream. Cut short, they would hang until the store's timeout and their callers
     // with them.
+    // Bounded: with nats-server gone (a node giving up on it) a flush waits for a
+    // reconnect that never comes.
     drop(requests);
-    let _ = client.flush().await;
     let drained = tokio::time::timeout(DRAIN, async {
+        let _ = client.flush().await;
         while in_flight.join_next().await.is_some() {}
     })
     .await;

@@ -118,6 +118,7 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         })
         .in_current_span(),
     );
+    let mut stages_done = false;
     let (server_trigger, server_shutdown) = shutdown::channel();
     let supervisor = supervisor::Supervisor::new(&config, binary, data_dir);
     let mut supervised = tokio::spawn(supervisor.run(server_shutdown).in_current_span());
@@ -136,8 +137,11 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
             tracing::info!("{signal}: shutting down (lame duck, then stop)");
             readiness.update(|r| r.shutting_down = true);
             trigger.trigger();
-            if tokio::time::timeout(STAGES_STOP, &mut stages).await.is_err() {
-                tracing::warn!("the stages did not stop within {STAGES_STOP:?}; stopping nats-server anyway");
+            match tokio::time::timeout(STAGES_STOP, &mut stages).await {
+                Ok(_) => stages_done = true,
+                Err(_) => tracing::warn!(
+                    "the stages did not stop within {STAGES_STOP:?}; stopping nats-server anyway"
+                ),
             }
             server_trigger.trigger();
             join_supervisor(&mut supervised).await
@@ -146,7 +150,9 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
     };
     trigger.trigger();
     server_trigger.trigger();
-    let _ = stages.await;
+    if !stages_done {
+        let _ = stages.await;
+    }
     while tasks.join_next().await.is_some() {}
     if outcome.is_ok() {
         tracing::info!("node stopped");
