@@ -126,6 +126,9 @@ pub struct Node {
     pub data: PathBuf,
     pub child: Option<Child>,
     log: PathBuf,
+    /// The routes and extra arguments it was started with (for [`Node::respawn`]).
+    peers: Vec<String>,
+    extra: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -154,12 +157,45 @@ impl Node {
         extra: &[&str],
         data: &Path,
     ) -> Node {
-        std::fs::create_dir_all(data).unwrap();
-        let log = data.with_extension("log");
-        let mut cmd = Command::new(binary);
-        cmd.args(["node", "up", "--name", name])
+        let mut node = Node {
+            binary: binary.to_path_buf(),
+            name: name.into(),
+            ports: ports.clone(),
+            data: data.to_path_buf(),
+            child: None,
+            log: data.with_extension("log"),
+            peers: peers.to_vec(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: None,
+        };
+        node.spawn(false);
+        node
+    }
+
+    /// Starts the node again (after it exited or was killed) on the same data dir, ports,
+    /// routes and arguments, keeping its temp dir; its log is appended to.
+    pub fn respawn(&mut self) {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.spawn(true);
+    }
+
+    fn spawn(&mut self, append_log: bool) {
+        std::fs::create_dir_all(&self.data).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append_log)
+            .write(true)
+            .truncate(!append_log)
+            .open(&self.log)
+            .unwrap();
+        let ports = &self.ports;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["node", "up", "--name", &self.name])
             .arg("--data")
-            .arg(data)
+            .arg(&self.data)
             .args([
                 "--listen",
                 &ports.listen,
@@ -169,24 +205,15 @@ impl Node {
             .args(["--http", &ports.http, "--nats-http", &ports.nats_http])
             .arg("--nats-server")
             .arg(nats_server_bin())
-            .args(extra)
+            .args(&self.extra)
             .env("UNIBUS_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if !peers.is_empty() {
-            cmd.args(["--peers", &peers.join(",")]);
+            .stderr(log);
+        if !self.peers.is_empty() {
+            cmd.args(["--peers", &self.peers.join(",")]);
         }
-        let child = cmd.spawn().unwrap();
-        Node {
-            binary: binary.to_path_buf(),
-            name: name.into(),
-            ports: ports.clone(),
-            data: data.to_path_buf(),
-            child: Some(child),
-            log,
-            _dir: None,
-        }
+        self.child = Some(cmd.spawn().unwrap());
     }
 
     pub fn pid(&self) -> i32 {
@@ -241,6 +268,18 @@ impl Node {
         Some(kb / 1024.0)
     }
 
+    /// Kills the node and its nats-server (SIGKILL) but keeps its data dir.
+    pub fn kill_now(&mut self) {
+        let nats = self.nats_pid();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = nats {
+            kill(pid, libc::SIGKILL);
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         kill(self.pid(), sig);
     }
@@ -254,14 +293,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let nats = self.nats_pid();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Some(pid) = nats {
-            kill(pid, libc::SIGKILL);
-        }
+        self.kill_now();
     }
 }
 

@@ -7,63 +7,35 @@
 //!   KV write the operation needs (so the ratio is unibus's overhead per write, not the
 //!   store's write amplification).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use nkeys::KeyPair;
-use serde_json::{Value, json};
 
 use super::measure::{self, Stats};
-use super::{Workload, throughput_workload};
-use crate::auth::envelope::Envelope;
+use super::{Workload, app_seed, client, new_user, raw_connection, seed_of, throughput_workload};
+use crate::client::Client;
 use crate::localnet::{LocalCluster, Node, Ports};
-use crate::membership::api::Reply;
+use crate::membership::Room;
+use crate::membership::api::{CreateRoom, MemberRef, Op};
 
-/// KV writes behind one `rooms.create` + `members.invite` on the KV store: create (rooms),
-/// two purges of leftovers, owner member, owner index; invite member, invite index.
-pub const WRITES_PER_CREATE_AND_INVITE: f64 = 7.0;
+/// KV writes one `rooms.create` + `members.invite` needs on the KV store: the room record,
+/// the owner's member record and index entry, the invitee's member record and index
+/// entry. (Before the item-4 optimisation `rooms.create` also purged leftovers under the
+/// room id unconditionally, two more writes; now it purges only what a leader read finds.)
+pub const WRITES_PER_CREATE_AND_INVITE: f64 = 5.0;
 
-/// A client of a local node, as the given seed, pinning the node's CA.
-pub async fn connect(
-    listen: &str,
-    ca: &std::path::Path,
-    seed: &str,
-) -> Result<async_nats::Client, String> {
-    async_nats::ConnectOptions::new()
-        .nkey(seed.to_string())
-        .require_tls(true)
-        .add_root_certificates(ca.to_path_buf())
-        .request_timeout(Some(Duration::from_secs(10)))
-        .connect(format!("tls://{listen}"))
+/// One `rooms.create` without the client library's follow-up (a reconnect to refresh
+/// permissions), which is not the store's cost and would dominate the measurement.
+pub async fn create_room(client: &Client, room: &str) -> Result<Room, String> {
+    let body = CreateRoom {
+        room: room.into(),
+        name: room.into(),
+        encrypted: false,
+    };
+    client
+        .call(Op::RoomsCreate, &body)
         .await
         .map_err(|e| e.to_string())
-}
-
-/// One signed control-plane call; the server's typed error becomes `Err`.
-pub async fn call(
-    client: &async_nats::Client,
-    key: &KeyPair,
-    op: &str,
-    body: Value,
-) -> Result<Value, String> {
-    let raw = Envelope::sign(op, &body, key)
-        .map_err(|e| e.to_string())?
-        .to_vec();
-    let reply = client
-        .request(format!("unibus.ctl.{op}"), raw.into())
-        .await
-        .map_err(|e| e.to_string())?;
-    match serde_json::from_slice::<Reply<Value>>(&reply.payload).map_err(|e| e.to_string())? {
-        Reply::Ok(v) => Ok(v),
-        Reply::Error(e) => Err(e.to_string()),
-    }
-}
-
-fn seed_of(path: &std::path::Path) -> String {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 pub async fn ctl_read(
@@ -80,15 +52,14 @@ pub async fn ctl_read(
     .await
     .map_err(|e| e.to_string())?;
     let secrets = node.data.join("secrets");
-    let (ca, seed) = (secrets.join("ca.crt"), seed_of(&secrets.join("admin.seed")));
-    let key = Arc::new(KeyPair::from_seed(&seed).map_err(|e| e.to_string())?);
-    let admin = connect(&node.ports.listen, &ca, &seed).await?;
-    call(&admin, &key, "rooms.create", json!({"room": "bench"})).await?;
-    // Connect the raw pair after the room exists: permissions are computed at connect.
-    let requester = connect(&node.ports.listen, &ca, &seed).await?;
-    let responder = connect(&node.ports.listen, &ca, &seed).await?;
+    let admin = client(&secrets, &[&node.ports.listen], &secrets.join("admin.seed")).await?;
+    create_room(&admin, "bench").await?;
+    // The raw pair: bare request/reply as the node's APP identity (no callout, no limits).
+    let app = app_seed(&secrets)?;
+    let requester = raw_connection(&secrets, &[&node.ports.listen], app.clone()).await?;
+    let responder = raw_connection(&secrets, &[&node.ports.listen], app).await?;
     let mut sub = responder
-        .subscribe("unibus.room.bench.echo")
+        .subscribe("unibus.bench.echo")
         .await
         .map_err(|e| e.to_string())?;
     let echo = responder.clone();
@@ -102,23 +73,22 @@ pub async fn ctl_read(
     });
     responder.flush().await.map_err(|e| e.to_string())?;
 
-    let me = key.public_key();
+    let me = admin.key().to_string();
     let ours = move |i: u64| {
-        let (admin, key, me) = (admin.clone(), key.clone(), me.clone());
+        let (admin, me) = (admin.clone(), me.clone());
         async move {
-            let (op, body) = match i % 3 {
-                0 => ("users.get", json!({ "key": me })),
-                1 => ("members.rooms", json!({})),
-                _ => ("rooms.get", json!({ "room": "bench" })),
-            };
-            call(&admin, &key, op, body).await.map(|_| ())
+            match i % 3 {
+                0 => admin.get_user(&me).await.map(|_| ()),
+                1 => admin.memberships(None).await.map(|_| ()),
+                _ => admin.get_room("bench").await.map(|_| ()),
+            }
         }
     };
     let raw = move |_i: u64| {
         let requester = requester.clone();
         async move {
             requester
-                .request("unibus.room.bench.echo", "{}".into())
+                .request("unibus.bench.echo", "{}".into())
                 .await
                 .map(|_| ())
         }
@@ -128,48 +98,38 @@ pub async fn ctl_read(
     Ok(throughput_workload("ctl_read", &a, &b, 1.0))
 }
 
-/// Runs the write workloads on one cluster (fsync on, or off) at R1 then R3.
+/// Runs the write workloads on `cluster` (started with fsync on, or off) at R1 then R3,
+/// leaving its buckets at R3.
 pub async fn ctl_write(
-    unibus: &std::path::Path,
+    cluster: &LocalCluster,
     fsync: bool,
     rounds: usize,
     each: Duration,
 ) -> Result<Vec<Workload>, String> {
-    let unibus = unibus.to_path_buf();
-    let cluster = tokio::task::spawn_blocking(move || {
-        let conf =
-            std::env::temp_dir().join(format!("unibus-bench-{}-{fsync}.toml", std::process::id()));
-        let sync = if fsync { "always" } else { "2m" };
-        let _ = std::fs::write(&conf, format!("jetstream_sync = \"{sync}\"\n"));
-        let conf_arg = conf.to_string_lossy().to_string();
-        let cluster = LocalCluster::start(
-            &unibus,
-            &["--flag", "decentralized=true", "--config", &conf_arg],
-        );
-        for node in &cluster.nodes {
-            node.wait_ready(Duration::from_secs(60));
-        }
-        let _ = std::fs::remove_file(conf);
-        cluster
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let ca = cluster.secrets.join("ca.crt");
+    let secrets = cluster.secrets.clone();
     let listen = cluster.nodes[0].ports.listen.clone();
-    let admin_seed = seed_of(&cluster.secrets.join("admin.seed"));
-    let service_seed = seed_of(&cluster.secrets.join("service.seed"));
-    let key = Arc::new(KeyPair::from_seed(&admin_seed).map_err(|e| e.to_string())?);
-    let admin = connect(&listen, &ca, &admin_seed).await?;
-    let service = connect(&listen, &ca, &service_seed).await?;
-    let invitee = KeyPair::new_user().public_key();
-    call(
-        &admin,
-        &key,
-        "users.add",
-        json!({"key": invitee, "name": "invitee"}),
+    let admin = client(&secrets, &[&listen], &secrets.join("admin.seed")).await?;
+    let service = raw_connection(
+        &secrets,
+        &[&listen],
+        seed_of(&secrets.join("service.seed"))?,
     )
     .await?;
-    let kv_store = crate::membership::jetstream::KvStore::open(service.clone(), Default::default())
+    let invitee = KeyPair::new_user().public_key();
+    admin
+        .add_user(&invitee, "invitee", false)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Rooms are created by a user of their own (see `new_user`).
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (owner_seed, _) = new_user(&admin, scratch.path(), "writer").await?;
+    let owner = client(&secrets, &[&listen], &owner_seed).await?;
+    let kv_options = crate::membership::jetstream::KvOptions {
+        create: false,
+        replicas: 3,
+        ..Default::default()
+    };
+    let kv_store = crate::membership::jetstream::KvStore::open(service.clone(), kv_options)
         .await
         .map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(service);
@@ -195,24 +155,23 @@ pub async fn ctl_write(
             .await
             .map_err(|e| e.to_string())?;
         let run = format!("r{replicas}{}", if fsync { "f" } else { "n" });
-        let (admin, key, invitee) = (admin.clone(), key.clone(), invitee.clone());
-        let ours = move |i: u64| {
-            let (admin, key, invitee, room) = (
-                admin.clone(),
-                key.clone(),
-                invitee.clone(),
-                format!("w{run}-{i}"),
-            );
+        let (owner, invitee) = (owner.clone(), invitee.clone());
+        // Room ids unique over all rounds (`i` restarts with each round).
+        let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ours = move |_i: u64| {
+            let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (owner, invitee, room) = (owner.clone(), invitee.clone(), format!("w{run}-{n}"));
             async move {
-                call(&admin, &key, "rooms.create", json!({ "room": room })).await?;
-                call(
-                    &admin,
-                    &key,
-                    "members.invite",
-                    json!({ "room": room, "key": invitee }),
-                )
-                .await
-                .map(|_| ())
+                create_room(&owner, &room).await?;
+                let body = MemberRef {
+                    room: room.clone(),
+                    key: invitee.clone(),
+                };
+                owner
+                    .call::<_, serde_json::Value>(Op::MembersInvite, &body)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
         };
         let raw = move |i: u64| {
@@ -232,6 +191,5 @@ pub async fn ctl_write(
             WRITES_PER_CREATE_AND_INVITE,
         ));
     }
-    drop(cluster);
     Ok(out)
 }

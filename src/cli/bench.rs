@@ -1,6 +1,6 @@
 //! `unibus bench`.
 
-pub async fn run(quick: bool, json: bool) -> u8 {
+pub async fn run(quick: bool, json: bool, only: Vec<String>) -> u8 {
     let nats_server = match unibus::node::supervisor::locate_nats_server(None) {
         Ok(p) => p,
         Err(e) => {
@@ -15,7 +15,17 @@ pub async fn run(quick: bool, json: bool) -> u8 {
             return 2;
         }
     };
-    let opts = unibus::bench::Options { quick };
+    if let Some(unknown) = only
+        .iter()
+        .find(|o| !unibus::bench::NAMES.contains(&o.as_str()))
+    {
+        eprintln!(
+            "error: --only {unknown}: not a workload; one of {}",
+            unibus::bench::NAMES.join(", ")
+        );
+        return 2;
+    }
+    let opts = unibus::bench::Options { quick, only };
     let report = unibus::bench::run(&unibus, &nats_server, opts).await;
     if json {
         println!(

@@ -99,6 +99,9 @@ pub enum Command {
         /// Print JSON: {"machine": …, "workloads": [{"name", "unibus", "raw", "ratio", …}]}.
         #[arg(long)]
         json: bool,
+        /// Run only these workloads (comma-separated names; for development and tests).
+        #[arg(long, hide = true, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -120,7 +123,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Node(c) => node::run(c).await,
         Command::Cluster(c) => cluster::run(c).await,
         Command::Keygen { out } => keys::keygen(&out),
-        Command::Bench { quick, json } => bench::run(quick, json).await,
+        Command::Bench { quick, json, only } => bench::run(quick, json, only).await,
         Command::Migrate(args) => migrate::run(*args).await,
         Command::User(c) => user::run(c).await,
         Command::Room(c) => room::run(c).await,

@@ -148,12 +148,19 @@ impl Client {
     /// does not match the members' xkeys (someone joined, left or registered since): then a
     /// new epoch first.
     async fn send_epoch(&self, room: &str) -> Result<(u32, RoomSecret), ClientError> {
-        let cached = self.inner.send_epochs.lock().ok().and_then(|s| {
-            s.get(room)
-                .filter(|(_, _, at)| at.elapsed() < SEND_EPOCH_TTL)
-                .map(|(e, k, _)| (*e, k.clone()))
-        });
-        if let Some(hit) = cached {
+        let cached = || {
+            self.inner.send_epochs.lock().ok().and_then(|s| {
+                s.get(room)
+                    .filter(|(_, _, at)| at.elapsed() < SEND_EPOCH_TTL)
+                    .map(|(e, k, _)| (*e, k.clone()))
+            })
+        };
+        if let Some(hit) = cached() {
+            return Ok(hit);
+        }
+        // One check at a time; whoever waited finds the fresh entry.
+        let _checking = self.inner.epoch_check.lock().await;
+        if let Some(hit) = cached() {
             return Ok(hit);
         }
         let owner = self.get_room(room).await?.owner == self.key();

@@ -116,12 +116,18 @@ struct Inner {
     options: ClientOptions,
     /// Bumped on every (re)connect: feeds reopen after one.
     connects: watch::Receiver<u64>,
+    /// Bumped on every disconnect: a control-plane request in flight then is answered on
+    /// a connection that no longer exists, so `call` gives up on it at once.
+    disconnects: watch::Receiver<u64>,
     /// Whether each room is encrypted (it never changes for a room id while it exists).
     encrypted: Mutex<HashMap<String, bool>>,
     /// Unwrapped room keys by (room, epoch).
     room_keys: Mutex<HashMap<(String, u32), e2e::RoomSecret>>,
     /// The epoch `send` seals with, per room, and when it was checked.
     send_epochs: Mutex<HashMap<String, (u32, e2e::RoomSecret, std::time::Instant)>>,
+    /// Held while the send epoch is re-checked, so concurrent sends that find it stale do
+    /// the check (three control-plane calls) once, not once each.
+    epoch_check: tokio::sync::Mutex<()>,
 }
 
 impl Client {
@@ -152,6 +158,7 @@ impl Client {
             return Err(ClientError::Local("no --server given".into()));
         }
         let (connects_tx, connects) = watch::channel(0u64);
+        let (disconnects_tx, disconnects) = watch::channel(0u64);
         let mut nats_options = async_nats::ConnectOptions::with_nkey(seed)
             .name(
                 options
@@ -166,10 +173,11 @@ impl Client {
                 Duration::from_millis((100 * attempt as u64).min(2000))
             })
             .event_callback(move |event| {
-                let connects_tx = connects_tx.clone();
+                let (connects_tx, disconnects_tx) = (connects_tx.clone(), disconnects_tx.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => connects_tx.send_modify(|n| *n += 1),
+                        async_nats::Event::Disconnected => disconnects_tx.send_modify(|n| *n += 1),
                         other => tracing::debug!("nats: {other}"),
                     }
                 }
@@ -217,9 +225,11 @@ impl Client {
                 xkey,
                 options,
                 connects,
+                disconnects,
                 encrypted: Mutex::new(HashMap::new()),
                 room_keys: Mutex::new(HashMap::new()),
                 send_epochs: Mutex::new(HashMap::new()),
+                epoch_check: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -250,21 +260,32 @@ impl Client {
         let payload = serde_json::to_vec(&envelope)
             .map_err(|e| ClientError::Local(format!("encoding the request: {e}")))?;
         let subject = op.subject();
-        let response = self
-            .inner
-            .nats
-            .request(subject.clone(), payload.into())
-            .await
-            .map_err(|e| {
-                use async_nats::client::RequestErrorKind as K;
-                match e.kind() {
-                    K::NoResponders => ClientError::NoResponders { subject },
-                    K::TimedOut => ClientError::Timeout {
-                        what: format!("a reply to {}", op.name()),
-                    },
-                    _ => ClientError::Closed(e.to_string()),
-                }
-            })?;
+        // A request whose connection drops (a node in lame duck closing it, a node killed)
+        // would otherwise wait out the whole request timeout for a reply that went to the
+        // old connection; fail it at once as transient, so the caller retries through the
+        // reconnected one. (Whether the server acted on it is unknown either way, as with
+        // a timeout.)
+        let mut disconnects = self.inner.disconnects.clone();
+        disconnects.mark_unchanged();
+        let request = self.inner.nats.request(subject.clone(), payload.into());
+        let response = tokio::select! {
+            response = request => response,
+            _ = disconnects.changed() => {
+                return Err(ClientError::Timeout {
+                    what: format!("a reply to {} (the connection dropped)", op.name()),
+                });
+            }
+        };
+        let response = response.map_err(|e| {
+            use async_nats::client::RequestErrorKind as K;
+            match e.kind() {
+                K::NoResponders => ClientError::NoResponders { subject },
+                K::TimedOut => ClientError::Timeout {
+                    what: format!("a reply to {}", op.name()),
+                },
+                _ => ClientError::Closed(e.to_string()),
+            }
+        })?;
         match serde_json::from_slice::<Reply<T>>(&response.payload) {
             Ok(Reply::Ok(value)) => Ok(value),
             Ok(Reply::Error(e)) => Err(ClientError::Refused(e)),

@@ -401,6 +401,32 @@ impl KvStore {
         .map(|_| ())
     }
 
+    /// [`Self::purge_room_children`], but only what is there: the member and room-key
+    /// listings are leader reads (see the module doc), so whatever a listing does not show
+    /// was not acknowledged when it was taken — the same guarantee an unconditional purge
+    /// at that moment gives (a write landing after either is not caught by either).
+    async fn purge_room_leftovers(&self, room: &str) -> Result<()> {
+        let filter = format!("{room}.>");
+        let (members, keys) = futures_util::future::try_join(
+            self.keys(&self.members, &filter),
+            self.keys(&self.keys, &filter),
+        )
+        .await?;
+        for key in &members {
+            if let Some((_, endpoint)) = key.split_once('.') {
+                self.purge(&self.index, &format!("{endpoint}.{room}"))
+                    .await?;
+            }
+        }
+        if !members.is_empty() {
+            self.purge(&self.members, &filter).await?;
+        }
+        if !keys.is_empty() {
+            self.purge(&self.keys, &filter).await?;
+        }
+        Ok(())
+    }
+
     /// Removes every member (index entry first), then every room key, of `room`.
     async fn purge_room_children(&self, room: &str) -> Result<()> {
         for key in self.keys(&self.members, &format!("{room}.>")).await? {
@@ -1023,8 +1049,9 @@ impl KvStore {
             )));
         }
         // The id is ours now; drop anything a racing delete may have left under it so a
-        // new room never inherits old members or keys.
-        self.purge_room_children(&room.id).await?;
+        // new room never inherits old members or keys. Almost always there is nothing:
+        // two leader reads (in parallel) instead of two replicated purges.
+        self.purge_room_leftovers(&room.id).await?;
         let owner = Member {
             room: room.id.clone(),
             endpoint: room.owner.clone(),

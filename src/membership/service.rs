@@ -149,9 +149,19 @@ impl Handler {
         revoke: &mut Vec<String>,
     ) -> Result<serde_json::Value, CtlError> {
         let (claimed_key, body, nonce) = self.authenticate(op, raw)?;
-        if let (Some(ledger), Some(nonce)) = (&self.ledger, nonce) {
+        // The cluster-wide nonce claim (a replicated write) and the signer's lookup (a
+        // leader read) are independent: run them together, then judge them in order, so
+        // nothing is dispatched unless both passed and a replay is still reported first.
+        let claim = async {
+            match (&self.ledger, nonce) {
+                (Some(ledger), Some(nonce)) => Some(ledger.claim(&claimed_key, &nonce).await),
+                _ => None,
+            }
+        };
+        let (claim, caller) = tokio::join!(claim, self.identify(&claimed_key));
+        if let Some(claim) = claim {
             let soft = self.config.bus_auth == BusAuth::Soft;
-            match ledger.claim(&claimed_key, &nonce).await {
+            match claim {
                 Ok(true) => {}
                 Ok(false) if soft => tracing::warn!(
                     op = op.name(),
@@ -165,8 +175,7 @@ impl Handler {
                 Err(e) => return Err(e.into()),
             }
         }
-        let caller = self.identify(&claimed_key).await?;
-        self.dispatch(op, &caller, body, revoke).await
+        self.dispatch(op, &caller?, body, revoke).await
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -330,9 +339,14 @@ impl Handler {
             }
             Op::MembersInvite => {
                 let req: MemberRef = parse(body)?;
-                self.require_owner(caller, &req.room).await?;
+                // Two independent reads, together; the owner check is judged first.
+                let (owner, invitee) = tokio::join!(
+                    self.require_owner(caller, &req.room),
+                    store.get_user(&req.key)
+                );
+                owner?;
                 // Only an active user can be invited: a typo'd key fails here, not later.
-                match store.get_user(&req.key).await {
+                match invitee {
                     Ok(u) if u.revoked_at.is_none() => {}
                     Ok(_) => {
                         return Err(CtlError::new(
@@ -599,6 +613,9 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
     })
 }
 
+/// How long a stopping service waits for the requests it already took.
+const DRAIN: Duration = Duration::from_secs(3);
+
 /// Runs the micro service on `client` until shutdown; calls `ready` once every endpoint
 /// is subscribed at the server.
 pub async fn run(
@@ -621,16 +638,18 @@ pub async fn run(
     let mut requests = futures_util::stream::select_all(endpoints);
     client.flush().await?;
     ready();
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         let (op, request) = tokio::select! {
             next = requests.next() => match next {
                 Some(r) => r,
                 None => break,
             },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             _ = shutdown.wait() => break,
         };
         let (handler, client) = (handler.clone(), client.clone());
-        tokio::spawn(async move {
+        in_flight.spawn(async move {
             let started = std::time::Instant::now();
             let (body, kind, revoke) = handler.handle(op, &request.message.payload).await;
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
@@ -649,6 +668,22 @@ pub async fn run(
                 handler.revoke(revoke);
             }
         });
+    }
+    // Drain before the node's nats-server goes into lame duck (`node::run` waits for
+    // this): stop taking requests, so the queue group hands new ones to the other nodes at
+    // once, and let those in flight finish while this node's server still serves
+    // JetStream. Cut short, they would hang until the store's timeout and their callers
+    // with them.
+    // Bounded: with nats-server gone (a node giving up on it) a flush waits for a
+    // reconnect that never comes.
+    drop(requests);
+    let drained = tokio::time::timeout(DRAIN, async {
+        let _ = client.flush().await;
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("control-plane requests still in flight after {DRAIN:?}; stopping anyway");
     }
     service.stop().await?;
     Ok(())

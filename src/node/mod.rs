@@ -63,6 +63,10 @@ impl NodeError {
     }
 }
 
+/// How long a stopping node waits for its stages (the control plane's requests in flight)
+/// before it takes nats-server down regardless.
+const STAGES_STOP: Duration = Duration::from_secs(5);
+
 /// Runs a node until SIGTERM/SIGINT (Ok) or until it cannot go on (Err).
 pub async fn run(config: Config) -> Result<(), NodeError> {
     let span = tracing::info_span!("node", name = %config.name);
@@ -101,7 +105,10 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         )
         .in_current_span(),
     );
-    tasks.spawn(
+    // The stages (the control plane among them) stop first and nats-server after them,
+    // so requests a stopping node already took are answered before its server goes into
+    // lame duck (see `membership::service::run`).
+    let mut stages = tokio::spawn(
         stages::run(stages::Context {
             config: config.clone(),
             data_dir: data_dir.clone(),
@@ -111,8 +118,10 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
         })
         .in_current_span(),
     );
+    let mut stages_done = false;
+    let (server_trigger, server_shutdown) = shutdown::channel();
     let supervisor = supervisor::Supervisor::new(&config, binary, data_dir);
-    let mut supervised = tokio::spawn(supervisor.run(shutdown.clone()).in_current_span());
+    let mut supervised = tokio::spawn(supervisor.run(server_shutdown).in_current_span());
     tracing::info!(
         listen = %config.listen,
         http = %config.http,
@@ -128,11 +137,22 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
             tracing::info!("{signal}: shutting down (lame duck, then stop)");
             readiness.update(|r| r.shutting_down = true);
             trigger.trigger();
+            match tokio::time::timeout(STAGES_STOP, &mut stages).await {
+                Ok(_) => stages_done = true,
+                Err(_) => tracing::warn!(
+                    "the stages did not stop within {STAGES_STOP:?}; stopping nats-server anyway"
+                ),
+            }
+            server_trigger.trigger();
             join_supervisor(&mut supervised).await
         }
         result = &mut supervised => flatten(result),
     };
     trigger.trigger();
+    server_trigger.trigger();
+    if !stages_done {
+        let _ = stages.await;
+    }
     while tasks.join_next().await.is_some() {}
     if outcome.is_ok() {
         tracing::info!("node stopped");
