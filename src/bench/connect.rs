@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::measure;
 use super::{Workload, throughput_workload};
-use crate::localnet::{Node, Ports, free_ports, http_get, poll};
+use crate::localnet::{free_ports, http_get, poll};
 
 pub async fn connect_callout(
     unibus: &Path,
@@ -15,14 +15,7 @@ pub async fn connect_callout(
     rounds: usize,
     each: Duration,
 ) -> Result<Workload, String> {
-    let unibus = unibus.to_path_buf();
-    let node = tokio::task::spawn_blocking(move || {
-        let node = Node::start(&unibus, "bench", &Ports::pick(), &[], &[]);
-        node.wait_ready(Duration::from_secs(30));
-        node
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let node = super::single_node(unibus).await?;
     let secrets = node.data.join("secrets");
     let ca = secrets.join("ca.crt");
     let seed = std::fs::read_to_string(secrets.join("admin.seed")).map_err(|e| e.to_string())?;

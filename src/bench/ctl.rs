@@ -14,7 +14,7 @@ use nkeys::KeyPair;
 use super::measure::{self, Stats};
 use super::{Workload, app_seed, client, new_user, raw_connection, seed_of, throughput_workload};
 use crate::client::Client;
-use crate::localnet::{LocalCluster, Node, Ports};
+use crate::localnet::LocalCluster;
 use crate::membership::Room;
 use crate::membership::api::{CreateRoom, MemberRef, Op};
 
@@ -43,14 +43,7 @@ pub async fn ctl_read(
     rounds: usize,
     each: Duration,
 ) -> Result<Workload, String> {
-    let unibus = unibus.to_path_buf();
-    let node = tokio::task::spawn_blocking(move || {
-        let node = Node::start(&unibus, "bench", &Ports::pick(), &[], &[]);
-        node.wait_ready(Duration::from_secs(30));
-        node
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let node = super::single_node(unibus).await?;
     let secrets = node.data.join("secrets");
     let admin = client(&secrets, &[&node.ports.listen], &secrets.join("admin.seed")).await?;
     create_room(&admin, "bench").await?;

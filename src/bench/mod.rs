@@ -412,6 +412,18 @@ pub async fn run(unibus: &Path, nats_server: &Path, opts: Options) -> Report {
     }
 }
 
+/// A ready single node with the defaults (SQLite, enforce, TLS), started off the runtime.
+pub async fn single_node(unibus: &Path) -> Result<Node, String> {
+    let unibus = unibus.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let node = Node::start(&unibus, "bench", &Ports::pick(), &[], &[]);
+        node.wait_ready(Duration::from_secs(30));
+        node
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// A throughput workload: ops/s of both sides; the ratio compares unibus's rate times
 /// `per_op` (raw operations one unibus operation stands for) with the raw rate.
 pub fn throughput_workload(
