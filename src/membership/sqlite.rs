@@ -169,13 +169,8 @@ fn room_exists(tx: &Transaction<'_>, id: &str) -> Result<()> {
 }
 
 fn get_member(tx: &Transaction<'_>, room: &str, endpoint: &str) -> Result<Option<Member>> {
-    tx.query_row(
-        &format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1 AND endpoint = ?2"),
-        [room, endpoint],
-        member_from_row,
-    )
-    .optional()
-    .map_err(|e| backend("read member", e))
+    let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1 AND endpoint = ?2");
+    read_one(tx, "read member", &sql, [room, endpoint], member_from_row)
 }
 
 fn insert_key(tx: &Transaction<'_>, key: &RoomKey) -> Result<()> {
@@ -245,22 +240,30 @@ pub fn read_snapshot(path: &Path) -> Result<Snapshot> {
     let snapshot = Snapshot {
         users: read_all(
             &tx,
+            &ctx,
             &format!("SELECT {USER_COLS} FROM users ORDER BY key"),
+            [],
             user_from_row,
         )?,
         rooms: read_all(
             &tx,
+            &ctx,
             &format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id"),
+            [],
             room_from_row,
         )?,
         members: read_all(
             &tx,
+            &ctx,
             &format!("SELECT {MEMBER_COLS} FROM members ORDER BY room, endpoint"),
+            [],
             member_from_row,
         )?,
         keys: read_all(
             &tx,
+            &ctx,
             &format!("SELECT {KEY_COLS} FROM room_keys ORDER BY room, epoch"),
+            [],
             key_from_row,
         )?,
     };
@@ -411,15 +414,31 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
     })
 }
 
+/// Every row `sql` selects with `params`, mapped; `what` names the read in errors.
 fn read_all<T>(
     tx: &Transaction<'_>,
+    what: &str,
     sql: &str,
+    params: impl rusqlite::Params,
     map: fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> Result<Vec<T>> {
-    let mut stmt = tx.prepare(sql).map_err(|e| backend(sql, e))?;
-    let rows = stmt.query_map([], map).map_err(|e| backend(sql, e))?;
+    let mut stmt = tx.prepare(sql).map_err(|e| backend(what, e))?;
+    let rows = stmt.query_map(params, map).map_err(|e| backend(what, e))?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(|e| backend(sql, e))
+        .map_err(|e| backend(what, e))
+}
+
+/// The one row `sql` selects with `params`, if any.
+fn read_one<T>(
+    tx: &Transaction<'_>,
+    what: &str,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>> {
+    tx.query_row(sql, params, map)
+        .optional()
+        .map_err(|e| backend(what, e))
 }
 
 impl SqliteStore {
@@ -514,28 +533,17 @@ impl SqliteStore {
     pub(crate) async fn get_user(&self, key: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
         self.tx(move |tx| {
-            tx.query_row(
-                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
-                [&key],
-                user_from_row,
-            )
-            .optional()
-            .map_err(|e| backend("read user", e))?
-            .ok_or_else(|| StoreError::not_found(format!("user {key}")))
+            let sql = format!("SELECT {USER_COLS} FROM users WHERE key = ?1");
+            read_one(tx, "read user", &sql, [&key], user_from_row)?
+                .ok_or_else(|| StoreError::not_found(format!("user {key}")))
         })
         .await
     }
 
     pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
         self.tx(|tx| {
-            let mut stmt = tx
-                .prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY key"))
-                .map_err(|e| backend("list users", e))?;
-            let rows = stmt
-                .query_map([], user_from_row)
-                .map_err(|e| backend("list users", e))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(|e| backend("list users", e))
+            let sql = format!("SELECT {USER_COLS} FROM users ORDER BY key");
+            read_all(tx, "list users", &sql, [], user_from_row)
         })
         .await
     }
@@ -663,28 +671,17 @@ impl SqliteStore {
     pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
         let id = ids::room_id(id)?.to_string();
         self.tx(move |tx| {
-            tx.query_row(
-                &format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?1"),
-                [&id],
-                room_from_row,
-            )
-            .optional()
-            .map_err(|e| backend("read room", e))?
-            .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
+            let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?1");
+            read_one(tx, "read room", &sql, [&id], room_from_row)?
+                .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
         })
         .await
     }
 
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
         self.tx(|tx| {
-            let mut stmt = tx
-                .prepare(&format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id"))
-                .map_err(|e| backend("list rooms", e))?;
-            let rows = stmt
-                .query_map([], room_from_row)
-                .map_err(|e| backend("list rooms", e))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(|e| backend("list rooms", e))
+            let sql = format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id");
+            read_all(tx, "list rooms", &sql, [], room_from_row)
         })
         .await
     }
@@ -795,16 +792,9 @@ impl SqliteStore {
         let room = ids::room_id(room)?.to_string();
         self.tx(move |tx| {
             room_exists(tx, &room)?;
-            let mut stmt = tx
-                .prepare(&format!(
-                    "SELECT {MEMBER_COLS} FROM members WHERE room = ?1 ORDER BY endpoint"
-                ))
-                .map_err(|e| backend("list members", e))?;
-            let rows = stmt
-                .query_map([&room], member_from_row)
-                .map_err(|e| backend("list members", e))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(|e| backend("list members", e))
+            let sql =
+                format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1 ORDER BY endpoint");
+            read_all(tx, "list members", &sql, [&room], member_from_row)
         })
         .await
     }
@@ -812,16 +802,15 @@ impl SqliteStore {
     pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
         let endpoint = ids::user_key("endpoint", endpoint)?;
         self.tx(move |tx| {
-            let mut stmt = tx
-                .prepare(&format!(
-                    "SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1 ORDER BY room"
-                ))
-                .map_err(|e| backend("list rooms for endpoint", e))?;
-            let rows = stmt
-                .query_map([&endpoint], member_from_row)
-                .map_err(|e| backend("list rooms for endpoint", e))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(|e| backend("list rooms for endpoint", e))
+            let sql =
+                format!("SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1 ORDER BY room");
+            read_all(
+                tx,
+                "list rooms for endpoint",
+                &sql,
+                [&endpoint],
+                member_from_row,
+            )
         })
         .await
     }
@@ -851,13 +840,14 @@ impl SqliteStore {
         let epoch = ids::epoch(epoch)?;
         self.tx(move |tx| {
             room_exists(tx, &room)?;
-            tx.query_row(
-                &format!("SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 AND epoch = ?2"),
+            let sql = format!("SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 AND epoch = ?2");
+            read_one(
+                tx,
+                "read room key",
+                &sql,
                 params![room, epoch],
                 key_from_row,
-            )
-            .optional()
-            .map_err(|e| backend("read room key", e))?
+            )?
             .ok_or_else(|| StoreError::not_found(format!("epoch {epoch} of room {room:?}'s key")))
         })
         .await
@@ -867,15 +857,10 @@ impl SqliteStore {
         let room = ids::room_id(room)?.to_string();
         self.tx(move |tx| {
             room_exists(tx, &room)?;
-            tx.query_row(
-                &format!(
-                    "SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 ORDER BY epoch DESC LIMIT 1"
-                ),
-                [&room],
-                key_from_row,
-            )
-            .optional()
-            .map_err(|e| backend("read latest room key", e))
+            let sql = format!(
+                "SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 ORDER BY epoch DESC LIMIT 1"
+            );
+            read_one(tx, "read latest room key", &sql, [&room], key_from_row)
         })
         .await
     }
