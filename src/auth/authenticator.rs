@@ -8,8 +8,8 @@
 //! 1. decodes and verifies the server's request JWT ([`callout::decode_request`]);
 //! 2. verifies the client's nkey signature over the server's nonce — the client proves it
 //!    holds the key it claims ([`callout::verify_client_nonce`]);
-//! 3. asks the store whether that key is an active user ([`Store::is_authorized`], which
-//!    fails closed: a store error or timeout is a no);
+//! 3. asks the store whether that key is an active user (failing closed, like
+//!    [`Store::is_authorized`]: a store error or timeout is a no);
 //! 4. admits it into `APP` with the permissions of DESIGN §3 for the rooms it has joined,
 //!    signed by the shared issuer key.
 //!
@@ -126,9 +126,15 @@ impl Authenticator {
 
     async fn decide(&self, request: &AuthRequest) -> Result<Permissions, Refusal> {
         let key = callout::verify_client_nonce(request).map_err(Refusal::BadSignature)?;
-        if !self.store.is_authorized(&key).await {
-            return Err(Refusal::Unknown(key));
-        }
+        // One read of the user answers both "active?" and "admin?"; any store error is a
+        // refusal, so this fails closed exactly like `Store::is_authorized`.
+        let admin = match self.store.get_user(&key).await {
+            Ok(user) if user.revoked_at.is_none() => user.admin,
+            Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Invalid { .. }) => {
+                return Err(Refusal::Unknown(key));
+            }
+            Err(e) => return Err(Refusal::Store(e)),
+        };
         let rooms: Vec<String> = self
             .store
             .list_rooms_for_endpoint(&key)
@@ -137,7 +143,6 @@ impl Authenticator {
             .filter(|m| m.state == MemberState::Joined)
             .map(|m| m.room)
             .collect();
-        let admin = self.store.get_user(&key).await.map(|u| u.admin)?;
         let perms = callout::permissions_for(&key, &rooms, admin);
         if self.mode == BusAuth::Soft {
             // Soft admits with open permissions; show what enforce would grant.
