@@ -76,15 +76,15 @@ async fn connect(
     node: &Node,
     seed: Option<String>,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
-    let mut options = async_nats::ConnectOptions::new()
+    let options = match seed {
+        Some(seed) => unibus::client::nkey_options(&seed).unwrap(),
+        None => async_nats::ConnectOptions::new(),
+    };
+    options
         .require_tls(true)
         .add_root_certificates(secrets(node).join("ca.crt"))
         .max_reconnects(Some(1))
-        .connection_timeout(Duration::from_secs(5));
-    if let Some(seed) = seed {
-        options = options.nkey(seed);
-    }
-    options
+        .connection_timeout(Duration::from_secs(5))
         .connect(format!("tls://{}", node.ports.listen))
         .await
 }

@@ -57,8 +57,9 @@ async fn connect(url: &str, ca: &Path, options: ConnectOptions) -> Result<Conn, 
     Ok(Conn { client, events })
 }
 
+/// Connects as `key` with the one inbox prefix the authenticator allows it.
 fn with_key(key: &KeyPair) -> ConnectOptions {
-    ConnectOptions::with_nkey(key.seed().unwrap())
+    unibus::client::nkey_options(&key.seed().unwrap()).unwrap()
 }
 
 impl Conn {
@@ -337,14 +338,49 @@ async fn control_plane_refuses_bad_requests_with_typed_errors(
     refused_with(
         alice
             .ctl_raw(
-                "rooms.list",
-                unsigned("rooms.list", list.clone(), Some(&a.public_key())),
+                "rooms.create",
+                unsigned(
+                    "rooms.create",
+                    json!({ "room": "ru", "name": "u" }),
+                    Some(&a.public_key()),
+                ),
             )
             .await,
         "unauthenticated",
         401,
-        "unsigned",
+        "unsigned write",
     );
+    // A read may go unsigned: it is answered only to the claimed key's own inbox, which
+    // only that key's connections may subscribe to. Claiming her own key, Alice is served;
+    // claiming the admin's, the reply would go to her inbox, so she is refused.
+    ok(
+        alice
+            .ctl_raw(
+                "rooms.list",
+                unsigned("rooms.list", list.clone(), Some(&a.public_key())),
+            )
+            .await,
+        "unsigned read bound to her own inbox",
+    );
+    let admin = bus.admin.public_key();
+    refused_with(
+        alice
+            .ctl_raw(
+                "users.list",
+                unsigned("users.list", list.clone(), Some(&admin)),
+            )
+            .await,
+        "unauthenticated",
+        401,
+        "unsigned read claiming another key",
+    );
+    let mut alice_events = bus.connect(0, a).await.unwrap();
+    let _theirs = alice_events
+        .client
+        .subscribe(format!("_INBOX.{admin}.>"))
+        .await
+        .unwrap();
+    alice_events.violation(&format!("_INBOX.{admin}.>")).await;
     let mut forged = Envelope::sign("rooms.list", &list, &KeyPair::new_user()).unwrap();
     forged.key = Some(a.public_key());
     refused_with(

@@ -40,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::jwt::{self, JwtError};
+use crate::membership::api::inbox_prefix;
 
 /// The account admitted clients land in.
 pub const APP_ACCOUNT: &str = "APP";
@@ -255,8 +256,10 @@ pub fn is_room_id(id: &str) -> bool {
 /// The subjects of DESIGN §3 for user `key`, a joined member of `rooms`.
 ///
 /// Everyone admitted: publish `unibus.ctl.>` (the control plane) and micro discovery
-/// (`$SRV.PING|INFO|STATS` and their `.>`), subscribe `_INBOX.>` (replies, JetStream
-/// publish acks). For each room:
+/// (`$SRV.PING|INFO|STATS` and their `.>`), subscribe `_INBOX.<key>.>` (replies,
+/// JetStream publish acks) and no other inbox: a reply sent there reaches only this key's
+/// connections, which is what lets reads go unsigned (`membership::api::inbox_prefix`).
+/// For each room:
 ///
 /// - publish only `unibus.room.<room>.<key>`: a message's subject names its sender, and
 ///   the server, not the publisher, vouches for it (see `membership::history`);
@@ -283,8 +286,9 @@ pub fn permissions_for(key: &str, rooms: &[String], is_admin: bool) -> Permissio
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut sub_allow = vec!["_INBOX.>".to_string()];
+    let mut sub_allow = Vec::new();
     if is_key(key, KeyPairType::User) {
+        sub_allow.push(format!("{}.>", inbox_prefix(key)));
         for room in rooms.iter().filter(|r| is_room_id(r)) {
             pub_allow.push(format!("unibus.room.{room}.{key}"));
             sub_allow.push(format!("unibus.room.{room}.>"));
@@ -548,7 +552,7 @@ mod tests {
         assert_eq!(
             p.sub_allow,
             vec![
-                "_INBOX.>".to_string(),
+                format!("_INBOX.{key}.>"),
                 format!("unibus.deliver.r1.{key}.>"),
                 format!("unibus.deliver.team-a_2.{key}.>"),
                 "unibus.room.r1.>".to_string(),
@@ -577,11 +581,11 @@ mod tests {
         // Nothing that is not a room id (or a user key) becomes a subject.
         for bad in ["*", ">", "a.b", "", "R1", "a b", "é", "-x", &"x".repeat(64)] {
             let p = permissions_for(&key, &[bad.to_string()], true);
-            assert_eq!(p.sub_allow, vec!["_INBOX.>"], "{bad:?}");
+            assert_eq!(p.sub_allow, vec![format!("_INBOX.{key}.>")], "{bad:?}");
         }
         for bad_key in ["*", ">", "U.X", "", &KeyPair::new_account().public_key()] {
             let p = permissions_for(bad_key, &["r1".into()], false);
-            assert_eq!(p.sub_allow, vec!["_INBOX.>"], "{bad_key:?}");
+            assert!(p.sub_allow.is_empty(), "{bad_key:?}");
         }
         assert!(is_room_id(&"x".repeat(63)));
     }

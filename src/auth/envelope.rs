@@ -28,6 +28,15 @@
 //! canonical-JSON step for two implementations to disagree on. A relay that re-formats the
 //! body breaks the signature, which is the point.
 //!
+//! **Reads may go unsigned.** A read (`Op::is_read`) may instead come as a
+//! *connection-bound* envelope ([`Envelope::bound`]: key, no signature), checked by
+//! [`verify_read`]: it is answered only when its reply subject is the claimed key's own
+//! inbox, `_INBOX.<key>.…`, which the authenticator lets no other connection subscribe to.
+//! The connection proved the key when it was admitted (the auth callout verifies a nonce
+//! signature), so the reply reaches that key's holder and nobody else; a read changes
+//! nothing, so a replay or a forged claim gains nothing. That takes the two ed25519
+//! operations off every read, most of its cost. Writes stay signed.
+//!
 //! [`verify`] checks, in order: size (before parsing anything), JSON shape (unknown or
 //! duplicate fields are refused, so two parsers cannot read two different envelopes),
 //! presence of a signature, the signature, the operation, the clock skew, and last the
@@ -39,7 +48,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use nkeys::{KeyPair, KeyPairType};
+use nkeys::KeyPair;
 use ring::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -65,6 +74,10 @@ pub enum EnvelopeError {
     Malformed(String),
     #[error("request is not signed (no key or sig); sign it with your nkey")]
     Unsigned,
+    #[error(
+        "unsigned read answered to {reply:?}, not to the claimed key's own inbox (_INBOX.<key>.…); sign it, or connect with that key's inbox prefix"
+    )]
+    Unbound { reply: String },
     #[error("signature does not verify for the given key")]
     BadSignature,
     #[error("envelope is for operation {got:?}, sent to {expected:?}")]
@@ -87,6 +100,7 @@ impl EnvelopeError {
             | EnvelopeError::Malformed(_)
             | EnvelopeError::OpMismatch { .. } => "invalid",
             EnvelopeError::Unsigned
+            | EnvelopeError::Unbound { .. }
             | EnvelopeError::BadSignature
             | EnvelopeError::Skewed { .. }
             | EnvelopeError::Replayed => "unauthenticated",
@@ -135,8 +149,9 @@ pub struct Verified {
     pub key: String,
     /// The body, as the exact JSON that was signed.
     pub body: Box<RawValue>,
-    /// The request's nonce, for a replay record shared beyond this process.
-    pub nonce: String,
+    /// The request's nonce, for a replay record shared beyond this process; `None` for a
+    /// connection-bound read, which needs no replay protection.
+    pub nonce: Option<String>,
 }
 
 impl Verified {
@@ -176,6 +191,24 @@ impl Envelope {
         let mut nonce = [0u8; NONCE_BYTES];
         super::fill_random(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
         Envelope::sign_at(op, body, key, unix_ms_now(), &URL_SAFE_NO_PAD.encode(nonce))
+    }
+
+    /// An unsigned, *connection-bound* envelope for a read by `key` (see [`verify_read`]):
+    /// the server answers it only to `key`'s own inbox. It costs no signature, which is most
+    /// of what a small read costs.
+    pub fn bound(op: &str, body: &impl Serialize, key: &str) -> Result<Envelope, EnvelopeError> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        super::fill_random(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
+        let body = serde_json::value::to_raw_value(body)
+            .map_err(|e| EnvelopeError::Sign(format!("body does not serialize: {e}")))?;
+        Ok(Envelope {
+            op: op.to_string(),
+            body,
+            ts: unix_ms_now(),
+            nonce: URL_SAFE_NO_PAD.encode(nonce),
+            key: Some(key.to_string()),
+            sig: None,
+        })
     }
 
     /// [`Envelope::sign`] with a given time and nonce (tests, benchmarks).
@@ -250,9 +283,8 @@ pub fn parse(raw: &[u8], limits: &Limits) -> Result<Envelope, EnvelopeError> {
         ));
     }
     if let Some(key) = &envelope.key {
-        let is_user = KeyPair::from_public_key(key)
-            .map(|k| k.key_pair_type() == KeyPairType::User)
-            .unwrap_or(false);
+        // Checksum and prefix only; the signature check (if any) decodes the point.
+        let is_user = crate::membership::ids::user_key("key", key).is_ok_and(|k| &k == key);
         if !is_user {
             return Err(EnvelopeError::Malformed(
                 "key is not a user public key (U…)".into(),
@@ -271,7 +303,56 @@ pub fn verify(
     replay: &ReplayCache,
     limits: &Limits,
 ) -> Result<Verified, EnvelopeError> {
+    verify_signed(parse(raw, limits)?, expected_op, now_ms, replay, limits)
+}
+
+/// Verifies a request for a read operation (`Op::is_read`) that came with reply subject
+/// `reply`. A signed envelope is verified as by [`verify`]. An unsigned one
+/// ([`Envelope::bound`]) is accepted for its claimed key only when `reply` is that key's
+/// own inbox (`_INBOX.<key>.…`): the authenticator lets only connections of that key
+/// subscribe there, so whoever sent it, the answer reaches nobody but the key's holder,
+/// and a read changes nothing, so neither a signature nor a nonce adds anything. This
+/// holds only where the server enforces the inbox permission (`bus-auth=enforce`).
+pub fn verify_read(
+    raw: &[u8],
+    expected_op: &str,
+    reply: Option<&str>,
+    now_ms: u64,
+    replay: &ReplayCache,
+    limits: &Limits,
+) -> Result<Verified, EnvelopeError> {
     let envelope = parse(raw, limits)?;
+    if envelope.sig.is_some() {
+        return verify_signed(envelope, expected_op, now_ms, replay, limits);
+    }
+    let Some(key) = envelope.key else {
+        return Err(EnvelopeError::Unsigned);
+    };
+    if envelope.op != expected_op {
+        return Err(EnvelopeError::OpMismatch {
+            expected: expected_op.to_string(),
+            got: envelope.op,
+        });
+    }
+    match reply {
+        Some(reply) if crate::membership::api::is_inbox_of(reply, &key) => Ok(Verified {
+            key,
+            body: envelope.body,
+            nonce: None,
+        }),
+        _ => Err(EnvelopeError::Unbound {
+            reply: reply.unwrap_or_default().to_string(),
+        }),
+    }
+}
+
+fn verify_signed(
+    envelope: Envelope,
+    expected_op: &str,
+    now_ms: u64,
+    replay: &ReplayCache,
+    limits: &Limits,
+) -> Result<Verified, EnvelopeError> {
     let (Some(key), Some(sig)) = (envelope.key, envelope.sig) else {
         return Err(EnvelopeError::Unsigned);
     };
@@ -305,7 +386,7 @@ pub fn verify(
     Ok(Verified {
         key,
         body: envelope.body,
-        nonce: envelope.nonce,
+        nonce: Some(envelope.nonce),
     })
 }
 
@@ -424,6 +505,62 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(raw).unwrap();
         edit(&mut v);
         serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn an_unsigned_read_is_accepted_only_when_answered_to_the_claimed_keys_inbox() {
+        let (me, other) = (KeyPair::new_user(), KeyPair::new_user());
+        let raw = Envelope::bound("rooms.get", &json!({"id": "r1"}), &me.public_key())
+            .unwrap()
+            .to_vec();
+        let (cache, limits) = (ReplayCache::default(), Limits::default());
+        let read =
+            |reply: Option<&str>| verify_read(&raw, "rooms.get", reply, NOW, &cache, &limits);
+        let mine = format!("_INBOX.{}.x1.2", me.public_key());
+        // Twice: a bound read uses up nothing.
+        for _ in 0..2 {
+            let ok = read(Some(&mine)).unwrap();
+            assert_eq!(ok.key, me.public_key());
+            assert_eq!(ok.nonce, None);
+        }
+        assert!(cache.is_empty());
+        let theirs = format!("_INBOX.{}.x1.2", other.public_key());
+        for reply in [
+            Some(theirs.as_str()),
+            Some("_INBOX.abc.1"),
+            Some("unibus.x"),
+            None,
+        ] {
+            let e = read(reply).unwrap_err();
+            assert!(matches!(e, EnvelopeError::Unbound { .. }), "{reply:?}: {e}");
+            assert_eq!(e.code(), "unauthenticated");
+        }
+        // Bound to another operation than the endpoint's: refused like a signed one.
+        assert!(matches!(
+            verify_read(&raw, "users.get", Some(&mine), NOW, &cache, &limits),
+            Err(EnvelopeError::OpMismatch { .. })
+        ));
+        // Without a key there is nobody to bind to.
+        let keyless = edited(&raw, |v| {
+            v.as_object_mut().unwrap().remove("key");
+        });
+        assert_eq!(
+            verify_read(&keyless, "rooms.get", Some(&mine), NOW, &cache, &limits).unwrap_err(),
+            EnvelopeError::Unsigned
+        );
+        // A signed read is checked as a signed request, whatever its reply subject.
+        let signed = signed(&me, "rooms.get", NOW, NONCE);
+        let ok = verify_read(&signed, "rooms.get", None, NOW, &cache, &limits).unwrap();
+        assert_eq!(ok.nonce.as_deref(), Some(NONCE));
+        assert_eq!(
+            verify_read(&signed, "rooms.get", Some(&mine), NOW, &cache, &limits).unwrap_err(),
+            EnvelopeError::Replayed
+        );
+        let forged = edited(&signed, |v| v["key"] = json!(other.public_key()));
+        assert_eq!(
+            verify_read(&forged, "rooms.get", Some(&theirs), NOW, &cache, &limits).unwrap_err(),
+            EnvelopeError::BadSignature
+        );
     }
 
     #[test]

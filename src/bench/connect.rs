@@ -56,8 +56,7 @@ pub async fn connect_callout(
     .ok_or("the raw nats-server did not start")?;
 
     let connect_once = |addr: String, ca: std::path::PathBuf, seed: String| async move {
-        let client = async_nats::ConnectOptions::new()
-            .nkey(seed)
+        let client = crate::client::nkey_options(&seed)?
             .require_tls(true)
             .add_root_certificates(ca)
             .max_reconnects(Some(0))

@@ -329,8 +329,7 @@ pub async fn revocation(cluster: &LocalCluster, reps: usize) -> Result<Workload,
         join_retrying(&member, "revoke").await?;
         // The listening connection, after the join so its permissions include the room.
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let listener = async_nats::ConnectOptions::new()
-            .nkey(member_seed.clone())
+        let listener = crate::client::nkey_options(&member_seed)?
             .require_tls(true)
             .add_root_certificates(secrets.join(crate::auth::certs::CA_CERT))
             .max_reconnects(Some(0))

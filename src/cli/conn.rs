@@ -62,10 +62,14 @@ pub async fn connect_as(conn: &ConnArgs, seed: Option<String>) -> Result<async_n
             }
         }
     }
-    let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
-    if let Some(seed) = seed {
-        options = options.nkey(seed);
+    let mut options = match seed {
+        Some(seed) => unibus::client::nkey_options(&seed).map_err(|e| {
+            eprintln!("error: --seed-file: {e}");
+            2
+        })?,
+        None => async_nats::ConnectOptions::new(),
     }
+    .connection_timeout(Duration::from_secs(5));
     if let Some(ca) = &conn.ca {
         if !ca.is_file() {
             eprintln!("error: --ca {} does not exist", ca.display());

@@ -53,7 +53,7 @@ use tokio::sync::watch;
 
 use crate::auth::envelope::Envelope;
 use crate::auth::keys;
-use crate::membership::api::{ErrorKind, Op, Reply};
+use crate::membership::api::{self, ErrorKind, Op, Reply};
 
 pub use crate::membership::api::{CtlError, Start};
 pub use error::ClientError;
@@ -130,6 +130,17 @@ struct Inner {
     epoch_check: tokio::sync::Mutex<()>,
 }
 
+/// Connect options that authenticate as the key of `seed` (which signs the server's nonce),
+/// with the one inbox prefix the authenticator lets that key subscribe to
+/// ([`api::inbox_prefix`]). Every NATS connection made as a user starts from these, or its
+/// requests get no replies.
+pub fn nkey_options(seed: &str) -> Result<async_nats::ConnectOptions, String> {
+    let seed = seed.trim();
+    let key = nkeys::KeyPair::from_seed(seed).map_err(|e| format!("not an nkey seed: {e}"))?;
+    Ok(async_nats::ConnectOptions::with_nkey(seed.to_string())
+        .custom_inbox_prefix(api::inbox_prefix(&key.public_key())))
+}
+
 impl Client {
     /// Connects and authenticates. Fails with [`ClientError::Local`] for a bad seed file,
     /// URL or CA, [`ClientError::Refused`] (`unauthenticated`) when the cluster does not
@@ -159,7 +170,8 @@ impl Client {
         }
         let (connects_tx, connects) = watch::channel(0u64);
         let (disconnects_tx, disconnects) = watch::channel(0u64);
-        let mut nats_options = async_nats::ConnectOptions::with_nkey(seed)
+        let mut nats_options = nkey_options(&seed)
+            .map_err(|e| ClientError::Local(format!("--seed-file: {e}")))?
             .name(
                 options
                     .name
@@ -249,14 +261,19 @@ impl Client {
         &self.inner.nats
     }
 
-    /// One signed control-plane call.
+    /// One control-plane call: signed, or for a read connection-bound (unsigned, answered
+    /// only to this connection's own inbox; see `auth::envelope`).
     pub async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         op: Op,
         body: &B,
     ) -> Result<T, ClientError> {
-        let envelope = Envelope::sign(op.name(), body, &self.inner.key)
-            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let envelope = if op.is_read() {
+            Envelope::bound(op.name(), body, &self.inner.public)
+        } else {
+            Envelope::sign(op.name(), body, &self.inner.key)
+        }
+        .map_err(|e| ClientError::Local(e.to_string()))?;
         let payload = serde_json::to_vec(&envelope)
             .map_err(|e| ClientError::Local(format!("encoding the request: {e}")))?;
         let subject = op.subject();

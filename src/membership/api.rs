@@ -95,6 +95,27 @@ impl Op {
         Op::ALL.into_iter().find(|op| op.name() == name)
     }
 
+    /// Operations that only read, and whose reply is all they do. These may be sent
+    /// *connection-bound* instead of signed (see [`inbox_prefix`] and
+    /// `auth::envelope::verify_bound`): answered only to the caller's own inbox, which the
+    /// server lets nobody else subscribe to, a read needs neither a signature nor replay
+    /// protection. `rooms.subscribe` reads too, but opens consumers (a side effect), so
+    /// it stays signed.
+    pub fn is_read(self) -> bool {
+        matches!(
+            self,
+            Op::UsersGet
+                | Op::UsersList
+                | Op::RoomsGet
+                | Op::RoomsList
+                | Op::MembersList
+                | Op::MembersRooms
+                | Op::KeysLatest
+                | Op::KeysGet
+                | Op::MembersKeys
+        )
+    }
+
     /// `unibus.ctl.<op>`
     pub fn subject(self) -> String {
         format!("{CTL_PREFIX}.{}", self.name())
@@ -236,6 +257,27 @@ pub struct Feed {
 pub const ROOMS_STREAM: &str = "ROOMS";
 /// Room messages: `unibus.room.<room>.<sender key>`.
 pub const ROOM_PREFIX: &str = "unibus.room";
+/// The root of every reply inbox.
+pub const INBOX_ROOT: &str = "_INBOX";
+
+/// `_INBOX.<user key>`: the inbox prefix of a client connected as `key`. The authenticator
+/// lets that connection subscribe to `_INBOX.<key>.>` and to no other inbox, so a reply
+/// sent under this prefix reaches only the holder of `key`'s seed. Clients must connect
+/// with it (`ConnectOptions::custom_inbox_prefix`), or they get no replies.
+pub fn inbox_prefix(key: &str) -> String {
+    format!("{INBOX_ROOT}.{key}")
+}
+
+/// Whether `reply` is an inbox of `key`'s connections (`_INBOX.<key>.<more>`).
+pub fn is_inbox_of(reply: &str, key: &str) -> bool {
+    reply
+        .strip_prefix(INBOX_ROOT)
+        .and_then(|r| r.strip_prefix('.'))
+        .and_then(|r| r.strip_prefix(key))
+        .and_then(|r| r.strip_prefix('.'))
+        .is_some_and(|rest| !rest.is_empty())
+}
+
 /// Feeds: `unibus.deliver.<room>.<listener key>.<inbox>`.
 pub const DELIVER_PREFIX: &str = "unibus.deliver";
 
@@ -404,6 +446,27 @@ mod tests {
         let json = serde_json::to_string(&Start::After(5)).unwrap();
         assert_eq!(json, r#"{"after":5}"#);
         assert_eq!(serde_json::to_string(&Start::New).unwrap(), r#""new""#);
+    }
+
+    #[test]
+    fn an_inbox_belongs_to_the_key_it_names_and_to_no_other() {
+        let key = "UA".repeat(28);
+        let other = "UB".repeat(28);
+        let prefix = inbox_prefix(&key);
+        assert!(is_inbox_of(&format!("{prefix}.abc.1"), &key));
+        assert!(!is_inbox_of(&format!("{prefix}.abc.1"), &other));
+        for bad in [
+            prefix.clone(),
+            format!("{prefix}."),
+            format!("{prefix}x.abc"),
+            format!("_INBOX.{}.abc", &key[..55]),
+            format!("_INBOXX.{key}.abc"),
+            format!("x._INBOX.{key}.abc"),
+        ] {
+            assert!(!is_inbox_of(&bad, &key), "{bad:?}");
+        }
+        assert!(Op::UsersGet.is_read() && Op::MembersRooms.is_read());
+        assert!(!Op::RoomsCreate.is_read() && !Op::RoomsSubscribe.is_read());
     }
 
     #[test]

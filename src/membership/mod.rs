@@ -278,9 +278,12 @@ pub enum Store {
 macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {{
         let started = std::time::Instant::now();
+        // The KV futures are large (async-nats request state); boxed, they no longer
+        // make every caller's future as large, which callers moved (memcpy) on each
+        // spawn and poll: most of a SQLite read's CPU before this.
         let result = match $self {
             Store::Sqlite(s) => s.$method($($arg),*).await,
-            Store::JetStream(s) => s.$method($($arg),*).await,
+            Store::JetStream(s) => Box::pin(s.$method($($arg),*)).await,
         };
         crate::metrics::get().store_op(
             stringify!($method),

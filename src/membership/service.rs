@@ -9,6 +9,8 @@
 //!    signature over op, body digest, timestamp and nonce, clock skew, replay. `bus-auth`
 //!    decides what a failure does: `enforce` refuses (`unauthenticated`), `soft` logs and
 //!    counts the would-be denial and goes on with the claimed key, `off` skips the checks.
+//!    Reads may instead be connection-bound (unsigned, answered only to the caller's own
+//!    `_INBOX.<key>`; see `auth::envelope`'s module doc);
 //! 2. **identity** — the signer must be an active (not revoked) user in the store;
 //! 3. **rules** — admins manage users; any admitted user creates rooms and owns them;
 //!    owners invite, remove and rekey; members read their room, its members and keys, open
@@ -125,9 +127,14 @@ impl Handler {
     /// [`Handler::revoke`]) only after the reply is out: the caller itself may be among
     /// them (a deleted room's owner, a member who leaves), and a kick that overtook the
     /// reply would leave it without an answer.
-    pub async fn handle(&self, op: Op, raw: &[u8]) -> (Vec<u8>, Option<ErrorKind>, Vec<String>) {
+    pub async fn handle(
+        &self,
+        op: Op,
+        raw: &[u8],
+        reply: Option<&str>,
+    ) -> (Vec<u8>, Option<ErrorKind>, Vec<String>) {
         let mut revoke = Vec::new();
-        match self.process(op, raw, &mut revoke).await {
+        match self.process(op, raw, reply, &mut revoke).await {
             Ok(value) => (json(&Reply::Ok(value)), None, revoke),
             Err(e) => {
                 tracing::debug!(
@@ -146,15 +153,18 @@ impl Handler {
         &self,
         op: Op,
         raw: &[u8],
+        reply: Option<&str>,
         revoke: &mut Vec<String>,
     ) -> Result<serde_json::Value, CtlError> {
-        let (claimed_key, body, nonce) = self.authenticate(op, raw)?;
+        let (claimed_key, body, nonce) = self.authenticate(op, raw, reply)?;
         // The cluster-wide nonce claim (a replicated write) and the signer's lookup (a
         // leader read) are independent: run them together, then judge them in order, so
         // nothing is dispatched unless both passed and a replay is still reported first.
         let claim = async {
             match (&self.ledger, nonce) {
-                (Some(ledger), Some(nonce)) => Some(ledger.claim(&claimed_key, &nonce).await),
+                (Some(ledger), Some(nonce)) => {
+                    Some(Box::pin(ledger.claim(&claimed_key, &nonce)).await)
+                }
                 _ => None,
             }
         };
@@ -179,11 +189,14 @@ impl Handler {
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
-    /// signature verified, the nonce (for the cluster-wide replay check).
+    /// signature verified, the nonce (for the cluster-wide replay check). A read may come
+    /// connection-bound instead of signed (`envelope::verify_read`): then there is no
+    /// nonce to claim.
     fn authenticate(
         &self,
         op: Op,
         raw: &[u8],
+        reply: Option<&str>,
     ) -> Result<(String, serde_json::Value, Option<String>), CtlError> {
         let limits = envelope::Limits {
             max_body: self.config.max_body,
@@ -193,14 +206,14 @@ impl Handler {
             let (key, body) = claimed(raw, op, &limits)?;
             (key, body, None)
         } else {
-            match envelope::verify(
-                raw,
-                op.name(),
-                envelope::unix_ms_now(),
-                &self.replay,
-                &limits,
-            ) {
-                Ok(v) => (v.key, v.body, Some(v.nonce)),
+            let now = envelope::unix_ms_now();
+            let verified = if op.is_read() {
+                envelope::verify_read(raw, op.name(), reply, now, &self.replay, &limits)
+            } else {
+                envelope::verify(raw, op.name(), now, &self.replay, &limits)
+            };
+            match verified {
+                Ok(v) => (v.key, v.body, v.nonce),
                 Err(e)
                     if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" =>
                 {
@@ -278,7 +291,7 @@ impl Handler {
                 require_admin(caller)?;
                 let user = store.revoke_user(&req.key).await?;
                 if let Some(history) = &self.history {
-                    self.closed(history.close_feeds_of(&user.key).await);
+                    self.closed(Box::pin(history.close_feeds_of(&user.key)).await);
                 }
                 revoke.push(user.key.clone());
                 ok(user)
@@ -325,14 +338,14 @@ impl Handler {
                 // Purge first: if that fails the room still exists and the delete can be
                 // retried; once more after, for what members sent in between.
                 if let Some(history) = &self.history {
-                    history.purge_room(&req.room).await?;
+                    Box::pin(history.purge_room(&req.room)).await?;
                 }
                 store.delete_room(&req.room).await?;
                 if let Some(history) = &self.history {
-                    if let Err(e) = history.purge_room(&req.room).await {
+                    if let Err(e) = Box::pin(history.purge_room(&req.room)).await {
                         tracing::warn!(room = req.room, "second purge of a deleted room: {e}");
                     }
-                    self.closed(history.close_feeds(&req.room, None).await);
+                    self.closed(Box::pin(history.close_feeds(&req.room, None)).await);
                 }
                 revoke.extend(members.into_iter().map(|m| m.endpoint));
                 ok(serde_json::json!({}))
@@ -394,7 +407,7 @@ impl Handler {
                 store.remove_member(&req.room, &req.key).await?;
                 let key = req.key.to_ascii_uppercase();
                 if let Some(history) = &self.history {
-                    self.closed(history.close_feeds(&req.room, Some(&key)).await);
+                    self.closed(Box::pin(history.close_feeds(&req.room, Some(&key))).await);
                 }
                 revoke.push(key);
                 ok(serde_json::json!({}))
@@ -410,7 +423,7 @@ impl Handler {
                 }
                 store.remove_member(&req.room, &caller.key).await?;
                 if let Some(history) = &self.history {
-                    self.closed(history.close_feeds(&req.room, Some(&caller.key)).await);
+                    self.closed(Box::pin(history.close_feeds(&req.room, Some(&caller.key))).await);
                 }
                 revoke.push(caller.key.clone());
                 ok(serde_json::json!({}))
@@ -459,10 +472,11 @@ impl Handler {
             Op::RoomsSubscribe => {
                 let req: SubscribeRoom = parse(body)?;
                 self.require_member(caller, &req.room, true).await?;
-                ok(self
-                    .history()?
-                    .open_feed(&req.room, &caller.key, &req.inbox, req.start)
-                    .await?)
+                let history = self.history()?;
+                ok(
+                    Box::pin(history.open_feed(&req.room, &caller.key, &req.inbox, req.start))
+                        .await?,
+                )
             }
             Op::KeysRekey => {
                 let req: Rekey = parse(body)?;
@@ -638,20 +652,25 @@ pub async fn run(
     let mut requests = futures_util::stream::select_all(endpoints);
     client.flush().await?;
     ready();
-    let mut in_flight = tokio::task::JoinSet::new();
+    // Requests are polled here, on this task, rather than spawned: a SQLite read
+    // completes on its first poll, and a spawn per request (a task hop and a wake-up of
+    // another worker thread) cost more than the read itself. Requests that wait (KV
+    // round trips, writes on the blocking pool) still overlap.
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
     loop {
         let (op, request) = tokio::select! {
             next = requests.next() => match next {
                 Some(r) => r,
                 None => break,
             },
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
             _ = shutdown.wait() => break,
         };
         let (handler, client) = (handler.clone(), client.clone());
-        in_flight.spawn(async move {
+        in_flight.push(async move {
             let started = std::time::Instant::now();
-            let (body, kind, revoke) = handler.handle(op, &request.message.payload).await;
+            let reply = request.message.reply.as_deref();
+            let (body, kind, revoke) = handler.handle(op, &request.message.payload, reply).await;
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
             crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());
             let mut headers = HeaderMap::new();
@@ -679,7 +698,7 @@ pub async fn run(
     drop(requests);
     let drained = tokio::time::timeout(DRAIN, async {
         let _ = client.flush().await;
-        while in_flight.join_next().await.is_some() {}
+        while in_flight.next().await.is_some() {}
     })
     .await;
     if drained.is_err() {

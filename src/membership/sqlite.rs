@@ -6,12 +6,14 @@
 //! - **Schema versions** live in `PRAGMA user_version`; [`MIGRATIONS`] is the ordered list
 //!   of steps, each applied in its own transaction that also bumps the version. A file with
 //!   a newer version than this binary knows is refused rather than guessed at.
-//! - **Async without blocking the runtime**: rusqlite is synchronous. Each operation runs as
+//! - **Writes off the runtime, reads inline**: rusqlite is synchronous. Each write runs as
 //!   one closure on `tokio::task::spawn_blocking`, holding an `Arc<Mutex<Connection>>` for
-//!   the duration. One connection serialises writers (SQLite does anyway) and keeps the
-//!   code trivially correct; the control plane's load is small and SQLite answers in
-//!   microseconds, so a connection pool would buy nothing but complexity. Tokio worker
-//!   threads never wait on SQLite I/O.
+//!   the duration: one connection serialises writers (SQLite does anyway), and a write's
+//!   fsync never stalls a tokio worker. Reads run inline on the calling task, on a second,
+//!   read-only connection: with WAL they never wait for the writer, they see every
+//!   committed write, and a cached-statement index lookup takes a few microseconds —
+//!   less than the hop to the blocking pool and back, which used to be most of a read's
+//!   cost (measured in BENCHMARKS.md, `ctl_read`). Both use cached prepared statements.
 //! - Every operation is a single transaction: checks ("does the room exist?") and writes
 //!   see the same snapshot.
 
@@ -70,7 +72,24 @@ pub fn schema_version() -> u32 {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Option<Connection>>>,
+    /// A second, read-only connection for reads, which run inline (see the module doc).
+    reader: Arc<Mutex<Option<Connection>>>,
+    users: Arc<Mutex<UserCache>>,
 }
+
+/// Users as last read, by key. Every control-plane request and every connection looks its
+/// user up, and this process is the only writer of the file (the data dir is locked), so
+/// a cache here is exact: each user write bumps `generation` and drops the entry after it
+/// commits, and a read only fills the cache if no write happened since it began (so a
+/// read racing a write never caches what the write replaced).
+#[derive(Default)]
+struct UserCache {
+    generation: u64,
+    users: std::collections::HashMap<String, User>,
+}
+
+/// Bound on cached users (a few MiB); when full the cache starts over.
+const USER_CACHE_ENTRIES: usize = 10_000;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,15 +179,16 @@ const ROOM_COLS: &str = "id, name, owner, encrypted, created_at";
 const MEMBER_COLS: &str = "room, endpoint, role, state, added_by, added_at";
 const KEY_COLS: &str = "room, epoch, material, created_at";
 
-fn room_exists(tx: &Transaction<'_>, id: &str) -> Result<()> {
+fn room_exists(tx: &Connection, id: &str) -> Result<()> {
     let found = tx
-        .query_row("SELECT 1 FROM rooms WHERE id = ?1", [id], |_| Ok(()))
+        .prepare_cached("SELECT 1 FROM rooms WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([id], |_| Ok(())))
         .optional()
         .map_err(|e| backend("read room", e))?;
     found.ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
 }
 
-fn get_member(tx: &Transaction<'_>, room: &str, endpoint: &str) -> Result<Option<Member>> {
+fn get_member(tx: &Connection, room: &str, endpoint: &str) -> Result<Option<Member>> {
     let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1 AND endpoint = ?2");
     read_one(tx, "read member", &sql, [room, endpoint], member_from_row)
 }
@@ -416,13 +436,13 @@ fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
 
 /// Every row `sql` selects with `params`, mapped; `what` names the read in errors.
 fn read_all<T>(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     what: &str,
     sql: &str,
     params: impl rusqlite::Params,
     map: fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> Result<Vec<T>> {
-    let mut stmt = tx.prepare(sql).map_err(|e| backend(what, e))?;
+    let mut stmt = tx.prepare_cached(sql).map_err(|e| backend(what, e))?;
     let rows = stmt.query_map(params, map).map_err(|e| backend(what, e))?;
     rows.collect::<rusqlite::Result<Vec<_>>>()
         .map_err(|e| backend(what, e))
@@ -430,13 +450,14 @@ fn read_all<T>(
 
 /// The one row `sql` selects with `params`, if any.
 fn read_one<T>(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     what: &str,
     sql: &str,
     params: impl rusqlite::Params,
     map: fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> Result<Option<T>> {
-    tx.query_row(sql, params, map)
+    tx.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row(params, map))
         .optional()
         .map_err(|e| backend(what, e))
 }
@@ -446,7 +467,7 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+        let conn = tokio::task::spawn_blocking(move || -> Result<(Connection, Connection)> {
             let ctx = format!("open sqlite database {}", p.display());
             let mut conn = Connection::open(&p).map_err(|e| backend(&ctx, e))?;
             conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -464,14 +485,61 @@ impl SqliteStore {
             conn.pragma_update(None, "foreign_keys", true)
                 .map_err(|e| backend(&ctx, e))?;
             migrate(&mut conn)?;
-            Ok(conn)
+            // Opened after the migrations, so it never sees an old schema.
+            let reader = Connection::open_with_flags(
+                &p,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| backend(&ctx, e))?;
+            reader
+                .busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(|e| backend(&ctx, e))?;
+            Ok((conn, reader))
         })
         .await
         .map_err(|e| StoreError::Backend(format!("sqlite open task failed: {e}")))??;
+        let (conn, reader) = conn;
         Ok(Self {
             path,
             conn: Arc::new(Mutex::new(Some(conn))),
+            reader: Arc::new(Mutex::new(Some(reader))),
+            users: Arc::default(),
         })
+    }
+
+    fn user_cache(&self) -> std::sync::MutexGuard<'_, UserCache> {
+        // A panic while holding it leaves at worst a missing entry: keep using it.
+        self.users.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a write to `key`'s user row has committed (or failed).
+    fn forget_user(&self, key: &str) {
+        let mut cache = self.user_cache();
+        cache.generation += 1;
+        cache.users.remove(key);
+    }
+
+    /// Runs the read `f` in one (read) transaction on the reader connection, inline.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let guard = self.reader.lock().map_err(|_| {
+            StoreError::Backend(
+                "sqlite reader lock poisoned by an earlier panic; restart the node".into(),
+            )
+        })?;
+        let conn = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the sqlite store was closed".into()))?;
+        // BEGIN and ROLLBACK as cached statements: `Connection::transaction` parses them
+        // afresh each time, which cost more than the read itself.
+        let run = |sql: &str| {
+            conn.prepare_cached(sql)
+                .and_then(|mut stmt| stmt.execute([]))
+                .map_err(|e| backend(sql, e))
+        };
+        run("BEGIN")?;
+        let out = f(conn);
+        run("ROLLBACK")?;
+        out
     }
 
     /// The database file.
@@ -513,85 +581,110 @@ impl SqliteStore {
             revoked_at: None,
             xkey: None,
         };
-        self.tx(move |tx| {
-            tx.execute(
-                &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL)"),
-                params![user.key, user.name, user.admin, to_i64(user.created_at)],
-            )
-            .map_err(|e| {
-                if is_constraint(&e) {
-                    StoreError::conflict(format!("user {} already exists", user.key))
-                } else {
-                    backend("insert user", e)
-                }
-            })?;
-            Ok(user)
-        })
-        .await
+        let cache_key = user.key.clone();
+        let written = self
+            .tx(move |tx| {
+                tx.execute(
+                    &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL)"),
+                    params![user.key, user.name, user.admin, to_i64(user.created_at)],
+                )
+                .map_err(|e| {
+                    if is_constraint(&e) {
+                        StoreError::conflict(format!("user {} already exists", user.key))
+                    } else {
+                        backend("insert user", e)
+                    }
+                })?;
+                Ok(user)
+            })
+            .await;
+        self.forget_user(&cache_key);
+        written
     }
 
     pub(crate) async fn get_user(&self, key: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
-        self.tx(move |tx| {
+        let generation = {
+            let cache = self.user_cache();
+            if let Some(user) = cache.users.get(&key) {
+                return Ok(user.clone());
+            }
+            cache.generation
+        };
+        let user = self.read(|tx| {
             let sql = format!("SELECT {USER_COLS} FROM users WHERE key = ?1");
             read_one(tx, "read user", &sql, [&key], user_from_row)?
                 .ok_or_else(|| StoreError::not_found(format!("user {key}")))
-        })
-        .await
+        })?;
+        let mut cache = self.user_cache();
+        if cache.generation == generation {
+            if cache.users.len() >= USER_CACHE_ENTRIES {
+                cache.users.clear();
+            }
+            cache.users.insert(key, user.clone());
+        }
+        Ok(user)
     }
 
     pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
-        self.tx(|tx| {
+        self.read(|tx| {
             let sql = format!("SELECT {USER_COLS} FROM users ORDER BY key");
             read_all(tx, "list users", &sql, [], user_from_row)
         })
-        .await
     }
 
     pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
         let xkey = ids::xkey("xkey", xkey)?;
-        self.tx(move |tx| {
-            let changed = tx
-                .execute(
-                    "UPDATE users SET xkey = ?2 WHERE key = ?1",
-                    params![key, xkey],
+        let cache_key = key.clone();
+        let written = self
+            .tx(move |tx| {
+                let changed = tx
+                    .execute(
+                        "UPDATE users SET xkey = ?2 WHERE key = ?1",
+                        params![key, xkey],
+                    )
+                    .map_err(|e| backend("set user xkey", e))?;
+                if changed == 0 {
+                    return Err(StoreError::not_found(format!("user {key}")));
+                }
+                tx.query_row(
+                    &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
+                    [&key],
+                    user_from_row,
                 )
-                .map_err(|e| backend("set user xkey", e))?;
-            if changed == 0 {
-                return Err(StoreError::not_found(format!("user {key}")));
-            }
-            tx.query_row(
-                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
-                [&key],
-                user_from_row,
-            )
-            .map_err(|e| backend("read user", e))
-        })
-        .await
+                .map_err(|e| backend("read user", e))
+            })
+            .await;
+        self.forget_user(&cache_key);
+        written
     }
 
     pub(crate) async fn revoke_user(&self, key: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
         let now = to_i64(now_ms());
-        self.tx(move |tx| {
-            let changed = tx
-                .execute(
-                    "UPDATE users SET revoked_at = COALESCE(revoked_at, ?2) WHERE key = ?1",
-                    params![key, now],
+        let cache_key = key.clone();
+        let written = self
+            .tx(move |tx| {
+                let changed = tx
+                    .execute(
+                        "UPDATE users SET revoked_at = COALESCE(revoked_at, ?2) WHERE key = ?1",
+                        params![key, now],
+                    )
+                    .map_err(|e| backend("revoke user", e))?;
+                if changed == 0 {
+                    return Err(StoreError::not_found(format!("user {key}")));
+                }
+                tx.query_row(
+                    &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
+                    [&key],
+                    user_from_row,
                 )
-                .map_err(|e| backend("revoke user", e))?;
-            if changed == 0 {
-                return Err(StoreError::not_found(format!("user {key}")));
-            }
-            tx.query_row(
-                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
-                [&key],
-                user_from_row,
-            )
-            .map_err(|e| backend("read user", e))
-        })
-        .await
+                .map_err(|e| backend("read user", e))
+            })
+            .await;
+        self.forget_user(&cache_key);
+        written
     }
 
     pub(crate) async fn is_authorized(&self, key: &str) -> bool {
@@ -605,16 +698,14 @@ impl SqliteStore {
     }
 
     pub(crate) async fn has_admin(&self) -> bool {
-        let res = self
-            .tx(|tx| {
-                tx.query_row(
-                    "SELECT EXISTS(SELECT 1 FROM users WHERE admin = 1 AND revoked_at IS NULL)",
-                    [],
-                    |row| row.get::<_, bool>(0),
-                )
-                .map_err(|e| backend("has_admin", e))
-            })
-            .await;
+        let res = self.read(|tx| {
+            tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM users WHERE admin = 1 AND revoked_at IS NULL)",
+                [],
+                |row| row.get::<_, bool>(0),
+            )
+            .map_err(|e| backend("has_admin", e))
+        });
         match res {
             Ok(found) => found,
             Err(err) => {
@@ -670,20 +761,18 @@ impl SqliteStore {
 
     pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
         let id = ids::room_id(id)?.to_string();
-        self.tx(move |tx| {
+        self.read(move |tx| {
             let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?1");
             read_one(tx, "read room", &sql, [&id], room_from_row)?
                 .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
         })
-        .await
     }
 
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
-        self.tx(|tx| {
+        self.read(|tx| {
             let sql = format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id");
             read_all(tx, "list rooms", &sql, [], room_from_row)
         })
-        .await
     }
 
     pub(crate) async fn delete_room(&self, id: &str) -> Result<()> {
@@ -790,29 +879,33 @@ impl SqliteStore {
 
     pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
         let room = ids::room_id(room)?.to_string();
-        self.tx(move |tx| {
+        self.read(move |tx| {
             room_exists(tx, &room)?;
-            let sql =
-                format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1 ORDER BY endpoint");
-            read_all(tx, "list members", &sql, [&room], member_from_row)
+            // Sorted here, not by ORDER BY: see `list_rooms_for_endpoint`.
+            let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1");
+            let mut members = read_all(tx, "list members", &sql, [&room], member_from_row)?;
+            members.sort_unstable_by(|a, b| a.endpoint.cmp(&b.endpoint));
+            Ok(members)
         })
-        .await
     }
 
     pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
         let endpoint = ids::user_key("endpoint", endpoint)?;
-        self.tx(move |tx| {
-            let sql =
-                format!("SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1 ORDER BY room");
-            read_all(
+        self.read(move |tx| {
+            // No ORDER BY: with it, SQLite re-prepares the statement on every new binding
+            // (seen in `sqlite3_stmt_status(REPREPARE)`), which parsing made the most
+            // expensive part of the call. Sorting a user's rooms here is cheaper.
+            let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1");
+            let mut rooms = read_all(
                 tx,
                 "list rooms for endpoint",
                 &sql,
                 [&endpoint],
                 member_from_row,
-            )
+            )?;
+            rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+            Ok(rooms)
         })
-        .await
     }
 
     pub(crate) async fn put_room_key(
@@ -838,7 +931,7 @@ impl SqliteStore {
     pub(crate) async fn get_room_key(&self, room: &str, epoch: u32) -> Result<RoomKey> {
         let room = ids::room_id(room)?.to_string();
         let epoch = ids::epoch(epoch)?;
-        self.tx(move |tx| {
+        self.read(move |tx| {
             room_exists(tx, &room)?;
             let sql = format!("SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 AND epoch = ?2");
             read_one(
@@ -850,19 +943,17 @@ impl SqliteStore {
             )?
             .ok_or_else(|| StoreError::not_found(format!("epoch {epoch} of room {room:?}'s key")))
         })
-        .await
     }
 
     pub(crate) async fn latest_room_key(&self, room: &str) -> Result<Option<RoomKey>> {
         let room = ids::room_id(room)?.to_string();
-        self.tx(move |tx| {
+        self.read(move |tx| {
             room_exists(tx, &room)?;
             let sql = format!(
                 "SELECT {KEY_COLS} FROM room_keys WHERE room = ?1 ORDER BY epoch DESC LIMIT 1"
             );
             read_one(tx, "read latest room key", &sql, [&room], key_from_row)
         })
-        .await
     }
 
     pub(crate) async fn rekey(&self, room: &str, material: &[u8]) -> Result<RoomKey> {
@@ -895,6 +986,7 @@ impl SqliteStore {
 
     pub(crate) async fn close(&self) -> Result<()> {
         let conn = Arc::clone(&self.conn);
+        let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
             let mut guard = conn
                 .lock()
@@ -902,6 +994,12 @@ impl SqliteStore {
             if let Some(conn) = guard.take() {
                 conn.close()
                     .map_err(|(_, e)| backend("close sqlite database", e))?;
+            }
+            if let Ok(mut reader) = reader.lock()
+                && let Some(conn) = reader.take()
+            {
+                conn.close()
+                    .map_err(|(_, e)| backend("close sqlite reader", e))?;
             }
             Ok(())
         })

@@ -280,7 +280,7 @@ async fn connect_writer(
     lame_duck: Arc<AtomicBool>,
 ) -> Result<async_nats::Client, WorkloadError> {
     let addrs = addrs(&target.servers)?;
-    let options = base_options(target, &target.seed, opts.timeout)
+    let options = base_options(target, &target.seed, opts.timeout)?
         .request_timeout(Some(opts.timeout))
         .event_callback(move |event| {
             let lame_duck = lame_duck.clone();
@@ -303,7 +303,7 @@ pub(super) async fn connect(
     target: &Target,
     timeout: Duration,
 ) -> Result<async_nats::Client, WorkloadError> {
-    base_options(target, &target.seed, timeout)
+    base_options(target, &target.seed, timeout)?
         .request_timeout(Some(timeout))
         .connect(addrs(&target.servers)?)
         .await
@@ -315,14 +315,18 @@ pub(super) async fn connect(
         })
 }
 
-fn base_options(target: &Target, seed: &str, timeout: Duration) -> async_nats::ConnectOptions {
-    let mut options = async_nats::ConnectOptions::new()
-        .nkey(seed.trim().to_string())
+fn base_options(
+    target: &Target,
+    seed: &str,
+    timeout: Duration,
+) -> Result<async_nats::ConnectOptions, WorkloadError> {
+    let mut options = crate::client::nkey_options(seed)
+        .map_err(WorkloadError::Usage)?
         .connection_timeout(timeout);
     if let Some(ca) = &target.ca {
         options = options.require_tls(true).add_root_certificates(ca.clone());
     }
-    options
+    Ok(options)
 }
 
 fn addrs(servers: &[String]) -> Result<Vec<async_nats::ServerAddr>, WorkloadError> {
@@ -389,7 +393,11 @@ async fn probe(target: &Target, seed: &str, server: &str) -> (ConnectOutcome, Op
     let seen = refused.clone();
     // Longer than the auth callout's own timeout, so a slow callout shows as what it ends
     // in (admitted or denied), not as an unreachable server.
-    let options = base_options(target, seed, Duration::from_secs(5)).event_callback(move |event| {
+    let options = match base_options(target, seed, Duration::from_secs(5)) {
+        Ok(options) => options,
+        Err(e) => return (ConnectOutcome::Unreachable, Some(e.to_string())),
+    };
+    let options = options.event_callback(move |event| {
         let seen = seen.clone();
         async move {
             if let async_nats::Event::ServerError(e) = event
