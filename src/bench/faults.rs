@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{Workload, client, ctl::create_room, raw_connection, seed_of, value_workload};
-use crate::client::{Client, ClientOptions};
+use crate::client::{Client, ClientError, ClientOptions};
 use crate::localnet::{LocalCluster, Node, http_get, poll};
 use crate::membership::api;
 use crate::membership::jetstream::{KvOptions, KvStore};
@@ -36,6 +36,8 @@ use crate::membership::jetstream::{KvOptions, KvStore};
 /// reconnects (the auth callout lists the user's rooms) stay as cheap as at the start.
 struct Writer {
     acks: Arc<std::sync::Mutex<Vec<Instant>>>,
+    /// Failed calls, with when they failed (to explain the gaps in the write-up).
+    errors: Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
     started: Instant,
@@ -45,17 +47,24 @@ impl Writer {
     async fn start(client: Client, room: &str) -> Result<Writer, String> {
         create_room(&client, room).await?;
         let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s, room) = (acks.clone(), stop.clone(), room.to_string());
+        let (a, e, s, room) = (acks.clone(), errors.clone(), stop.clone(), room.to_string());
         let task = tokio::spawn(async move {
             let ack = || {
                 if let Ok(mut a) = a.lock() {
                     a.push(Instant::now());
                 }
             };
+            let failed = |what: &str, err: ClientError| {
+                if let Ok(mut e) = e.lock() {
+                    e.push((Instant::now(), format!("{what}: {err}")));
+                }
+            };
             while !s.load(Ordering::Relaxed) {
                 let key = nkeys::KeyPair::new_user().public_key();
-                if client.add_user(&key, "w", false).await.is_err() {
+                if let Err(err) = client.add_user(&key, "w", false).await {
+                    failed("users.add", err);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -69,12 +78,16 @@ impl Writer {
                     .await
                 {
                     Ok(_) => ack(),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(err) => {
+                        failed("members.invite", err);
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         });
         Ok(Writer {
             acks,
+            errors,
             stop,
             task,
             started: Instant::now(),
@@ -108,11 +121,23 @@ impl Writer {
     }
 
     async fn finish_with_acks(self) -> (f64, usize, Vec<Instant>) {
+        let (gap, n, acks, _) = self.finish_with_errors().await;
+        (gap, n, acks)
+    }
+
+    /// [`Writer::finish_with_acks`], and the calls that failed.
+    async fn finish_with_errors(self) -> (f64, usize, Vec<Instant>, Vec<(Instant, String)>) {
         self.stop.store(true, Ordering::Relaxed);
         let end = Instant::now();
         let _ = self.task.await;
         let acks = self.acks.lock().map(|a| a.clone()).unwrap_or_default();
-        (longest_gap(self.started, &acks, end), acks.len(), acks)
+        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        (
+            longest_gap(self.started, &acks, end),
+            acks.len(),
+            acks,
+            errors,
+        )
     }
 }
 
@@ -221,7 +246,7 @@ pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, Str
     writer
         .wait_acks_after(Instant::now(), 10, Duration::from_secs(10))
         .await;
-    let (gap, acks, times) = writer.finish_with_acks().await;
+    let (gap, acks, times, errors) = writer.finish_with_errors().await;
     eprintln!("bench: rolling restart: {acks} writes acknowledged, longest gap {gap:.2}s");
     if let (Some(first), Some(t0)) = (times.first(), stopped.first()) {
         eprintln!(
@@ -243,8 +268,33 @@ pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, Str
             ),
             None => eprintln!("bench:   gap {len:.2}s before the first SIGTERM"),
         }
+        // What the writer was told during the gap: which call stalled, and why.
+        for (at, err) in errors.iter().filter(|(at, _)| *at > w[0] && *at <= w[1]) {
+            eprintln!(
+                "bench:     failed {:.2}s into the gap: {err}",
+                at.duration_since(w[0]).as_secs_f64()
+            );
+        }
     }
+    keep_logs(cluster);
     Ok(value_workload("rolling_restart_gap_s", gap, None, "s"))
+}
+
+/// Copies every node's log into the directory `UNIBUS_BENCH_LOGS` names, if set (the
+/// nodes' own dirs are temporary), to see from the nodes' side where a gap came from.
+fn keep_logs(cluster: &LocalCluster) {
+    let Some(dir) = std::env::var_os("UNIBUS_BENCH_LOGS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for node in &cluster.nodes {
+        let path = dir.join(format!("{}.log", node.name));
+        if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, node.log()))
+        {
+            eprintln!("bench: cannot keep {}: {e}", path.display());
+        }
+    }
 }
 
 /// `leader_kill_gap_s` on `cluster` (leaves one node dead).
