@@ -206,7 +206,11 @@ impl Node {
             .arg("--nats-server")
             .arg(nats_server_bin())
             .args(&self.extra)
-            .env("UNIBUS_LOG", "info")
+            // `UNIBUS_NODE_LOG` (a log filter) lets a developer see more of a node.
+            .env(
+                "UNIBUS_LOG",
+                std::env::var("UNIBUS_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -130,3 +130,162 @@ fn replicas_above_the_cluster_size_are_refused_before_start() {
         "{err}"
     );
 }
+
+// ---- leadership handover on SIGTERM (`node::handover`)
+
+/// A three-node R3 cluster, every node ready and every bucket at three current replicas.
+fn r3_cluster() -> LocalCluster {
+    let cluster = start_cluster(&["--flag", "decentralized=true", "--replicas", "3"]);
+    for node in &cluster.nodes {
+        node.wait_ready(READY);
+    }
+    let r3 = poll(READY, || {
+        bucket_replicas(&cluster.nodes[0])
+            .filter(|b| b.len() == 5 && b.iter().all(|x| *x == (3, 3)))
+    });
+    assert!(r3.is_some(), "{:?}", cluster.nodes[0].readyz());
+    cluster
+}
+
+/// The store as the nodes' service user, through the nodes `through` (indexes).
+async fn service_store(
+    cluster: &LocalCluster,
+    through: &[usize],
+) -> unibus::membership::jetstream::KvStore {
+    let listens: Vec<&str> = through
+        .iter()
+        .map(|i| cluster.nodes[*i].ports.listen.as_str())
+        .collect();
+    let seed = unibus::bench::seed_of(&cluster.secrets.join("service.seed")).unwrap();
+    let client = unibus::bench::raw_connection(&cluster.secrets, &listens, seed)
+        .await
+        .unwrap();
+    unibus::membership::jetstream::KvStore::open(
+        client,
+        unibus::membership::jetstream::KvOptions {
+            replicas: 3,
+            create: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Which node leads the `users` bucket.
+async fn users_leader(
+    cluster: &LocalCluster,
+    kv: &unibus::membership::jetstream::KvStore,
+) -> usize {
+    let leader = kv
+        .bucket_status()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.bucket == "users")
+        .and_then(|b| b.leader)
+        .expect("the users bucket has a leader");
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .expect("the leader is one of the nodes")
+}
+
+#[tokio::test]
+async fn handover_moves_every_leadership_the_server_holds_and_leaves_it_running() {
+    let cluster = r3_cluster();
+    let all = service_store(&cluster, &[0, 1, 2]).await;
+    let x = users_leader(&cluster, &all).await;
+    let name = cluster.nodes[x].name.clone();
+    // A connection to the leader's own server, as a stopping node has.
+    let own = service_store(&cluster, &[x]).await;
+    let streams: Vec<String> = unibus::membership::jetstream::BUCKETS
+        .iter()
+        .map(|b| format!("KV_{b}"))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let accounts = [(own.client().clone(), streams.clone())];
+    let report = unibus::node::handover::hand_over(&accounts, deadline).await;
+    assert!(report.stuck.is_empty(), "{report:?}");
+    assert!(
+        report.moved.iter().any(|(s, _)| s == "KV_users"),
+        "{report:?}"
+    );
+    assert!(report.moved.iter().all(|(_, to)| *to != name), "{report:?}");
+    // The streams are led elsewhere now, by the leaders' own account, and the server that
+    // handed over still runs (the handover is not a shutdown).
+    let status = all.bucket_status().await.unwrap();
+    assert!(
+        status
+            .iter()
+            .all(|b| b.leader.is_some() && b.leader.as_deref() != Some(name.as_str())),
+        "{status:?}"
+    );
+    assert!(process_alive(
+        cluster.nodes[x].nats_pid().expect("nats-server runs")
+    ));
+    // Nothing is left to move: a second handover is a no-op.
+    let again = unibus::node::handover::hand_over(&accounts, deadline).await;
+    assert_eq!(again, Default::default());
+}
+
+#[tokio::test]
+async fn sigterm_hands_leadership_over_before_lame_duck_and_writes_go_on() {
+    let mut cluster = r3_cluster();
+    let all = service_store(&cluster, &[0, 1, 2]).await;
+    let x = users_leader(&cluster, &all).await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != x).collect();
+    let through_others =
+        unibus::membership::Store::JetStream(service_store(&cluster, &others).await);
+    cluster.nodes[x].signal(libc::SIGTERM);
+    // Writes through the other nodes while the leader's node stops: each is one call,
+    // no retry by the caller, and every one is acknowledged.
+    let mut written = 0;
+    while cluster.nodes[x]
+        .child
+        .as_mut()
+        .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    {
+        let key = nkeys::KeyPair::new_user().public_key();
+        through_others
+            .add_user(&key, "during-stop", false)
+            .await
+            .unwrap_or_else(|e| panic!("write {written} during the stop failed: {e}"));
+        written += 1;
+    }
+    let node = &mut cluster.nodes[x];
+    let status = node
+        .wait_exit(Duration::from_secs(60))
+        .expect("the node exits");
+    let log = node.log();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(written > 0);
+    // The users bucket was handed over before nats-server went into lame duck.
+    let handed = log
+        .lines()
+        .position(|l| l.contains("handed stream leadership over") && l.contains("KV_users"));
+    let lame_duck = log
+        .lines()
+        .position(|l| l.contains("putting nats-server into lame duck mode"));
+    match (handed, lame_duck) {
+        (Some(h), Some(l)) => assert!(h < l, "handover after lame duck:\n{log}"),
+        _ => panic!("no handover of KV_users, or no lame duck, in the log:\n{log}"),
+    }
+}
+
+#[test]
+fn a_node_whose_cluster_lost_quorum_still_stops_on_sigterm() {
+    let mut cluster = r3_cluster();
+    cluster.nodes[1].kill_now();
+    cluster.nodes[2].kill_now();
+    let node = &mut cluster.nodes[0];
+    node.signal(libc::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "log:\n{}",
+        node.log()
+    );
+}

@@ -417,3 +417,126 @@ async fn replicas_outside_range_or_above_cluster_size_are_refused() {
             .all(|b| b.replicas_wanted == 3)
     );
 }
+
+// ---- compare-and-set writes retried across a lost answer (`membership::cas`)
+
+/// Publishes one attempt of a compare-and-set write with message id `id`, as a first
+/// attempt whose answer was lost would have; true if it was stored.
+async fn land(js: &async_nats::jetstream::Context, subject: &str, expected: u64, id: &str) -> bool {
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload("first".into())
+        .expected_last_subject_sequence(expected)
+        .message_id(id);
+    js.send_publish(subject.to_string(), message)
+        .await
+        .unwrap()
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_retried_compare_and_set_that_had_landed_is_written_not_a_conflict() {
+    use unibus::membership::cas::{self, Cas};
+    let cluster = cluster3();
+    let kv = open(&cluster, 3).await;
+    let js = async_nats::jetstream::new(kv.client().clone());
+    let users = kv.bucket("users").unwrap();
+    let limit = Duration::from_secs(5);
+
+    // Within the duplicate window: the repeat is recognised as the same write.
+    let subject = format!("{}{}", users.prefix, user_key());
+    assert!(land(&js, &subject, 0, "attempt-1").await);
+    // (What the server does with the repeat: acknowledges it as a duplicate, although
+    // its expected last sequence no longer holds.)
+    let repeat = async_nats::jetstream::message::PublishMessage::build()
+        .payload("first".into())
+        .expected_last_subject_sequence(0)
+        .message_id("attempt-1");
+    let ack = js
+        .send_publish(subject.clone(), repeat)
+        .await
+        .unwrap()
+        .await;
+    assert!(ack.as_ref().is_ok_and(|a| a.duplicate), "{ack:?}");
+    let retried = cas::publish_with_id(
+        &js,
+        &users.stream,
+        &subject,
+        "first".into(),
+        0,
+        "attempt-1",
+        limit,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(retried, Cas::Written(_)), "{retried:?}");
+    // Another write (another id) at the same expected revision is a real conflict, and
+    // says what is there now.
+    match cas::publish(&js, &users.stream, &subject, "second".into(), 0, limit).await {
+        Ok(Cas::Moved(Some(last))) => assert_eq!(&last.payload[..], b"first"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+
+    // Past the duplicate window the server refuses the repeat ("wrong last sequence");
+    // the write is still recognised as ours from the stored message's id.
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "CAS_SHORT_WINDOW".into(),
+            subjects: vec!["cas.>".into()],
+            duplicate_window: Duration::from_millis(100),
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(land(&js, "cas.key", 0, "attempt-a").await);
+    // Wait until the window has passed: a probe published after ours stops being
+    // recognised as a duplicate.
+    let probe = || {
+        let js = js.clone();
+        async move {
+            let m = async_nats::jetstream::message::PublishMessage::build()
+                .payload("p".into())
+                .message_id("probe");
+            js.send_publish("cas.probe", m)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    probe().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while probe().await.duplicate {
+        assert!(
+            Instant::now() < deadline,
+            "the duplicate window never passed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retried = cas::publish_with_id(
+        &js,
+        &stream,
+        "cas.key",
+        "first".into(),
+        0,
+        "attempt-a",
+        limit,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(retried, Cas::Written(1)), "{retried:?}");
+    let other = cas::publish(&js, &stream, "cas.key", "other".into(), 0, limit)
+        .await
+        .unwrap();
+    assert!(matches!(other, Cas::Moved(Some(_))), "{other:?}");
+
+    // Through the store: a create of an existing key is still a conflict.
+    let store = Store::JetStream(kv);
+    let key = user_key();
+    store.add_user(&key, "once", false).await.unwrap();
+    assert!(matches!(
+        store.add_user(&key, "twice", false).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}

@@ -22,6 +22,7 @@
 //! would break before turning `enforce` on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use nkeys::KeyPair;
@@ -160,8 +161,11 @@ fn open_permissions() -> Permissions {
     }
 }
 
-/// Answers callout requests until shutdown; calls `ready` once the subscription is in
-/// place at the server.
+/// How long a stopping authenticator keeps answering what already reached it.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Answers callout requests until shutdown, then drains (see the loop); calls `ready`
+/// once the subscription is in place at the server.
 pub async fn run(
     client: async_nats::Client,
     authenticator: Arc<Authenticator>,
@@ -173,25 +177,52 @@ pub async fn run(
         .await?;
     client.flush().await?;
     ready();
+    let mut in_flight = tokio::task::JoinSet::new();
+    // Set once shutdown began: the deadline of the drain.
+    let mut draining: Option<tokio::time::Instant> = None;
     loop {
+        let deadline = draining.unwrap_or_else(tokio::time::Instant::now);
         let message = tokio::select! {
             next = requests.next() => match next {
                 Some(m) => m,
                 None => break,
             },
-            _ = shutdown.wait() => break,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+            _ = shutdown.wait(), if draining.is_none() => {
+                // Leave the queue group, so the servers ask the other nodes, but answer
+                // what already reached this connection: the subscription still yields
+                // those, then ends. A connection whose callout goes unanswered waits out
+                // the server's callout timeout (2 s) and fails.
+                draining = Some(tokio::time::Instant::now() + DRAIN);
+                if requests.drain().await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline), if draining.is_some() => break,
         };
         let Some(reply) = message.reply.clone() else {
             continue;
         };
         let (client, authenticator) = (client.clone(), authenticator.clone());
-        tokio::spawn(async move {
+        in_flight.spawn(async move {
             if let Some(jwt) = authenticator.respond(&message.payload).await
                 && let Err(e) = client.publish(reply, jwt.into()).await
             {
                 tracing::warn!("auth callout: reply not sent: {e}");
             }
         });
+    }
+    // The answers in flight, then a flush so they leave before the connection closes;
+    // bounded, as a flush without a server would wait for a reconnect.
+    let deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN);
+    let drained = tokio::time::timeout_at(deadline, async {
+        while in_flight.join_next().await.is_some() {}
+        let _ = client.flush().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("auth callout: answers still in flight after {DRAIN:?}; stopping anyway");
     }
     Ok(())
 }

@@ -7,9 +7,12 @@
 //!   The value is the longest gap between two acknowledged writes.
 //! - `leader_kill_gap_s`: the same writer while the node holding the `members` bucket's
 //!   Raft leader is killed with SIGKILL (its nats-server too): the longest gap between
-//!   acknowledged writes, i.e. the leader election as a writer sees it. The raw twin is not
-//!   separate: NATS's own election is most of the gap (DESIGN.md §13 saw 4.8–7.9 s for a
-//!   bare KV stream).
+//!   acknowledged writes. `users.add` does not need `members`, so once a `members.invite`
+//!   fails fast (the store retries within `op_timeout`, then reports `unavailable`) the
+//!   writer's next `users.add` is acknowledged: the value is how long any write stalls.
+//!   The longest gap between acknowledged invites alone, printed beside it, is the
+//!   election as a writer of `members` sees it (DESIGN.md §13 saw 4.8–7.9 s for a bare KV
+//!   stream); there is no separate raw twin.
 //! - `revocation_p99_s`: a member listens through node 3; its owner removes it through
 //!   node 1; the time from sending `members.remove` until the member's connection is
 //!   kicked (async-nats reports the disconnect), p99 over the repetitions.
@@ -25,7 +28,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{Workload, client, ctl::create_room, raw_connection, seed_of, value_workload};
-use crate::client::{Client, ClientOptions};
+use crate::client::{Client, ClientError, ClientOptions};
 use crate::localnet::{LocalCluster, Node, http_get, poll};
 use crate::membership::api;
 use crate::membership::jetstream::{KvOptions, KvStore};
@@ -36,6 +39,10 @@ use crate::membership::jetstream::{KvOptions, KvStore};
 /// reconnects (the auth callout lists the user's rooms) stay as cheap as at the start.
 struct Writer {
     acks: Arc<std::sync::Mutex<Vec<Instant>>>,
+    /// The `members.invite` acks alone: the `members` bucket as a writer sees it.
+    invites: Arc<std::sync::Mutex<Vec<Instant>>>,
+    /// Failed calls, with when they failed (to explain the gaps in the write-up).
+    errors: Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
     started: Instant,
@@ -45,21 +52,34 @@ impl Writer {
     async fn start(client: Client, room: &str) -> Result<Writer, String> {
         create_room(&client, room).await?;
         let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let invites = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s, room) = (acks.clone(), stop.clone(), room.to_string());
+        let (a, i, e, s) = (acks.clone(), invites.clone(), errors.clone(), stop.clone());
+        let room = room.to_string();
         let task = tokio::spawn(async move {
-            let ack = || {
+            let ack = |invite: bool| {
+                let now = Instant::now();
                 if let Ok(mut a) = a.lock() {
-                    a.push(Instant::now());
+                    a.push(now);
+                }
+                if invite && let Ok(mut i) = i.lock() {
+                    i.push(now);
+                }
+            };
+            let failed = |what: &str, err: ClientError| {
+                if let Ok(mut e) = e.lock() {
+                    e.push((Instant::now(), format!("{what}: {err}")));
                 }
             };
             while !s.load(Ordering::Relaxed) {
                 let key = nkeys::KeyPair::new_user().public_key();
-                if client.add_user(&key, "w", false).await.is_err() {
+                if let Err(err) = client.add_user(&key, "w", false).await {
+                    failed("users.add", err);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
-                ack();
+                ack(false);
                 let body = api::MemberRef {
                     room: room.clone(),
                     key,
@@ -68,13 +88,18 @@ impl Writer {
                     .call::<_, serde_json::Value>(api::Op::MembersInvite, &body)
                     .await
                 {
-                    Ok(_) => ack(),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Ok(_) => ack(true),
+                    Err(err) => {
+                        failed("members.invite", err);
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         });
         Ok(Writer {
             acks,
+            invites,
+            errors,
             stop,
             task,
             started: Instant::now(),
@@ -100,20 +125,33 @@ impl Writer {
         false
     }
 
-    /// Stops the writer; the longest gap between acknowledged writes (the start and the
-    /// stop count as edges, so a writer that stalls to the end is measured too).
-    async fn finish(self) -> (f64, usize) {
-        let (gap, acks, _) = self.finish_with_acks().await;
-        (gap, acks)
-    }
-
-    async fn finish_with_acks(self) -> (f64, usize, Vec<Instant>) {
+    /// Stops the writer and says how it fared (see [`Finished`]).
+    async fn finish(self) -> Finished {
         self.stop.store(true, Ordering::Relaxed);
         let end = Instant::now();
         let _ = self.task.await;
         let acks = self.acks.lock().map(|a| a.clone()).unwrap_or_default();
-        (longest_gap(self.started, &acks, end), acks.len(), acks)
+        let invites = self.invites.lock().map(|i| i.clone()).unwrap_or_default();
+        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        Finished {
+            gap: longest_gap(self.started, &acks, end),
+            invite_gap: longest_gap(self.started, &invites, end),
+            acks,
+            errors,
+        }
     }
+}
+
+/// What a stopped [`Writer`] saw. Gaps count the start and the stop as edges, so a
+/// writer that stalls to the end is measured too.
+struct Finished {
+    /// The longest gap between acknowledged writes of either kind (the workload's value).
+    gap: f64,
+    /// The longest gap between acknowledged `members.invite`s alone. While one bucket has
+    /// no leader, writes to the others still succeed; this is the one bucket's view.
+    invite_gap: f64,
+    acks: Vec<Instant>,
+    errors: Vec<(Instant, String)>,
 }
 
 /// The longest interval between consecutive instants of `start`, `acks…`, `end`.
@@ -221,8 +259,16 @@ pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, Str
     writer
         .wait_acks_after(Instant::now(), 10, Duration::from_secs(10))
         .await;
-    let (gap, acks, times) = writer.finish_with_acks().await;
-    eprintln!("bench: rolling restart: {acks} writes acknowledged, longest gap {gap:.2}s");
+    let Finished {
+        gap,
+        invite_gap,
+        acks: times,
+        errors,
+    } = writer.finish().await;
+    eprintln!(
+        "bench: rolling restart: {} writes acknowledged, longest gap {gap:.2}s (between invites: {invite_gap:.2}s)",
+        times.len()
+    );
     if let (Some(first), Some(t0)) = (times.first(), stopped.first()) {
         eprintln!(
             "bench:   first write acknowledged {:.2}s before the first SIGTERM",
@@ -243,8 +289,33 @@ pub async fn rolling_restart(cluster: &mut LocalCluster) -> Result<Workload, Str
             ),
             None => eprintln!("bench:   gap {len:.2}s before the first SIGTERM"),
         }
+        // What the writer was told during the gap: which call stalled, and why.
+        for (at, err) in errors.iter().filter(|(at, _)| *at > w[0] && *at <= w[1]) {
+            eprintln!(
+                "bench:     failed {:.2}s into the gap: {err}",
+                at.duration_since(w[0]).as_secs_f64()
+            );
+        }
     }
+    keep_logs(cluster);
     Ok(value_workload("rolling_restart_gap_s", gap, None, "s"))
+}
+
+/// Copies every node's log into the directory `UNIBUS_BENCH_LOGS` names, if set (the
+/// nodes' own dirs are temporary), to see from the nodes' side where a gap came from.
+fn keep_logs(cluster: &LocalCluster) {
+    let Some(dir) = std::env::var_os("UNIBUS_BENCH_LOGS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for node in &cluster.nodes {
+        let path = dir.join(format!("{}.log", node.name));
+        if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, node.log()))
+        {
+            eprintln!("bench: cannot keep {}: {e}", path.display());
+        }
+    }
 }
 
 /// `leader_kill_gap_s` on `cluster` (leaves one node dead).
@@ -279,9 +350,15 @@ pub async fn leader_kill(cluster: &mut LocalCluster) -> Result<Workload, String>
     let recovered = writer
         .wait_acks_after(killed, 10, Duration::from_secs(30))
         .await;
-    let (gap, acks) = writer.finish().await;
+    let Finished {
+        gap,
+        invite_gap,
+        acks,
+        ..
+    } = writer.finish().await;
     eprintln!(
-        "bench: leader kill ({leader}): {acks} writes acknowledged, longest gap {gap:.2}s{}",
+        "bench: leader kill ({leader}): {} writes acknowledged, longest gap {gap:.2}s (between invites: {invite_gap:.2}s){}",
+        acks.len(),
         if recovered {
             ""
         } else {

@@ -46,7 +46,10 @@
 //!
 //! Every NATS request is bounded by `op_timeout` (an expiry is
 //! [`StoreError::Unavailable`]); listings bound each request, so a large listing may take
-//! several `op_timeout`s but never hangs. `is_authorized` and `has_admin` bound their whole
+//! several `op_timeout`s but never hangs. Within that bound, requests a leader handover
+//! may swallow are asked again (`bounded_retry`); compare-and-set writes too, through
+//! [`super::cas`], which keeps a repeat of a write that landed from being reported as a
+//! conflict. `is_authorized` and `has_admin` bound their whole
 //! call by one `op_timeout` and answer `false` on any error.
 //!
 //! # Replicas and cluster size
@@ -59,6 +62,7 @@
 //! Changing replicas later edits each `KV_<bucket>` stream config (`update_stream`), never
 //! `update_key_value`, which would rebuild the config and reset fields.
 
+use super::cas::{self, Cas};
 use super::{Member, MemberState, Result, Role, Room, RoomKey, StoreError, User, ids, now_ms};
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
@@ -148,6 +152,13 @@ fn unavailable(what: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{what}: {err}"))
 }
 
+/// A `DEL` or `PURGE` marker another KV client left (this store purges instead).
+fn is_delete_marker(headers: &async_nats::HeaderMap) -> bool {
+    headers
+        .get("KV-Operation")
+        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+}
+
 fn js_code(err: &jetstream::Error) -> jetstream::ErrorCode {
     err.error_code()
 }
@@ -177,8 +188,13 @@ const IDEMPOTENT_ATTEMPTS: u32 = 4;
 /// leader and never answered; waiting the whole `op_timeout` for it stalled every write
 /// behind it for 2 s, where a second request reaches the new leader at once. A slow but
 /// live attempt is never cancelled for a retry. Compare-and-set writes (`create`,
-/// `update`) never go through here: a repeat of one that landed would report a conflict.
-async fn bounded_retry<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> Result<T>
+/// `update`, nonce claims) come through here only inside [`super::cas`], which makes a
+/// repeat of one that landed count as written rather than as a conflict.
+pub(super) async fn bounded_retry<T, F, Fut>(
+    limit: Duration,
+    what: &str,
+    mut attempt: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
@@ -267,16 +283,8 @@ impl KvStore {
         let what = format!("read {}/{key}", kv.name);
         bounded_retry(self.op_timeout, &what, || async {
             match kv.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(msg) => {
-                    let op = msg
-                        .headers
-                        .get("KV-Operation")
-                        .map(|v| v.as_str().to_string());
-                    match op.as_deref() {
-                        Some("DEL") | Some("PURGE") => Ok(None),
-                        _ => Ok(Some((msg.payload, msg.sequence))),
-                    }
-                }
+                Ok(msg) if is_delete_marker(&msg.headers) => Ok(None),
+                Ok(msg) => Ok(Some((msg.payload, msg.sequence))),
                 Err(err) => match err.kind() {
                     stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
                     stream::LastRawMessageErrorKind::JetStream(e)
@@ -302,16 +310,41 @@ impl KvStore {
         }
     }
 
-    /// Creates `key`; `Ok(false)` if it already exists.
+    /// Creates `key`; `Ok(false)` if it already exists. A compare-and-set publish that
+    /// may be retried across a leader handover without reporting its own success as a
+    /// conflict ([`super::cas`]).
     pub(super) async fn create(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<bool> {
-        let what = format!("create {}/{key}", kv.name);
-        bounded(self.op_timeout, &what, async {
-            match kv.create(key, value).await {
-                Ok(_) => Ok(true),
-                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(err) => Err(unavailable(&what, err)),
+        let mut expected = 0;
+        // A few rounds at most: a key whose last message is a delete marker (written by
+        // another KV client; this store purges) is taken over at the marker's revision,
+        // as async-nats' own `create` does, and a key purged between the refusal and its
+        // read-back is free again. A key that keeps changing under us is a conflict.
+        for _ in 0..3 {
+            match self.cas(kv, key, value.clone(), expected).await? {
+                Cas::Written(_) => return Ok(true),
+                Cas::Moved(Some(last)) if is_delete_marker(&last.headers) => {
+                    expected = last.sequence;
+                }
+                Cas::Moved(None) => expected = 0,
+                Cas::Moved(Some(_)) => return Ok(false),
             }
-        })
+        }
+        Ok(false)
+    }
+
+    /// A compare-and-set publish of `key` at revision `expected` (0: no message).
+    async fn cas(&self, kv: &kv::Store, key: &str, value: Bytes, expected: u64) -> Result<Cas> {
+        // The buckets are this store's own, in its own account (no mirror, no domain
+        // prefix), so a key's write subject is its stream subject.
+        let subject = format!("{}{key}", kv.prefix);
+        cas::publish(
+            &self.js,
+            &kv.stream,
+            &subject,
+            value,
+            expected,
+            self.op_timeout,
+        )
         .await
     }
 
@@ -325,17 +358,12 @@ impl KvStore {
         .await
     }
 
-    /// Compare-and-set; `Ok(false)` if the revision moved.
+    /// Compare-and-set; `Ok(false)` if the revision moved. Retried like [`Self::create`].
     async fn update(&self, kv: &kv::Store, key: &str, value: Bytes, rev: u64) -> Result<bool> {
-        let what = format!("update {}/{key}", kv.name);
-        bounded(self.op_timeout, &what, async {
-            match kv.update(key, value, rev).await {
-                Ok(_) => Ok(true),
-                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-                Err(err) => Err(unavailable(&what, err)),
-            }
-        })
-        .await
+        Ok(matches!(
+            self.cas(kv, key, value, rev).await?,
+            Cas::Written(_)
+        ))
     }
 
     /// Removes every message of `key` (a key or a `prefix.>` wildcard). Idempotent.

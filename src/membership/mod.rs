@@ -56,6 +56,7 @@
 //! [`StoreError::Unavailable`].
 
 pub mod api;
+pub mod cas;
 pub mod history;
 pub mod ids;
 pub mod jetstream;

@@ -16,16 +16,20 @@
 //! creation; `unibus cluster replicas` ([`super::jetstream::KvStore::set_replicas`]) changes
 //! it with the buckets, so raising the store to R3 does not leave the ledger — which every
 //! signed request needs — on one node.
+//! A claim lost in a leader handover is retried with the same message id, and a refused
+//! retry is checked against the stored claim, so a claim that landed is never reported as
+//! a replay ([`super::cas`]).
 //! Fail closed: a claim that cannot be made is an error (`unavailable`), never a pass.
 //! A single node (SQLite) has one service, so its in-memory cache is the whole truth and
 //! there is no ledger.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use async_nats::jetstream::{self, stream};
 use tokio::sync::OnceCell;
 
 use super::StoreError;
+use super::cas::{self, Cas};
 
 /// The ledger's stream.
 pub const STREAM: &str = "UNIBUS_NONCES";
@@ -73,23 +77,31 @@ impl NonceLedger {
         )
         .await
         .map_err(bounded("create stream"))??;
-        let publish = PublishMessage::build()
-            .payload(bytes::Bytes::new())
-            .expected_last_subject_sequence(0);
-        let claim = async {
-            let ack = self
-                .js
-                .send_publish(format!("{PREFIX}.{key}.{nonce}"), publish)
-                .await?;
-            ack.await
-        };
-        match tokio::time::timeout(self.op_timeout, claim)
+        // A compare-and-set publish (expected last subject sequence 0), retried across a
+        // leader handover without mistaking our own landed claim for a replay
+        // ([`super::cas`]; its message id is random per claim, never the nonce).
+        let stream = self
+            .js
+            .get_stream_no_info(STREAM)
             .await
-            .map_err(bounded("claim"))?
+            .map_err(|e| StoreError::Unavailable(format!("nonce ledger: {e}")))?;
+        let subject = format!("{PREFIX}.{key}.{nonce}");
+        match cas::publish(
+            &self.js,
+            &stream,
+            &subject,
+            bytes::Bytes::new(),
+            0,
+            self.op_timeout,
+        )
+        .await
         {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
-            Err(e) => Err(StoreError::Unavailable(format!("nonce ledger: claim: {e}"))),
+            Ok(Cas::Written(_)) => Ok(true),
+            Ok(Cas::Moved(_)) => Ok(false),
+            Err(StoreError::Unavailable(e)) => {
+                Err(StoreError::Unavailable(format!("nonce ledger: claim: {e}")))
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -657,14 +657,31 @@ pub async fn run(
     // another worker thread) cost more than the read itself. Requests that wait (KV
     // round trips, writes on the blocking pool) still overlap.
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut service = Some(service);
+    // Set once shutdown began: from then on the loop only takes what was already
+    // delivered, and ends when the endpoints do (or at the deadline).
+    let mut draining: Option<tokio::time::Instant> = None;
     loop {
+        let deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN);
         let (op, request) = tokio::select! {
             next = requests.next() => match next {
                 Some(r) => r,
                 None => break,
             },
             Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
-            _ = shutdown.wait() => break,
+            _ = shutdown.wait(), if draining.is_none() => {
+                // Stop taking requests, so the queue group hands new ones to the other
+                // nodes at once: stopping the service unsubscribes every endpoint, and
+                // each endpoint still yields the requests that reached this connection
+                // before its unsubscribe did, then ends. Dropping the endpoints instead
+                // would lose those, and their callers would wait out their timeout.
+                if let Some(service) = service.take() {
+                    service.stop().await?;
+                }
+                draining = Some(tokio::time::Instant::now() + DRAIN);
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline), if draining.is_some() => break,
         };
         let (handler, client) = (handler.clone(), client.clone());
         in_flight.push(async move {
@@ -689,21 +706,25 @@ pub async fn run(
         });
     }
     // Drain before the node's nats-server goes into lame duck (`node::run` waits for
-    // this): stop taking requests, so the queue group hands new ones to the other nodes at
-    // once, and let those in flight finish while this node's server still serves
-    // JetStream. Cut short, they would hang until the store's timeout and their callers
-    // with them.
+    // this): let the requests in flight finish while this node's server still serves
+    // JetStream, then flush, so their replies have left before the connection closes (a
+    // reply still queued in the client when it is dropped is lost, and its caller waits
+    // out its timeout). Cut short, they would hang until the store's timeout and their
+    // callers with them.
     // Bounded: with nats-server gone (a node giving up on it) a flush waits for a
     // reconnect that never comes.
     drop(requests);
-    let drained = tokio::time::timeout(DRAIN, async {
-        let _ = client.flush().await;
+    let deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN);
+    let drained = tokio::time::timeout_at(deadline, async {
         while in_flight.next().await.is_some() {}
+        let _ = client.flush().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("control-plane requests still in flight after {DRAIN:?}; stopping anyway");
     }
-    service.stop().await?;
+    if let Some(service) = service {
+        service.stop().await?;
+    }
     Ok(())
 }

@@ -11,8 +11,11 @@
 //! spawned. Then it starts the admin HTTP, the [`supervisor`] and the readiness
 //! [`monitor`], and waits for SIGTERM/SIGINT or for the supervisor to give up. Shutdown is
 //! one [`shutdown::ShutdownTrigger`]; every task holds a [`shutdown::Shutdown`] and stops on
-//! it, and the supervisor takes nats-server through lame duck on the way out.
+//! it. On the way out the control plane drains first, then (in a cluster) the node hands
+//! the leadership of the streams it leads to peers ([`handover`]), and last the
+//! supervisor takes nats-server through lame duck.
 
+pub mod handover;
 pub mod http;
 pub mod monitor;
 pub mod nats_config;
@@ -66,6 +69,10 @@ impl NodeError {
 /// How long a stopping node waits for its stages (the control plane's requests in flight)
 /// before it takes nats-server down regardless.
 const STAGES_STOP: Duration = Duration::from_secs(5);
+
+/// How long a stopping node spends handing its stream leaderships to peers before lame
+/// duck (see [`handover`]); a transfer takes well under a second when the peers are up.
+const HANDOVER: Duration = Duration::from_secs(3);
 
 /// Runs a node until SIGTERM/SIGINT (Ok) or until it cannot go on (Err).
 pub async fn run(config: Config) -> Result<(), NodeError> {
@@ -142,6 +149,11 @@ async fn run_inner(config: Config) -> Result<(), NodeError> {
                 Err(_) => tracing::warn!(
                     "the stages did not stop within {STAGES_STOP:?}; stopping nats-server anyway"
                 ),
+            }
+            // With the control plane drained, move this node's stream leaders to peers
+            // while every replica still runs, so lame duck has nothing left to move.
+            if config.clustered() {
+                handover::run(&config, &security, HANDOVER).await;
             }
             server_trigger.trigger();
             join_supervisor(&mut supervised).await
