@@ -185,14 +185,45 @@ pub fn recipients(room: &str, material: &[u8]) -> Result<Vec<String>, CryptoErro
     Ok(Material::parse(room, material)?.keys.into_keys().collect())
 }
 
-fn aad(room: &str, epoch: u32, sender: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(AAD_TAG.len() + room.len() + sender.len() + 5);
-    aad.extend_from_slice(AAD_TAG);
-    aad.extend_from_slice(room.as_bytes());
-    aad.push(0);
-    aad.extend_from_slice(&epoch.to_be_bytes());
-    aad.extend_from_slice(sender.as_bytes());
-    aad
+/// The associated data of a message: `AAD_TAG room \0 epoch sender`. Built per message on
+/// the send and receive paths, so it lives on the stack when it fits (any valid room id and
+/// user key do: 15 + 63 + 1 + 4 + 56 bytes), on the heap otherwise.
+enum MessageAad {
+    Inline([u8; AAD_INLINE], usize),
+    Heap(Vec<u8>),
+}
+
+const AAD_INLINE: usize = 160;
+
+impl AsRef<[u8]> for MessageAad {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            MessageAad::Inline(buf, len) => &buf[..*len],
+            MessageAad::Heap(v) => v,
+        }
+    }
+}
+
+fn aad(room: &str, epoch: u32, sender: &str) -> MessageAad {
+    let parts: [&[u8]; 5] = [
+        AAD_TAG,
+        room.as_bytes(),
+        &[0],
+        &epoch.to_be_bytes(),
+        sender.as_bytes(),
+    ];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len <= AAD_INLINE {
+        let mut buf = [0u8; AAD_INLINE];
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        MessageAad::Inline(buf, len)
+    } else {
+        MessageAad::Heap(parts.concat())
+    }
 }
 
 /// Seals `plaintext` for `room` at `epoch` as `sender`.
@@ -205,23 +236,25 @@ pub fn seal(
 ) -> Result<Vec<u8>, CryptoError> {
     let mut nonce = [0u8; NONCE_LEN];
     crate::auth::fill_random(&mut nonce).map_err(|_| CryptoError::Random)?;
+    // One buffer, sealed in place: the header, then the plaintext encrypted where it lies,
+    // then the tag (a send path runs this per message; no intermediate copies).
     let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + aead::MAX_TAG_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&epoch.to_be_bytes());
     out.extend_from_slice(&nonce);
-    let mut sealed = plaintext.to_vec();
-    secret
+    out.extend_from_slice(plaintext);
+    let tag = secret
         .aead(room)?
-        .seal_in_place_append_tag(
+        .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad(room, epoch, sender)),
-            &mut sealed,
+            &mut out[HEADER_LEN..],
         )
         .map_err(|_| CryptoError::Malformed {
             room: room.into(),
             reason: "message too large to seal".into(),
         })?;
-    out.extend_from_slice(&sealed);
+    out.extend_from_slice(tag.as_ref());
     Ok(out)
 }
 
@@ -248,8 +281,9 @@ pub fn open(
     let epoch = epoch_of(room, body)?;
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&body[8..HEADER_LEN]);
+    // Opened in place in the one copy a caller gets back; the tag is cut off after.
     let mut buf = body[HEADER_LEN..].to_vec();
-    let plain = secret
+    let plain_len = secret
         .aead(room)?
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
@@ -259,8 +293,10 @@ pub fn open(
         .map_err(|_| CryptoError::Tampered {
             room: room.into(),
             epoch,
-        })?;
-    Ok(plain.to_vec())
+        })?
+        .len();
+    buf.truncate(plain_len);
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -299,6 +335,29 @@ mod tests {
             body,
             seal(&secret, "r1", 3, "UA", b"attack at dawn").unwrap()
         );
+    }
+
+    #[test]
+    fn associated_data_is_the_same_on_the_stack_and_on_the_heap() {
+        let expected = |room: &str, sender: &str| {
+            let mut v = AAD_TAG.to_vec();
+            v.extend_from_slice(room.as_bytes());
+            v.push(0);
+            v.extend_from_slice(&7u32.to_be_bytes());
+            v.extend_from_slice(sender.as_bytes());
+            v
+        };
+        let short = aad("r1", 7, "UA");
+        assert!(matches!(short, MessageAad::Inline(..)));
+        assert_eq!(short.as_ref(), expected("r1", "UA"));
+        let long_sender = "U".repeat(200);
+        let long = aad("r1", 7, &long_sender);
+        assert!(matches!(long, MessageAad::Heap(_)));
+        assert_eq!(long.as_ref(), expected("r1", &long_sender));
+        // Either way a body sealed with one opens with the other.
+        let secret = RoomSecret::generate().unwrap();
+        let body = seal(&secret, "r1", 7, &long_sender, b"x").unwrap();
+        assert_eq!(open(&secret, "r1", &long_sender, &body).unwrap(), b"x");
     }
 
     #[test]
