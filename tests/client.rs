@@ -721,13 +721,15 @@ async fn live_mode(cluster: LocalCluster) {
     assert_eq!(rooms_last_seq(&cluster).await, stored_before);
 
     // A removed member's live subscription ends with the refusal (and the server refuses
-    // it the subject: tests/security.rs).
+    // it the subject: tests/security.rs). A fresh one: `plain` holds what the CLI sent.
+    drop(plain);
+    let mut removed = b.subscribe_live("lv").await.unwrap();
     a.remove_member("lv", &b_key).await.unwrap();
-    match next_live(&mut plain).await {
+    match next_live(&mut removed).await {
         Err(e) => assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e:?}"),
         Ok(m) => panic!("a removed member heard {:?}", m.body),
     }
-    let end = tokio::time::timeout(WAIT, plain.next()).await;
+    let end = tokio::time::timeout(WAIT, removed.next()).await;
     assert!(matches!(end, Ok(None)), "the subscription ends: {end:?}");
 }
 
