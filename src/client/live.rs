@@ -24,9 +24,12 @@
 //! subscribe on `unibus.live.<room>.>` for the rooms it has joined, and nothing for other
 //! rooms (`auth::callout::permissions_for`). So the server checks membership on every
 //! publish and subscription and vouches for the sender (the subject's last token), exactly
-//! as for durable messages, and a removed member is disconnected and loses both. Both calls
-//! also ask the control plane (member-checked) about the room first, so a non-member gets a
-//! typed `forbidden` rather than silence.
+//! as for durable messages, and a removed member is disconnected and loses both. A
+//! subscription, and the first send to a room, also ask the control plane (member-checked)
+//! about the room, so a non-member gets a typed `forbidden` rather than silence. As with
+//! any core subscription, the server applies the permissions this connection was admitted
+//! with: a client that joins through its own [`Client::join`] is refreshed; one that joined
+//! through another connection calls [`Client::refresh_permissions`] before listening.
 //!
 //! In an encrypted room a live body is sealed like a durable one ([`super::e2e`]: a fresh
 //! nonce per message, ChaCha20-Poly1305 under the room's current epoch key, chosen through
