@@ -557,7 +557,7 @@ async fn live_mode(cluster: LocalCluster) {
     assert_eq!((heard.sender(), heard.epoch), (a_key.as_str(), None));
     assert_eq!(heard.room(), "lv");
     for i in 0..20 {
-        a.send_live("lv", format!("m{i}").as_bytes()).await.unwrap();
+        a.send_live("lv", format!("m{i}")).await.unwrap();
     }
     for i in 0..20 {
         let m = next_live(&mut plain).await.unwrap();
@@ -567,7 +567,7 @@ async fn live_mode(cluster: LocalCluster) {
     // An encrypted room: sealed under the current epoch like a durable send, opened by B.
     let mut sealed = b.subscribe_live("lvs").await.unwrap();
     hear(&a, "lvs", &mut sealed).await;
-    a.send_live("lvs", b"secret-live").await.unwrap();
+    a.send_live("lvs", "secret-live").await.unwrap();
     let m = next_live(&mut sealed).await.unwrap();
     assert_eq!(
         (&m.body[..], m.epoch, m.sender()),
@@ -592,7 +592,7 @@ async fn live_mode(cluster: LocalCluster) {
             .await
             .unwrap();
     }
-    a.send_live("lvs", b"after the junk").await.unwrap();
+    a.send_live("lvs", "after the junk").await.unwrap();
     let crypto = |item: Result<LiveMessage, ClientError>| match item {
         Err(ClientError::Crypto(e)) => e,
         other => panic!("expected a crypto error, got {other:?}"),
@@ -642,7 +642,7 @@ async fn live_mode(cluster: LocalCluster) {
     // subjects is in tests/security.rs).
     let denied = c.subscribe_live("lv").await.err().unwrap();
     assert_eq!(denied.kind(), Some(ErrorKind::Forbidden), "{denied:?}");
-    let denied = c.send_live("lv", b"let me in").await.unwrap_err();
+    let denied = c.send_live("lv", "let me in").await.unwrap_err();
     assert_eq!(denied.kind(), Some(ErrorKind::Forbidden), "{denied:?}");
 
     // The CLI: `listen --live` on node 2 hears `send --live` from node 1.

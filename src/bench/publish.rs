@@ -224,7 +224,7 @@ pub async fn room_publish(
     let raw_subject = format!("bench.live.{raw_room}.{}", sender.key());
     warm_up(&ours_tally, || {
         let (sender, room, body) = (&sender, &room, ours_tally.body(size));
-        async move { sender.send_live(room, &body).await }
+        async move { sender.send_live(room, body).await }
     })
     .await?;
     warm_up(&raw_tally, || {
@@ -247,7 +247,7 @@ pub async fn room_publish(
                     if !t.slot(round_end).await {
                         return Ok(());
                     }
-                    s.send_live(&r, &t.body(size)).await
+                    s.send_live(&r, t.body(size)).await
                 }
             }),
         )

@@ -33,7 +33,9 @@ pub async fn send(
     };
     let send_one = async |body: &[u8]| -> Result<(), ClientError> {
         if live {
-            client.send_live(room, body).await?;
+            client
+                .send_live(room, bytes::Bytes::copy_from_slice(body))
+                .await?;
             if json {
                 output::json(&json!({"room": room, "live": true}));
             }

@@ -123,7 +123,12 @@ impl Client {
     /// once the message is handed to the connection: no acknowledgement, no sequence, and
     /// nobody receives it who is not listening right now (see the module doc). Waits only
     /// when the connection's outgoing buffer is full (e.g. while it reconnects).
-    pub async fn send_live(&self, room: &str, body: &[u8]) -> Result<(), ClientError> {
+    ///
+    /// Takes the body by value (a `Vec<u8>`, `String`, `Bytes`, …), as async-nats's
+    /// `publish` does, so a plain room's body goes out without being copied.
+    pub async fn send_live(&self, room: &str, body: impl Into<Bytes>) -> Result<(), ClientError> {
+        let body = body.into();
+        let size = body.len();
         let payload = self.payload_for(room, body).await?;
         self.inner
             .nats
@@ -133,8 +138,7 @@ impl Client {
                 use async_nats::client::PublishErrorKind as K;
                 match e.kind() {
                     K::MaxPayloadExceeded => ClientError::Local(format!(
-                        "a message of {} bytes is larger than the server accepts",
-                        body.len()
+                        "a message of {size} bytes is larger than the server accepts"
                     )),
                     K::InvalidSubject => ClientError::Local(format!("{room:?} is not a room id")),
                     _ => ClientError::Closed(e.to_string()),

@@ -21,7 +21,9 @@ impl Client {
     /// (a JetStream ack). In an encrypted room the body is sealed first. Retries (with the
     /// same message id, so the message is stored once) until `publish_timeout`.
     pub async fn send(&self, room: &str, body: &[u8]) -> Result<u64, ClientError> {
-        let payload = self.payload_for(room, body).await?;
+        let payload = self
+            .payload_for(room, bytes::Bytes::copy_from_slice(body))
+            .await?;
         self.publish_durable(room, payload).await
     }
 
@@ -31,13 +33,13 @@ impl Client {
     pub(crate) async fn payload_for(
         &self,
         room: &str,
-        body: &[u8],
+        body: bytes::Bytes,
     ) -> Result<bytes::Bytes, ClientError> {
         Ok(if self.is_encrypted(room).await? {
             let (epoch, secret) = self.send_epoch(room).await?;
-            e2e::seal(&secret, room, epoch, self.key(), body)?.into()
+            e2e::seal(&secret, room, epoch, self.key(), &body)?.into()
         } else {
-            bytes::Bytes::copy_from_slice(body)
+            body
         })
     }
 
