@@ -1,6 +1,7 @@
 //! The client library and the client CLI against a real three-node loopback cluster
 //! (`unibus node up` ×3, enforce + TLS, KV store at R3): rooms end to end, member-only
-//! history, end-to-end encryption, and a listener that survives the death of its node.
+//! history, end-to-end encryption, live (non-durable) mode, and a listener that survives
+//! the death of its node.
 
 mod common;
 
@@ -12,7 +13,10 @@ use common::*;
 use futures_util::StreamExt;
 use unibus::auth::keys;
 use unibus::client::e2e::{self, CryptoError};
-use unibus::client::{Client, ClientError, ClientOptions, RoomMessage, Start, Subscription};
+use unibus::client::{
+    Client, ClientError, ClientOptions, LiveMessage, LiveSubscription, RoomMessage, Start,
+    Subscription,
+};
 use unibus::membership::api::ErrorKind;
 
 const READY: Duration = Duration::from_secs(60);
@@ -292,17 +296,29 @@ fn two_users_on_three_nodes_through_the_cli_and_a_stranger_cannot_read() {
     assert_eq!(out, "", "a new room with an old id inherits no history");
 }
 
-/// Every stored message of the ROOMS stream, read as the node's own APP user.
-async fn raw_room_messages(cluster: &LocalCluster) -> Vec<Vec<u8>> {
+/// A connection to `node` as the node's own APP user: past the callout, allowed every
+/// subject (what only the nodes themselves hold).
+async fn app_connection(cluster: &LocalCluster, node: usize) -> async_nats::Client {
     let service = keys::read_user_seed(&cluster.secrets.join("service.seed")).unwrap();
     let app = keys::derive_user(&service, "app").unwrap();
-    let nats = async_nats::ConnectOptions::with_nkey(app.seed().unwrap())
+    async_nats::ConnectOptions::with_nkey(app.seed().unwrap())
         .require_tls(true)
         .add_root_certificates(cluster.secrets.join("ca.crt"))
-        .connect(url(cluster, 1))
+        .connect(url(cluster, node))
         .await
-        .unwrap();
-    let js = async_nats::jetstream::new(nats);
+        .unwrap()
+}
+
+/// The ROOMS stream's last sequence.
+async fn rooms_last_seq(cluster: &LocalCluster) -> u64 {
+    let js = async_nats::jetstream::new(app_connection(cluster, 1).await);
+    let mut stream = js.get_stream("ROOMS").await.unwrap();
+    stream.info().await.unwrap().state.last_sequence
+}
+
+/// Every stored message of the ROOMS stream, read as the node's own APP user.
+async fn raw_room_messages(cluster: &LocalCluster) -> Vec<Vec<u8>> {
+    let js = async_nats::jetstream::new(app_connection(cluster, 1).await);
     let mut stream = js.get_stream("ROOMS").await.unwrap();
     let last = stream.info().await.unwrap().state.last_sequence;
     let mut out = Vec::new();
@@ -474,6 +490,247 @@ async fn encrypted_rooms(cluster: LocalCluster) {
             assert!(!contains(material, b64.as_bytes()));
         }
     }
+}
+
+const PROBE: &[u8] = b"probe";
+
+/// Sends probes live from `from` until `feed` hears one, and returns what it heard.
+/// Interest in a subject crosses the cluster's routes asynchronously, so the first live
+/// sends may reach nobody: the mode promises no more.
+async fn hear(from: &Client, room: &str, feed: &mut LiveSubscription) -> LiveMessage {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        from.send_live(room, PROBE).await.unwrap();
+        if let Ok(item) = tokio::time::timeout(Duration::from_millis(250), feed.next()).await {
+            return item.expect("the live subscription goes on").unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{room}: nothing heard live within {WAIT:?}"
+        );
+    }
+}
+
+/// The next live item that is not a late probe.
+async fn next_live(feed: &mut LiveSubscription) -> Result<LiveMessage, ClientError> {
+    loop {
+        let item = tokio::time::timeout(WAIT, feed.next())
+            .await
+            .expect("a live item in time")
+            .expect("the live subscription goes on");
+        if !matches!(&item, Ok(m) if m.body == PROBE) {
+            return item;
+        }
+    }
+}
+
+#[test]
+fn live_messages_reach_members_only_are_sealed_and_never_stored() {
+    with_cluster(live_mode);
+}
+
+async fn live_mode(cluster: LocalCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = connect(&cluster, &[0], &cluster.secrets.join("admin.seed")).await;
+    let (a_seed, a_key) = user(dir.path(), "a");
+    let (b_seed, b_key) = user(dir.path(), "b");
+    let (c_seed, c_key) = user(dir.path(), "c");
+    for (key, name) in [(&a_key, "a"), (&b_key, "b"), (&c_key, "c")] {
+        admin.add_user(key, name, false).await.unwrap();
+    }
+    let a = connect(&cluster, &[0], &a_seed).await;
+    let b = connect(&cluster, &[2], &b_seed).await;
+    let c = connect(&cluster, &[1], &c_seed).await;
+    b.register_xkey().await.unwrap();
+    a.create_room("lv", "", false).await.unwrap();
+    a.create_room("lvs", "", true).await.unwrap();
+    for room in ["lv", "lvs"] {
+        a.invite(room, &b_key).await.unwrap();
+        b.join(room).await.unwrap();
+    }
+    let stored_before = rooms_last_seq(&cluster).await;
+
+    // A plain room: B on node 3 hears A on node 1, in order, the sender vouched for by
+    // the subject.
+    let mut plain = b.subscribe_live("lv").await.unwrap();
+    let heard = hear(&a, "lv", &mut plain).await;
+    assert_eq!((heard.sender(), heard.epoch), (a_key.as_str(), None));
+    assert_eq!(heard.room(), "lv");
+    for i in 0..20 {
+        a.send_live("lv", format!("m{i}")).await.unwrap();
+    }
+    for i in 0..20 {
+        let m = next_live(&mut plain).await.unwrap();
+        assert_eq!(m.body, format!("m{i}").as_bytes());
+    }
+
+    // An encrypted room: sealed under the current epoch like a durable send, opened by B.
+    let mut sealed = b.subscribe_live("lvs").await.unwrap();
+    hear(&a, "lvs", &mut sealed).await;
+    a.send_live("lvs", "secret-live").await.unwrap();
+    let m = next_live(&mut sealed).await.unwrap();
+    assert_eq!(
+        (&m.body[..], m.epoch, m.sender()),
+        (&b"secret-live"[..], Some(2), a_key.as_str())
+    );
+
+    // Bad bodies from a member: typed errors, and the subscription goes on.
+    let subject = format!("unibus.live.lvs.{a_key}");
+    let secret = a.epoch_secret("lvs", 2).await.unwrap();
+    let mut tampered = e2e::seal(&secret, "lvs", 2, &a_key, b"flip me").unwrap();
+    *tampered.last_mut().unwrap() ^= 1;
+    let unknown = e2e::seal(&secret, "lvs", 99, &a_key, b"from the future").unwrap();
+    let as_b = e2e::seal(&secret, "lvs", 2, &b_key, b"claims to be b").unwrap();
+    for body in [
+        tampered,
+        unknown,
+        as_b,
+        b"plain text in an encrypted room".to_vec(),
+    ] {
+        a.nats()
+            .publish(subject.clone(), body.into())
+            .await
+            .unwrap();
+    }
+    a.send_live("lvs", "after the junk").await.unwrap();
+    let crypto = |item: Result<LiveMessage, ClientError>| match item {
+        Err(ClientError::Crypto(e)) => e,
+        other => panic!("expected a crypto error, got {other:?}"),
+    };
+    assert!(matches!(
+        crypto(next_live(&mut sealed).await),
+        CryptoError::Tampered { epoch: 2, .. }
+    ));
+    assert!(matches!(
+        crypto(next_live(&mut sealed).await),
+        CryptoError::UnknownEpoch { epoch: 99, .. }
+    ));
+    // Sealed for another sender than the subject names: the sender is the subject's.
+    assert!(matches!(
+        crypto(next_live(&mut sealed).await),
+        CryptoError::Tampered { .. }
+    ));
+    assert!(matches!(
+        crypto(next_live(&mut sealed).await),
+        CryptoError::Malformed { .. }
+    ));
+    assert_eq!(
+        next_live(&mut sealed).await.unwrap().body,
+        &b"after the junk"[..]
+    );
+
+    // A subject that names no single sender (only the nodes' own identity can publish
+    // one under enforce) is skipped and counted, never handed out.
+    let app = app_connection(&cluster, 2).await;
+    let good = e2e::seal(&secret, "lvs", 2, &a_key, b"from a good subject").unwrap();
+    app.publish(
+        format!("unibus.live.lvs.{a_key}.extra"),
+        good.clone().into(),
+    )
+    .await
+    .unwrap();
+    app.publish(subject.clone(), good.into()).await.unwrap();
+    app.flush().await.unwrap();
+    assert_eq!(
+        next_live(&mut sealed).await.unwrap().body,
+        &b"from a good subject"[..]
+    );
+    assert_eq!(sealed.skipped(), 1);
+    assert_eq!(plain.skipped(), 0);
+
+    // Non-members get a typed refusal from both calls (the server's own refusal of the
+    // subjects is in tests/security.rs).
+    let denied = c.subscribe_live("lv").await.err().unwrap();
+    assert_eq!(denied.kind(), Some(ErrorKind::Forbidden), "{denied:?}");
+    let denied = c.send_live("lv", "let me in").await.unwrap_err();
+    assert_eq!(denied.kind(), Some(ErrorKind::Forbidden), "{denied:?}");
+
+    // The CLI: `listen --live` on node 2 hears `send --live` from node 1.
+    let listener = std::process::Command::new(UNIBUS)
+        .args(["listen", "lv", "--live", "--json", "--count", "1"])
+        .args(["--timeout", "60", "--server", &url(&cluster, 1), "--ca"])
+        .arg(cluster.secrets.join("ca.crt"))
+        .arg("--seed-file")
+        .arg(&b_seed)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut listener = Some(listener);
+    let deadline = std::time::Instant::now() + WAIT;
+    let output = loop {
+        let child = listener.as_mut().unwrap();
+        if child.try_wait().unwrap().is_some() {
+            break listener.take().unwrap().wait_with_output().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CLI listener heard nothing"
+        );
+        let out = ok(cli(
+            &cluster,
+            0,
+            &a_seed,
+            &["send", "lv", "--live", "--json", "via the cli"],
+        ));
+        let sent: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(sent, serde_json::json!({"room": "lv", "live": true}));
+    };
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{out}\n{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let line = &lines[0];
+    assert_eq!(line["room"], "lv");
+    assert_eq!(line["sender"], a_key.as_str());
+    assert_eq!(line["body"], "via the cli");
+    assert_eq!(line["live"], true);
+    assert!(
+        line.get("seq").is_none(),
+        "live messages have no sequence: {line}"
+    );
+    assert!(line["time"].as_str().unwrap().ends_with('Z'), "{line}");
+    refused(
+        cli(
+            &cluster,
+            1,
+            &c_seed,
+            &["listen", "lv", "--live", "--timeout", "5"],
+        ),
+        "forbidden",
+    );
+    refused(
+        cli(&cluster, 0, &c_seed, &["send", "lv", "--live", "hi"]),
+        "forbidden",
+    );
+    let (code, _, err) = cli(
+        &cluster,
+        0,
+        &b_seed,
+        &["listen", "lv", "--live", "--since", "3"],
+    );
+    assert_eq!(code, 2, "live has no history to resume: {err}");
+
+    // Nothing live was stored.
+    assert_eq!(rooms_last_seq(&cluster).await, stored_before);
+
+    // A removed member's live subscription ends with the refusal (and the server refuses
+    // it the subject: tests/security.rs). A fresh one: `plain` holds what the CLI sent.
+    drop(plain);
+    let mut removed = b.subscribe_live("lv").await.unwrap();
+    a.remove_member("lv", &b_key).await.unwrap();
+    match next_live(&mut removed).await {
+        Err(e) => assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e:?}"),
+        Ok(m) => panic!("a removed member heard {:?}", m.body),
+    }
+    let end = tokio::time::timeout(WAIT, removed.next()).await;
+    assert!(matches!(end, Ok(None)), "the subscription ends: {end:?}");
 }
 
 /// How the listener's node goes away.

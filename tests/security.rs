@@ -327,6 +327,34 @@ async fn users_are_confined_to_their_rooms(alice: &mut Conn, a: &KeyPair) {
     alice.violation("unibus.room.rb.>").await;
     // Still connected, still in her room.
     alice.round_trip("unibus.room.ra.>", &own).await;
+    users_are_confined_to_their_rooms_in_live_mode(alice, a).await;
+}
+
+/// The live namespace (core NATS, never stored) has the same rules: a member publishes on
+/// its own key's subject of its own rooms only, and subscribes to its own rooms only.
+async fn users_are_confined_to_their_rooms_in_live_mode(alice: &mut Conn, a: &KeyPair) {
+    let own = format!("unibus.live.ra.{}", a.public_key());
+    alice.round_trip("unibus.live.ra.>", &own).await;
+    for forged in ["unibus.live.ra.someone-else", "unibus.live.ra.x.y"] {
+        alice.client.publish(forged, "forged".into()).await.unwrap();
+        alice.client.flush().await.unwrap();
+        alice.violation(forged).await;
+    }
+    // Not a member of rb: neither publish nor subscribe, not even under her own key; and
+    // nobody subscribes to the whole namespace.
+    let not_hers = format!("unibus.live.rb.{}", a.public_key());
+    alice
+        .client
+        .publish(not_hers.clone(), "no".into())
+        .await
+        .unwrap();
+    alice.client.flush().await.unwrap();
+    alice.violation(&not_hers).await;
+    for filter in ["unibus.live.rb.>", "unibus.live.>", "unibus.live.*.*"] {
+        let _denied = alice.client.subscribe(filter).await.unwrap();
+        alice.violation(filter).await;
+    }
+    alice.round_trip("unibus.live.ra.>", &own).await;
 }
 
 async fn control_plane_refuses_bad_requests_with_typed_errors(
@@ -601,6 +629,16 @@ async fn a_removed_member_loses_the_room_on_another_node_within_2s(
     bob.client.publish(bobs.clone(), "?".into()).await.unwrap();
     bob.client.flush().await.unwrap();
     bob.violation(&bobs).await;
+    // The live namespace went with the room.
+    let _denied = bob.client.subscribe("unibus.live.rv.>").await.unwrap();
+    bob.violation("unibus.live.rv.>").await;
+    let bobs_live = format!("unibus.live.rv.{}", b.public_key());
+    bob.client
+        .publish(bobs_live.clone(), "?".into())
+        .await
+        .unwrap();
+    bob.client.flush().await.unwrap();
+    bob.violation(&bobs_live).await;
 }
 
 /// A user revoked by the admin through n1 loses its live connection on n2 within 2 s and

@@ -265,7 +265,10 @@ pub fn is_room_id(id: &str) -> bool {
 ///   the server, not the publisher, vouches for it (see `membership::history`);
 /// - subscribe `unibus.room.<room>.>` (live, core NATS) and
 ///   `unibus.deliver.<room>.<key>.>` (the feeds the control plane opens for this user:
-///   history and live, with stream sequences).
+///   history and live, with stream sequences);
+/// - live mode (core NATS, never stored; see `client::live`): publish only
+///   `unibus.live.<room>.<key>` (the server vouches for the sender here too) and subscribe
+///   `unibus.live.<room>.>`.
 ///
 /// No `$JS.API.>`: clients never touch the JetStream API, so nobody can create a consumer
 /// that reads a room they are not in. An id that is not a valid room id (or a key that is
@@ -293,6 +296,8 @@ pub fn permissions_for(key: &str, rooms: &[String], is_admin: bool) -> Permissio
             pub_allow.push(format!("unibus.room.{room}.{key}"));
             sub_allow.push(format!("unibus.room.{room}.>"));
             sub_allow.push(format!("unibus.deliver.{room}.{key}.>"));
+            pub_allow.push(format!("unibus.live.{room}.{key}"));
+            sub_allow.push(format!("unibus.live.{room}.>"));
         }
     }
     for list in [&mut pub_allow, &mut sub_allow] {
@@ -555,6 +560,8 @@ mod tests {
                 format!("_INBOX.{key}.>"),
                 format!("unibus.deliver.r1.{key}.>"),
                 format!("unibus.deliver.team-a_2.{key}.>"),
+                "unibus.live.r1.>".to_string(),
+                "unibus.live.team-a_2.>".to_string(),
                 "unibus.room.r1.>".to_string(),
                 "unibus.room.team-a_2.>".to_string(),
             ]
@@ -571,6 +578,7 @@ mod tests {
         // A member publishes only as itself (the subject names the sender), and nobody
         // reaches the JetStream API.
         assert!(!p.pub_allow.iter().any(|s| s == "unibus.room.r1.>"));
+        assert!(!p.sub_allow.iter().any(|s| s.starts_with("unibus.live.>")));
         assert!(
             !p.pub_allow
                 .iter()
@@ -578,6 +586,19 @@ mod tests {
                 .any(|s| s.starts_with("$JS"))
         );
         assert!(!p.sub_allow.iter().any(|s| s.starts_with("unibus.ctl")));
+        let live: Vec<&String> = p
+            .pub_allow
+            .iter()
+            .filter(|s| s.starts_with("unibus.live."))
+            .collect();
+        assert_eq!(
+            live,
+            vec![
+                &format!("unibus.live.r1.{key}"),
+                &format!("unibus.live.team-a_2.{key}")
+            ],
+            "live: one subject per room, the member's own"
+        );
         // Nothing that is not a room id (or a user key) becomes a subject.
         for bad in ["*", ">", "a.b", "", "R1", "a b", "é", "-x", &"x".repeat(64)] {
             let p = permissions_for(&key, &[bad.to_string()], true);

@@ -58,25 +58,36 @@ pub enum Command {
     #[command(subcommand)]
     Room(room::RoomCommand),
     /// Send MESSAGE to ROOM (without MESSAGE: one message per line of stdin). Prints each
-    /// message's stream sequence once the cluster has stored it.
+    /// message's stream sequence once the cluster has stored it (durable, the default).
     Send {
         room: String,
         message: Option<String>,
+        /// Live mode: core NATS, at most once, not stored, no sequence; only members
+        /// listening with `listen --live` right now receive it.
+        #[arg(long)]
+        live: bool,
+        /// One JSON object per message: room and seq (live: room and "live": true).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Print ROOM's messages, one line each: its history, then live.
+    /// Print ROOM's messages, one line each: its history, then new ones as they are
+    /// stored (`SEQ TIME SENDER BODY`).
     Listen {
         room: String,
         /// Only messages after stream sequence SEQ (the last one you saw).
-        #[arg(long, value_name = "SEQ", conflicts_with = "new")]
+        #[arg(long, value_name = "SEQ", conflicts_with_all = ["new", "live"])]
         since: Option<u64>,
         /// Only messages sent from now on.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "live")]
         new: bool,
-        /// One JSON object per line: room, seq, sender, time, body (and epoch).
+        /// Live messages (`send --live`) instead of durable ones: from now on only, lost
+        /// while disconnected; `-` in the sequence column, receive time.
+        #[arg(long)]
+        live: bool,
+        /// One JSON object per line: room, seq, sender, time, body (and epoch; live:
+        /// "live": true instead of seq).
         #[arg(long)]
         json: bool,
         /// Stop after N messages.
@@ -130,24 +141,27 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Send {
             room,
             message,
+            live,
             json,
             conn,
-        } => talk::send(&room, message, json, &conn).await,
+        } => talk::send(&room, message, live, json, &conn).await,
         Command::Listen {
             room,
             since,
             new,
+            live,
             json,
             count,
             timeout,
             conn,
         } => {
-            let start = match (since, new) {
-                (Some(seq), _) => Start::After(seq),
-                (None, true) => Start::New,
-                (None, false) => Start::All,
+            let mode = match (since, new, live) {
+                (_, _, true) => talk::Mode::Live,
+                (Some(seq), _, _) => talk::Mode::Durable(Start::After(seq)),
+                (None, true, _) => talk::Mode::Durable(Start::New),
+                (None, false, _) => talk::Mode::Durable(Start::All),
             };
-            talk::listen(&room, start, json, count, timeout, &conn).await
+            talk::listen(&room, mode, json, count, timeout, &conn).await
         }
         Command::Workload(c) => workload::run(c).await,
     }

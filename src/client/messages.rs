@@ -21,19 +21,31 @@ impl Client {
     /// (a JetStream ack). In an encrypted room the body is sealed first. Retries (with the
     /// same message id, so the message is stored once) until `publish_timeout`.
     pub async fn send(&self, room: &str, body: &[u8]) -> Result<u64, ClientError> {
-        let payload = if self.is_encrypted(room).await? {
-            let (epoch, secret) = self.send_epoch(room).await?;
-            e2e::seal(&secret, room, epoch, self.key(), body)?
-        } else {
-            body.to_vec()
-        };
+        let payload = self
+            .payload_for(room, bytes::Bytes::copy_from_slice(body))
+            .await?;
         self.publish_durable(room, payload).await
     }
 
-    async fn publish_durable(&self, room: &str, payload: Vec<u8>) -> Result<u64, ClientError> {
+    /// What goes on the wire for `body` in `room`, durable or live alike: the body itself,
+    /// or in an encrypted room the body sealed under the current send epoch. Asks the
+    /// control plane (member-checked) the first time a room is used.
+    pub(crate) async fn payload_for(
+        &self,
+        room: &str,
+        body: bytes::Bytes,
+    ) -> Result<bytes::Bytes, ClientError> {
+        Ok(if self.is_encrypted(room).await? {
+            let (epoch, secret) = self.send_epoch(room).await?;
+            e2e::seal(&secret, room, epoch, self.key(), &body)?.into()
+        } else {
+            body
+        })
+    }
+
+    async fn publish_durable(&self, room: &str, payload: bytes::Bytes) -> Result<u64, ClientError> {
         let subject = api::room_subject(room, self.key());
         let id = nuid::next().to_string();
-        let payload = bytes::Bytes::from(payload);
         let deadline = Instant::now() + self.inner.options.publish_timeout;
         let mut backoff = Duration::from_millis(100);
         loop {

@@ -34,10 +34,15 @@
 //! - **Subscribes** through a member-checked feed ([`feed`]) that delivers history and live
 //!   messages exactly once, in stream order, across reconnects.
 //! - **Encrypts** end to end in encrypted rooms ([`e2e`]).
+//! - **Live mode** ([`live`]): beside durable messages, [`Client::send_live`] and
+//!   [`Client::subscribe_live`] carry at-most-once messages over core NATS (no storage,
+//!   no ack, no history) under the same membership rules and encryption, for traffic
+//!   such as telemetry and presence that wants plain NATS speed.
 
 pub mod e2e;
 mod error;
 pub mod feed;
+pub mod live;
 mod messages;
 mod rooms;
 
@@ -58,6 +63,7 @@ use crate::membership::api::{self, ErrorKind, Op, Reply};
 pub use crate::membership::api::{CtlError, Start};
 pub use error::ClientError;
 pub use feed::{RoomMessage, Subscription};
+pub use live::{LiveMessage, LiveSubscription};
 
 /// How to reach the cluster and who to be.
 #[derive(Clone, Debug)]

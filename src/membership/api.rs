@@ -280,6 +280,11 @@ pub fn is_inbox_of(reply: &str, key: &str) -> bool {
 
 /// Feeds: `unibus.deliver.<room>.<listener key>.<inbox>`.
 pub const DELIVER_PREFIX: &str = "unibus.deliver";
+/// Live room messages (core NATS, never stored): `unibus.live.<room>.<sender key>`. A
+/// namespace of their own because the `ROOMS` stream captures everything under
+/// [`ROOM_PREFIX`]: a live message there would be stored (and cost a replicated write)
+/// like a durable one.
+pub const LIVE_PREFIX: &str = "unibus.live";
 
 /// The subject `sender` publishes `room` messages on. The authenticator allows each user
 /// exactly their own key's subject, so the last token is a sender identity the server
@@ -300,9 +305,37 @@ pub fn deliver_subject(room: &str, listener: &str, inbox: &str) -> String {
 
 /// The sender key of a message on `subject` in `room` (None if it is not a room subject).
 pub fn sender_of<'a>(subject: &'a str, room: &str) -> Option<&'a str> {
-    let rest = subject.strip_prefix(ROOM_PREFIX)?.strip_prefix('.')?;
+    last_token_under(subject, ROOM_PREFIX, room)
+}
+
+/// The subject `sender` publishes live `room` messages on; like [`room_subject`], the
+/// authenticator allows each member exactly its own key's subject.
+pub fn live_subject(room: &str, sender: &str) -> String {
+    // Concatenated rather than `format!`ed: a live send builds one per message.
+    let mut subject = String::with_capacity(LIVE_PREFIX.len() + room.len() + sender.len() + 2);
+    for part in [LIVE_PREFIX, ".", room, ".", sender] {
+        subject.push_str(part);
+    }
+    subject
+}
+
+/// Every live message of `room` (what members may subscribe to).
+pub fn live_filter(room: &str) -> String {
+    format!("{LIVE_PREFIX}.{room}.>")
+}
+
+/// The sender key of a live message on `subject` in `room` (None if it is not exactly
+/// `unibus.live.<room>.<one token>`).
+pub fn live_sender_of<'a>(subject: &'a str, room: &str) -> Option<&'a str> {
+    last_token_under(subject, LIVE_PREFIX, room)
+}
+
+/// `<prefix>.<room>.<token>` → `token`, for a single non-empty token.
+fn last_token_under<'a>(subject: &'a str, prefix: &str, room: &str) -> Option<&'a str> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let rest = rest.strip_prefix(room)?.strip_prefix('.')?;
-    (!rest.is_empty() && !rest.contains('.')).then_some(rest)
+    // A byte scan: this runs per live message, and the token is short.
+    (!rest.is_empty() && !rest.bytes().any(|b| b == b'.')).then_some(rest)
 }
 
 /// A feed inbox token: `[A-Za-z0-9_-]{1,64}`.
@@ -439,6 +472,22 @@ mod tests {
         assert_eq!(sender_of("unibus.room.r1.UA.x", "r1"), None);
         assert_eq!(sender_of("unibus.room.r10.UA", "r1"), None);
         assert_eq!(deliver_subject("r", "U", "i"), "unibus.deliver.r.U.i");
+        assert_eq!(live_subject("r1", "UA"), "unibus.live.r1.UA");
+        assert_eq!(live_filter("r1"), "unibus.live.r1.>");
+        assert_eq!(live_sender_of("unibus.live.r1.UA", "r1"), Some("UA"));
+        for bad in [
+            "unibus.live.r1.UA.x",
+            "unibus.live.r10.UA",
+            "unibus.live.r1.",
+            "unibus.live.r1",
+            "unibus.room.r1.UA",
+            "unibus.liver1.UA",
+        ] {
+            assert_eq!(live_sender_of(bad, "r1"), None, "{bad}");
+        }
+        assert_eq!(sender_of("unibus.live.r1.UA", "r1"), None);
+        // Live subjects are outside what the ROOMS stream captures.
+        assert!(!live_subject("r1", "UA").starts_with(&format!("{ROOM_PREFIX}.")));
         assert!(is_inbox_token("aZ0_-"));
         for bad in ["", "a.b", "*", ">", "a b", &"x".repeat(65)] {
             assert!(!is_inbox_token(bad), "{bad:?}");
