@@ -124,18 +124,8 @@ impl Client {
     ) -> Result<(async_nats::Subscriber, Feed), ClientError> {
         let inbox = nuid::next().to_string();
         let subject = api::deliver_subject(room, self.key(), &inbox);
-        let sub = self
-            .inner
-            .nats
-            .subscribe(subject)
-            .await
-            .map_err(|e| ClientError::Closed(e.to_string()))?;
         // The subscription reaches the server before the request that starts the feed.
-        self.inner
-            .nats
-            .flush()
-            .await
-            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        let sub = self.subscribe_at_server(subject).await?;
         let body = SubscribeRoom {
             room: room.into(),
             inbox,

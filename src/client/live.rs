@@ -156,18 +156,8 @@ impl Client {
         let encrypted = self.get_room(room).await?.encrypted;
         let mut connects = self.inner.connects.clone();
         connects.mark_unchanged();
-        let sub = self
-            .inner
-            .nats
-            .subscribe(api::live_filter(room))
-            .await
-            .map_err(|e| ClientError::Closed(e.to_string()))?;
         // The server has the subscription before we say it is open.
-        self.inner
-            .nats
-            .flush()
-            .await
-            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        let sub = self.subscribe_at_server(api::live_filter(room)).await?;
         let skipped = Arc::new(AtomicU64::new(0));
         let listener = Listener {
             client: self.clone(),

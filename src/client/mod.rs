@@ -336,6 +336,26 @@ impl Client {
         }
     }
 
+    /// Subscribes to `subject` and returns once the server has the subscription (a flush),
+    /// so nothing published after this returns can be missed.
+    pub(crate) async fn subscribe_at_server(
+        &self,
+        subject: String,
+    ) -> Result<async_nats::Subscriber, ClientError> {
+        let sub = self
+            .inner
+            .nats
+            .subscribe(subject)
+            .await
+            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        self.inner
+            .nats
+            .flush()
+            .await
+            .map_err(|e| ClientError::Closed(e.to_string()))?;
+        Ok(sub)
+    }
+
     /// Flushes and closes the connection (waits for pending publishes to leave).
     pub async fn close(&self) -> Result<(), ClientError> {
         self.inner

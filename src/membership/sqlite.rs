@@ -636,42 +636,41 @@ impl SqliteStore {
     pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
         let xkey = ids::xkey("xkey", xkey)?;
-        let cache_key = key.clone();
-        let written = self
-            .tx(move |tx| {
-                let changed = tx
-                    .execute(
-                        "UPDATE users SET xkey = ?2 WHERE key = ?1",
-                        params![key, xkey],
-                    )
-                    .map_err(|e| backend("set user xkey", e))?;
-                if changed == 0 {
-                    return Err(StoreError::not_found(format!("user {key}")));
-                }
-                tx.query_row(
-                    &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
-                    [&key],
-                    user_from_row,
-                )
-                .map_err(|e| backend("read user", e))
-            })
-            .await;
-        self.forget_user(&cache_key);
-        written
+        self.update_user(
+            key,
+            "set user xkey",
+            "UPDATE users SET xkey = ?2 WHERE key = ?1",
+            xkey.into(),
+        )
+        .await
     }
 
     pub(crate) async fn revoke_user(&self, key: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
-        let now = to_i64(now_ms());
+        self.update_user(
+            key,
+            "revoke user",
+            "UPDATE users SET revoked_at = COALESCE(revoked_at, ?2) WHERE key = ?1",
+            to_i64(now_ms()).into(),
+        )
+        .await
+    }
+
+    /// Runs `sql` (an UPDATE of user `key`, with `value` as `?2`) and reads the user back;
+    /// `NotFound` if there is no such user. Forgets the cached user once it is done.
+    async fn update_user(
+        &self,
+        key: String,
+        what: &'static str,
+        sql: &'static str,
+        value: rusqlite::types::Value,
+    ) -> Result<User> {
         let cache_key = key.clone();
         let written = self
             .tx(move |tx| {
                 let changed = tx
-                    .execute(
-                        "UPDATE users SET revoked_at = COALESCE(revoked_at, ?2) WHERE key = ?1",
-                        params![key, now],
-                    )
-                    .map_err(|e| backend("revoke user", e))?;
+                    .execute(sql, params![key, value])
+                    .map_err(|e| backend(what, e))?;
                 if changed == 0 {
                     return Err(StoreError::not_found(format!("user {key}")));
                 }
