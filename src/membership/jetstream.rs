@@ -38,8 +38,9 @@
 //!
 //! # Two-bucket writes
 //!
-//! See the [module docs](super): `members` first on add, index first on remove, room record
-//! last on room delete; [`KvStore::reconcile`] repairs interrupted writes and
+//! See the [module docs](super): `members` and index together on add, index first on
+//! remove, room record last on room delete; [`KvStore::reconcile`] repairs interrupted
+//! writes (leaving fresh index entries alone for a grace period) and
 //! `list_rooms_for_endpoint` re-checks `members` and `rooms` for every index entry.
 //!
 //! # Timeouts and failing closed
@@ -429,15 +430,51 @@ impl KvStore {
         .map(|_| ())
     }
 
-    /// [`Self::purge_room_children`], but only what is there: the member and room-key
-    /// listings are leader reads (see the module doc), so whatever a listing does not show
-    /// was not acknowledged when it was taken — the same guarantee an unconditional purge
-    /// at that moment gives (a write landing after either is not caught by either).
+    /// Whether `kv` holds any message under `filter` (`prefix.>`), delete markers
+    /// included: one leader read (`STREAM.MSG.GET` with a wildcard `last_by_subj`, which
+    /// the server answers from its subject index), much cheaper than a subject listing
+    /// (a stream info request). "No message" from the leader means a listing taken at
+    /// that moment would have been empty.
+    async fn any_under(&self, kv: &kv::Store, filter: &str) -> Result<bool> {
+        let subject = format!("{}{filter}", kv.prefix);
+        let what = format!("probe {}/{filter}", kv.name);
+        bounded_retry(self.op_timeout, &what, || async {
+            match kv.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(_) => Ok(true),
+                Err(err) => match err.kind() {
+                    stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+                    stream::LastRawMessageErrorKind::JetStream(e)
+                        if js_code(&e) == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
+                    {
+                        Ok(false)
+                    }
+                    _ => Err(unavailable(&what, err)),
+                },
+            }
+        })
+        .await
+    }
+
+    /// Lists `filter` only if [`Self::any_under`] finds something there.
+    async fn keys_if_any(&self, kv: &kv::Store, filter: &str) -> Result<Vec<String>> {
+        if self.any_under(kv, filter).await? {
+            self.keys(kv, filter).await
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// [`Self::purge_room_children`], but only what is there: the probes and member and
+    /// room-key listings are leader reads (see the module doc), so whatever they do not
+    /// show was not acknowledged when they were taken — the same guarantee an
+    /// unconditional purge at that moment gives (a write landing after either is not
+    /// caught by either). The room key cannot tell whether the id was used before (this
+    /// store deletes by purging, which leaves no marker), hence the probes.
     async fn purge_room_leftovers(&self, room: &str) -> Result<()> {
         let filter = format!("{room}.>");
         let (members, keys) = futures_util::future::try_join(
-            self.keys(&self.members, &filter),
-            self.keys(&self.keys, &filter),
+            self.keys_if_any(&self.members, &filter),
+            self.keys_if_any(&self.keys, &filter),
         )
         .await?;
         for key in &members {
@@ -808,10 +845,20 @@ impl KvStore {
 
     /// Repairs what an interrupted two-bucket write leaves; see the module docs.
     ///
-    /// Lists the index first, then members, then rooms, so a concurrent add (members
-    /// before index) or remove (index before members) is never mistaken for damage that
-    /// would over-grant. Every repair re-reads the record it acts on from the leader.
+    /// Lists the index first, then members, then rooms, so a concurrent remove (index
+    /// before members) is never mistaken for damage that would over-grant. An add writes
+    /// member and index concurrently, so its index entry may be seen before its member:
+    /// index entries younger than [`INDEX_GRACE_TIMEOUTS`] × `op_timeout` are left alone
+    /// (they grant nothing meanwhile). Every repair re-reads the record it acts on from
+    /// the leader.
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        self.reconcile_with_grace(self.op_timeout * INDEX_GRACE_TIMEOUTS)
+            .await
+    }
+
+    /// [`Self::reconcile`] with another grace period for fresh index entries (tests use
+    /// zero to repair an entry they have just planted).
+    pub async fn reconcile_with_grace(&self, grace: Duration) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let index: BTreeSet<String> = self.keys(&self.index, ">").await?.into_iter().collect();
         let members = self.keys(&self.members, ">").await?;
@@ -833,6 +880,12 @@ impl KvStore {
                     .await?
                     .is_some();
                 if !still_member || !rooms.contains(room) {
+                    // Without its room the entry is stale whatever its age; without only
+                    // its member it may be an add whose member write is still in flight.
+                    if rooms.contains(room) && self.younger_than(&self.index, key, grace).await? {
+                        tracing::debug!(room, endpoint, "reconcile: fresh index entry left");
+                        continue;
+                    }
                     self.purge(&self.index, key).await?;
                     report.index_removed += 1;
                     tracing::info!(
@@ -874,6 +927,31 @@ impl KvStore {
             }
         }
         Ok(report)
+    }
+}
+
+/// How many `op_timeout`s an index entry without a member is left alone by the
+/// reconciler: an add's member write (a compare-and-set, bounded by twice `op_timeout`
+/// with its read-back) runs beside the index write and may land after it.
+pub const INDEX_GRACE_TIMEOUTS: u32 = 4;
+
+impl KvStore {
+    /// Whether `key`'s current message was stored less than `grace` ago (by the stream
+    /// leader's clock against ours: a skew only moves the repair earlier or later; the
+    /// entry grants nothing either way). A key that is gone is not young.
+    async fn younger_than(&self, kv: &kv::Store, key: &str, grace: Duration) -> Result<bool> {
+        if grace.is_zero() {
+            return Ok(false);
+        }
+        let subject = format!("{}{key}", kv.prefix);
+        let Some(msg) = cas::last_message(&kv.stream, &subject, self.op_timeout).await? else {
+            return Ok(false);
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let age = now - msg.time.unix_timestamp_nanos();
+        Ok(age < grace.as_nanos() as i128)
     }
 }
 
@@ -1078,7 +1156,8 @@ impl KvStore {
         }
         // The id is ours now; drop anything a racing delete may have left under it so a
         // new room never inherits old members or keys. Almost always there is nothing:
-        // two leader reads (in parallel) instead of two replicated purges.
+        // one cheap leader read per bucket (in parallel) decides. This must finish before
+        // the owner's member record is written, which the purge would otherwise take.
         self.purge_room_leftovers(&room.id).await?;
         let owner = Member {
             room: room.id.clone(),
@@ -1088,13 +1167,17 @@ impl KvStore {
             added_by: room.owner.clone(),
             added_at: room.created_at,
         };
-        self.put(
-            &self.members,
-            &format!("{}.{}", owner.room, owner.endpoint),
-            encode(&owner)?,
+        let record = encode(&owner)?;
+        // Member and index together (see `add_member` for why the index may go first).
+        futures_util::future::try_join(
+            self.put(
+                &self.members,
+                &format!("{}.{}", owner.room, owner.endpoint),
+                record,
+            ),
+            self.write_index(&owner.room, &owner.endpoint),
         )
         .await?;
-        self.write_index(&owner.room, &owner.endpoint).await?;
         Ok(room)
     }
 
@@ -1128,6 +1211,37 @@ impl KvStore {
         state: MemberState,
         added_by: &str,
     ) -> Result<Member> {
+        self.add_member_inner(room, endpoint, role, state, added_by, true)
+            .await
+    }
+
+    /// [`Self::add_member`] for a caller that has just read the room itself (the
+    /// service's owner check): the store's own re-read is skipped. That re-read never
+    /// closed the race with a room delete anyway (the delete may land between it and the
+    /// member write); a member of a deleted room is an orphan that grants nothing
+    /// (`list_rooms_for_endpoint` requires the room), is removed by [`Self::reconcile`],
+    /// and is purged by `create_room` if the id is taken again first.
+    pub(crate) async fn add_member_to_checked_room(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        self.add_member_inner(room, endpoint, role, state, added_by, false)
+            .await
+    }
+
+    async fn add_member_inner(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+        check_room: bool,
+    ) -> Result<Member> {
         let member = Member {
             room: ids::room_id(room)?.to_string(),
             endpoint: ids::user_key("endpoint", endpoint)?,
@@ -1136,12 +1250,23 @@ impl KvStore {
             added_by: ids::user_key("added_by", added_by)?,
             added_at: now_ms(),
         };
-        self.require_room(&member.room).await?;
+        if check_room {
+            self.require_room(&member.room).await?;
+        }
         let key = format!("{}.{}", member.room, member.endpoint);
-        let created = self.create(&self.members, &key, encode(&member)?).await?;
-        // Authoritative record first, then the index. On a retry after a crash the member
-        // exists: the index is (re)written anyway, so the retry finishes the job.
-        self.write_index(&member.room, &member.endpoint).await?;
+        let record = encode(&member)?;
+        // Authoritative record and index together, one round trip instead of two. The
+        // index may so land first, briefly (or, if the member write fails, until the
+        // reconciler's grace period passes) pointing at no member: it grants nothing,
+        // since every reader (`list_rooms_for_endpoint`, hence admission) re-reads the
+        // member record, and the reconciler leaves entries younger than its grace period
+        // alone so it never removes one whose member write is still in flight. On a retry
+        // after a crash the member exists: the index is (re)written anyway.
+        let (created, _) = futures_util::future::try_join(
+            self.create(&self.members, &key, record),
+            self.write_index(&member.room, &member.endpoint),
+        )
+        .await?;
         if created {
             Ok(member)
         } else {

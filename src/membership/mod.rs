@@ -29,16 +29,21 @@
 //! # Two-bucket writes (KV backend)
 //!
 //! `members` is authoritative; `rooms_by_member` is a derived reverse index. The rule is
-//! that the index may lag behind `members` but never runs ahead of it:
+//! that the index never grants what `members` does not: every reader re-reads the member
+//! record (and the room) an index entry points to, so the index only ever narrows a
+//! lookup. Writes are ordered so that damage is rare and repairable:
 //!
-//! - adding a member writes `members` first, then the index;
+//! - adding a member writes `members` and the index concurrently (one round trip): the
+//!   index entry may briefly exist before its member, which grants nothing (see below),
+//!   and the reconciler leaves index entries younger than a grace period alone;
 //! - removing a member deletes the index entry first, then `members`;
 //! - deleting a room removes index entries, then members, then room keys, and the room
 //!   record last, so an interrupted delete leaves a room that still exists and can be
 //!   deleted again.
 //!
-//! A crash between the two writes therefore leaves a member without an index entry (the
-//! member is missing from `list_rooms_for_endpoint`: under-granting, never over-granting).
+//! A crash during an add or remove leaves a member without an index entry (the member
+//! is missing from `list_rooms_for_endpoint`: under-granting), or an index entry without
+//! a member (granting nothing).
 //! Every write is idempotent on retry and [`jetstream::KvStore::reconcile`] repairs what is
 //! left. On top of that, `list_rooms_for_endpoint` re-reads each `members` record the index
 //! points to, so a stale index entry grants nothing.
@@ -399,6 +404,21 @@ impl Store {
         added_by: &str,
     ) -> Result<Member> {
         dispatch!(self.add_member(room, endpoint, role, state, added_by))
+    }
+
+    /// [`Store::add_member`] for a caller that has just read the room itself (the
+    /// service's owner check). The KV backend skips its own re-read of the room (see
+    /// `KvStore::add_member_to_checked_room` for why that keeps every guarantee); SQLite
+    /// checks inside its transaction as always (no round trip to save).
+    pub async fn add_member_to_checked_room(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        dispatch!(self.add_member_to_checked_room(room, endpoint, role, state, added_by))
     }
 
     /// Marks an invited member joined (idempotent for a joined member).

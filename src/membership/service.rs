@@ -369,8 +369,9 @@ impl Handler {
                     }
                     Err(e) => return Err(e.into()),
                 }
+                // `require_owner` has just read the room: the store need not read it again.
                 ok(store
-                    .add_member(
+                    .add_member_to_checked_room(
                         &req.room,
                         &req.key,
                         Role::Member,

@@ -788,6 +788,18 @@ impl SqliteStore {
         .await
     }
 
+    /// The room check runs inside `add_member`'s transaction anyway.
+    pub(crate) async fn add_member_to_checked_room(
+        &self,
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        self.add_member(room, endpoint, role, state, added_by).await
+    }
+
     pub(crate) async fn add_member(
         &self,
         room: &str,
