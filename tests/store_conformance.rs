@@ -74,7 +74,9 @@ async fn users(store: &Store) {
     want.sort();
     assert_eq!(list.iter().map(|u| u.key.clone()).collect::<Vec<_>>(), want);
 
-    // Revoking: not authorized, no longer counts as admin, idempotent, still listed.
+    // Revoking: not authorized, no longer counts as admin, idempotent, still listed. Bob
+    // is read first, so a store that caches users must drop what it holds.
+    assert!(store.is_authorized(&bob).await);
     let r = store.revoke_user(&bob).await.unwrap();
     let at = r.revoked_at.unwrap();
     assert!(!store.is_authorized(&bob).await);
