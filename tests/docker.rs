@@ -120,9 +120,15 @@ impl ClusterEnv {
     }
 }
 
-/// Removes whatever a test (or a demo it ran) left in docker, even when it panicked.
+/// Removes whatever a test (or a demo it ran) left in docker, even when it panicked. A
+/// failed test keeps its work dir (the demo's workload histories and node logs), so the
+/// failure can be read after the fact.
 impl Drop for ClusterEnv {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {} for the failure's logs", self.dir.path().display());
+        }
         for project in [
             self.project.clone(),
             format!("{}-upgrade", self.project),
