@@ -123,6 +123,9 @@ pub struct Report {
     pub connects_admitted: u64,
     pub valid_users_denied: u64,
     pub connects_unreachable: u64,
+    /// Each denial of a valid user: when (seconds into the run), which server, and what
+    /// the client was told — so a failed run says where to look.
+    pub denials: Vec<String>,
     /// Room messages are not part of the workload yet (no `unibus send/listen`).
     pub messages: Option<(u64, u64)>,
     pub isolation: Option<IsolationReport>,
@@ -174,6 +177,9 @@ impl Report {
         );
         line("connections admitted:", self.connects_admitted.to_string());
         line("valid users denied:", self.valid_users_denied.to_string());
+        for denial in &self.denials {
+            line("  denied:", denial.clone());
+        }
         line(
             "connections unreachable:",
             self.connects_unreachable.to_string(),
@@ -240,6 +246,7 @@ pub fn analyse(
     let mut r = Report::default();
     let mut to_verify = Vec::new();
     let mut acked_at = Vec::new();
+    let mut denied_at = Vec::new();
     let (mut first, mut last) = (u64::MAX, 0u64);
     let mut iso = isolation.map(|w| IsolationReport {
         window: Some(w),
@@ -310,7 +317,8 @@ pub fn analyse(
                 at_ms,
                 done_ms,
                 outcome,
-                ..
+                server,
+                message,
             } => {
                 last = last.max(*done_ms);
                 let in_window = isolation.as_ref().map(|w| {
@@ -331,12 +339,25 @@ pub fn analyse(
                     // Expected while the node is cut off and until it is ready again.
                     ConnectOutcome::Denied
                         if side == Side::Isolated && matches!(in_window, Some((_, true))) => {}
-                    ConnectOutcome::Denied => r.valid_users_denied += 1,
+                    ConnectOutcome::Denied => {
+                        r.valid_users_denied += 1;
+                        denied_at.push((*at_ms, server.clone(), message.clone()));
+                    }
                     ConnectOutcome::Unreachable => r.connects_unreachable += 1,
                 }
             }
         }
     }
+    r.denials = denied_at
+        .into_iter()
+        .map(|(at, server, message)| {
+            format!(
+                "+{:.1} s {server}: {}",
+                at.saturating_sub(first.min(at)) as f64 / 1000.0,
+                message.as_deref().unwrap_or("(no message)")
+            )
+        })
+        .collect();
     acked_at.sort_unstable();
     if let Some((gap, at)) = acked_at
         .windows(2)
@@ -515,6 +536,9 @@ mod tests {
         ];
         let (r, _) = analyse(&majority, Some(w), Side::Majority);
         assert_eq!(r.valid_users_denied, 1);
+        assert_eq!(r.denials.len(), 1, "{:?}", r.denials);
+        assert!(r.denials[0].contains("tls://n3:4222"), "{:?}", r.denials);
+        assert!(r.table().contains("denied:"), "{}", r.table());
         assert!((r.isolation.clone().unwrap().longest_write_gap_s - 7.99).abs() < 1e-9);
         assert!(r.passed(), "{}", r.table());
         let (r, _) = analyse(&majority[..1], Some(w), Side::Majority);
