@@ -229,7 +229,18 @@ partition_demo() {
   wait_current 3 120
   local caught_up
   caught_up=$(awk "BEGIN { printf \"%.1f\", ($(now_ms) - $rejoin) / 1000 }")
-  sleep 3
+  # n3's own writer is judged on its first acknowledged write after the rejoin: wait for
+  # it (bounded) rather than a fixed pause, which a writer still in its retry back-off
+  # could outlast. If it never comes, the check below fails the run, as it should.
+  local deadline=$(($(date +%s) + 30))
+  until docker cp "$c3:/data/isolated.jsonl" "$WORK/isolated.poll.jsonl" 2>/dev/null &&
+    awk -v r="$rejoin" -F'"done_ms":' '/"ev":"write"/ && /"outcome":"acked"/ {
+        split($2, v, ","); if (v[1] + 0 > r + 0) { found = 1 } } END { exit !found }' \
+      "$WORK/isolated.poll.jsonl"; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "   n3's writer: no ack 30 s after n3 was current" >&2; break; }
+    sleep 0.5
+  done
+  sleep 1
 
   step "5. stop the workloads and check both histories"
   : >"$WORK/isolated.stop"
