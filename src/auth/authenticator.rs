@@ -9,7 +9,9 @@
 //! 2. verifies the client's nkey signature over the server's nonce — the client proves it
 //!    holds the key it claims ([`callout::verify_client_nonce`]);
 //! 3. asks the store whether that key is an active user (failing closed, like
-//!    [`Store::is_authorized`]: a store error or timeout is a no);
+//!    [`Store::is_authorized`]: a store error or timeout is a no), after making sure the
+//!    store's leaders still hold their quorum ([`Store::confirm_quorum`]: a node cut off
+//!    in a minority admits no one);
 //! 4. admits it into `APP` with the permissions of DESIGN §3 for the rooms it has joined,
 //!    signed by the shared issuer key.
 //!
@@ -50,6 +52,8 @@ enum Refusal {
 
     #[error("{0} is not an active user")]
     Unknown(String),
+    #[error("the store cannot vouch for anyone from this node: {0}")]
+    NoQuorum(StoreError),
     #[error("store unavailable while computing permissions: {0}")]
     Store(#[from] StoreError),
 }
@@ -60,6 +64,7 @@ impl Refusal {
         match self {
             Refusal::BadSignature(_) => "bad_signature",
             Refusal::Unknown(_) => "unknown_key",
+            Refusal::NoQuorum(_) => "no_quorum",
             Refusal::Store(_) => "store_unavailable",
         }
     }
@@ -127,6 +132,12 @@ impl Authenticator {
 
     async fn decide(&self, request: &AuthRequest) -> Result<Permissions, Refusal> {
         let key = callout::verify_client_nonce(request).map_err(Refusal::BadSignature)?;
+        // Reads are answered by stream leaders, and a leader cut off from its peers keeps
+        // answering for seconds; admit only on reads a quorum still stands behind.
+        self.store
+            .confirm_quorum()
+            .await
+            .map_err(Refusal::NoQuorum)?;
         // One read of the user answers both "active?" and "admin?"; any store error is a
         // refusal, so this fails closed exactly like `Store::is_authorized`.
         let admin = match self.store.get_user(&key).await {

@@ -64,6 +64,7 @@
 //! `update_key_value`, which would rebuild the config and reset fields.
 
 use super::cas::{self, Cas};
+use super::quorum::{self, Quorum};
 use super::{Member, MemberState, Result, Role, Room, RoomKey, StoreError, User, ids, now_ms};
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
@@ -139,6 +140,8 @@ pub struct KvStore {
     pub(super) members: Arc<kv::Store>,
     pub(super) index: Arc<kv::Store>,
     pub(super) keys: Arc<kv::Store>,
+    /// Shared by clones: barrier rounds of [`Self::confirm_quorum`].
+    quorum: Arc<Quorum>,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -693,6 +696,7 @@ impl KvStore {
             members: Arc::new(members),
             index: Arc::new(index),
             keys: Arc::new(keys),
+            quorum: Arc::default(),
         };
         store.wait_for_leaders(opts.leader_timeout).await?;
         Ok(store)
@@ -1111,6 +1115,32 @@ impl KvStore {
                 false
             }
         }
+    }
+
+    /// Ok once every bucket admission reads has committed a barrier since the caller
+    /// arrived (or within the lease): its leaders still hold their quorum. See
+    /// [`super::quorum`].
+    pub(crate) async fn confirm_quorum(&self) -> Result<()> {
+        self.quorum
+            .confirm(|| async {
+                let barrier = |kv: Arc<kv::Store>| async move {
+                    self.purge(&kv, quorum::BARRIER_KEY).await.map_err(|e| {
+                        StoreError::Unavailable(format!(
+                            "bucket {} cannot commit (no quorum reachable from this node): {e}",
+                            kv.name
+                        ))
+                    })
+                };
+                futures_util::future::try_join_all([
+                    barrier(self.users.clone()),
+                    barrier(self.index.clone()),
+                    barrier(self.members.clone()),
+                    barrier(self.rooms.clone()),
+                ])
+                .await
+                .map(|_| ())
+            })
+            .await
     }
 
     pub(crate) async fn has_admin(&self) -> bool {

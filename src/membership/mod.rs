@@ -67,6 +67,7 @@ pub mod ids;
 pub mod jetstream;
 pub mod migrate;
 pub mod nonces;
+pub mod quorum;
 pub mod service;
 pub mod sqlite;
 
@@ -355,6 +356,12 @@ impl Store {
     }
 
     /// True only if the user exists and is not revoked. Fails closed: any error is `false`.
+    /// Ok when this node can vouch that the store's leaders still hold their quorum
+    /// (always, for SQLite): admission calls it before reading. See [`quorum`].
+    pub async fn confirm_quorum(&self) -> Result<()> {
+        dispatch!(self.confirm_quorum())
+    }
+
     pub async fn is_authorized(&self, key: &str) -> bool {
         dispatch!(self.is_authorized(key))
     }

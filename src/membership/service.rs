@@ -157,6 +157,17 @@ impl Handler {
         revoke: &mut Vec<String>,
     ) -> Result<serde_json::Value, CtlError> {
         let (claimed_key, body, nonce) = self.authenticate(op, raw, reply)?;
+        // An unsigned (or unclaimed) read commits nothing, so nothing else would notice a
+        // store leader that lost its quorum and answers from a stale copy: a barrier does
+        // (`membership::quorum`; free on SQLite, shared across requests on KV).
+        let needs_barrier = op.is_read() && (nonce.is_none() || self.ledger.is_none());
+        let quorum = async {
+            if needs_barrier {
+                self.store.confirm_quorum().await
+            } else {
+                Ok(())
+            }
+        };
         // The cluster-wide nonce claim (a replicated write) and the signer's lookup (a
         // leader read) are independent: run them together, then judge them in order, so
         // nothing is dispatched unless both passed and a replay is still reported first.
@@ -168,7 +179,7 @@ impl Handler {
                 _ => None,
             }
         };
-        let (claim, caller) = tokio::join!(claim, self.identify(&claimed_key));
+        let (claim, caller, quorum) = tokio::join!(claim, self.identify(&claimed_key), quorum);
         if let Some(claim) = claim {
             let soft = self.config.bus_auth == BusAuth::Soft;
             match claim {
@@ -185,6 +196,7 @@ impl Handler {
                 Err(e) => return Err(e.into()),
             }
         }
+        quorum?;
         self.dispatch(op, &caller?, body, revoke).await
     }
 
