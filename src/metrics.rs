@@ -10,7 +10,8 @@
 //! - `ctl_requests_total{op,outcome}` and `ctl_request_seconds{op}`: control-plane requests
 //!   by operation and outcome (`ok` or the error kind);
 //! - `auth_decisions_total{result,reason}`: callout decisions; `result` is `admitted`,
-//!   `denied` or `would_deny` (bus-auth soft);
+//!   `denied`, `would_deny` (bus-auth soft) or `forwarded` (a starting node passed a
+//!   peer's answer on);
 //! - `nats_restarts_total`: nats-server restarts by the supervisor;
 //! - `store_op_seconds{op}` and `store_errors_total{op,kind}`: store calls;
 //! - `bucket_replica_lag{bucket}`: replicas wanted minus replicas current, per KV bucket;

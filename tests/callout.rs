@@ -507,3 +507,165 @@ fn routes_use_mutual_tls_and_credentials_and_keep_strangers_out() {
     assert!(!route_names(&n1).contains(&"n4".to_string()));
     assert!(route_names(&n4).is_empty());
 }
+
+/// A callout server routed to `peers` (cluster ports), for the two-server test below.
+fn routed_callout_server(
+    name: &str,
+    dir: &Path,
+    ports: (u16, u16, u16),
+    peers: &[u16],
+    secrets: &ClusterSecrets,
+) -> NatsServer {
+    let mut body = NatsServer::jetstream_block(dir);
+    body.push_str(&server_config::callout_config(
+        &secrets.issuer_public,
+        &secrets.service_public,
+        None,
+    ));
+    body.push_str(&route_body(name, ports.1, peers, secrets));
+    NatsServer::spawn(name, dir, ports, &body)
+}
+
+/// The node's real authenticator, running on one server.
+struct NodeAuthenticator {
+    slot: unibus::auth::authenticator::StoreSlot,
+    /// Fires once it serves with a store (forwarded requests included).
+    ready: tokio::sync::oneshot::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+    _stop: unibus::node::shutdown::ShutdownTrigger,
+}
+
+impl NodeAuthenticator {
+    async fn start(url: &str, secrets: &ClusterSecrets) -> NodeAuthenticator {
+        use unibus::auth::authenticator::{self, Authenticator};
+        let seed = std::fs::read_to_string(&secrets.service_seed).unwrap();
+        let client = ConnectOptions::with_nkey(seed.trim().to_string())
+            .connect(url)
+            .await
+            .expect("service user connects past the callout");
+        let (authn, slot) = Authenticator::new(
+            secrets.issuer_key().unwrap(),
+            unibus::config::BusAuth::Enforce,
+        );
+        let (stop, shutdown) = unibus::node::shutdown::channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let ready = move || {
+                let _ = ready_tx.send(());
+            };
+            authenticator::run(client, Arc::new(authn), ready, shutdown)
+                .await
+                .unwrap();
+        });
+        NodeAuthenticator {
+            slot,
+            ready,
+            task,
+            _stop: stop,
+        }
+    }
+
+    /// Hands it a SQLite store knowing `users`, and waits until it serves with it.
+    async fn fill(&mut self, dir: &Path, users: &[&KeyPair]) {
+        use unibus::membership::{Store, sqlite::SqliteStore};
+        let store = Store::Sqlite(SqliteStore::open(dir.join("m.db")).await.unwrap());
+        for user in users {
+            store
+                .add_user(&user.public_key(), "u", false)
+                .await
+                .unwrap();
+        }
+        self.slot.fill(Arc::new(store));
+        tokio::time::timeout(WAIT, &mut self.ready)
+            .await
+            .expect("the authenticator did not serve with its store")
+            .unwrap();
+    }
+}
+
+impl Drop for NodeAuthenticator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A node whose store is not open yet forwards admissions to a peer that has one; alone,
+/// it refuses (after its hold, inside the server's callout timeout); once its own store
+/// opens, it decides itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_its_store_forwards_admissions_and_alone_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = certs::init_cluster(
+        &dir.path().join("secrets"),
+        &["n1".into(), "n2".into()],
+        &[],
+    )
+    .unwrap();
+    let (p1, p2) = (server_ports(), server_ports());
+    let mut n1 = routed_callout_server("n1", &dir.path().join("n1"), p1, &[p2.1], &secrets);
+    let mut n2 = routed_callout_server("n2", &dir.path().join("n2"), p2, &[p1.1], &secrets);
+    n1.wait_healthy();
+    n2.wait_healthy();
+    let user = KeyPair::new_user();
+    let as_user = || ConnectOptions::with_nkey(seed_of(&user)).connection_timeout(WAIT);
+
+    // n1's authenticator has no store and no peer to ask: it refuses, within the
+    // server's callout timeout (else the server would deny on its own, unanswered).
+    let mut starting = NodeAuthenticator::start(&n1.url(), &secrets).await;
+    let t = std::time::Instant::now();
+    refused(as_user().connect(n1.url()).await, "no store anywhere");
+    assert!(
+        t.elapsed() >= unibus::auth::authenticator::HOLD,
+        "refused before its hold ran out ({:?}): it did not wait for a peer",
+        t.elapsed()
+    );
+
+    // n2's has a store that knows the user. nats-server hands a callout to any member of
+    // the queue group, local or routed: those that reach n1's authenticator are forwarded
+    // to n2's. Every attempt is admitted, and some of them through n1's forwarding.
+    let mut peer = NodeAuthenticator::start(&n2.url(), &secrets).await;
+    peer.fill(&dir.path().join("n2"), &[&user]).await;
+    let first = tokio::time::timeout(WAIT * 2, async {
+        loop {
+            // Interest in the forward subject crosses the route a moment after n2
+            // subscribes; until then n1's own authenticator refuses.
+            if let Ok(client) = as_user().connect(n1.url()).await {
+                return client;
+            }
+        }
+    })
+    .await
+    .expect("n1 never admitted the user through n2");
+    drop(first);
+    let forwarded = || forwarded_count(&unibus::metrics::get().encode());
+    let before = forwarded();
+    for attempt in 0..20 {
+        as_user()
+            .connect(n1.url())
+            .await
+            .unwrap_or_else(|e| panic!("attempt {attempt}: refused with a peer to ask: {e}"));
+    }
+    assert!(
+        forwarded() > before,
+        "none of 20 callouts went through n1's forwarding"
+    );
+
+    // n2 goes away and n1's own store opens (knowing the user): n1 decides itself.
+    drop(peer);
+    n2.kill();
+    starting.fill(&dir.path().join("n1"), &[&user]).await;
+    as_user()
+        .connect(n1.url())
+        .await
+        .expect("n1 admits on its own store");
+}
+
+/// `unibus_auth_decisions_total{result="forwarded",…}` summed, from the Prometheus text.
+fn forwarded_count(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with("unibus_auth_decisions_total{") && l.contains("result=\"forwarded\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -19,6 +19,17 @@
 //! key, a store that does not answer — each is a signed denial; a request that cannot even
 //! be decoded gets no answer, and the server denies it when its callout times out.
 //!
+//! **A starting node.** nats-server opens its client port before its routes are up and
+//! long before this node's store is open; a callout nobody answers is a denial after the
+//! server's timeout, so a valid client that picked a restarting node was refused. So the
+//! authenticator subscribes as soon as nats-server is up, *before* the store opens, and
+//! until then forwards each request to a peer's authenticator that has its store
+//! ([`FORWARD_SUBJECT`], answered only by authenticators with a store), retrying while no
+//! peer is reachable yet, and answers itself as soon as its own store opens. Whatever is
+//! still unanswered when [`HOLD`] runs out is denied ("node starting"), well inside the
+//! server's 2 s callout timeout. Only `AUTH`-account users (node services) can publish the
+//! forward subject, as only they can answer the callout itself.
+//!
 //! `bus-auth=soft` runs the same checks but admits everyone with open permissions,
 //! logging each would-be denial with its reason (and counting it in `/metrics`), so an operator can see who
 //! would break before turning `enforce` on.
@@ -28,6 +39,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use nkeys::KeyPair;
+use tokio::sync::watch;
 
 use super::callout::{self, AuthRequest, Permissions};
 use crate::config::BusAuth;
@@ -36,12 +48,29 @@ use crate::node::shutdown::Shutdown;
 
 /// The subject nats-server sends callout requests on.
 pub const AUTH_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
+/// Where a starting node forwards callout requests to peers that have their store.
+pub const FORWARD_SUBJECT: &str = "unibus.auth.forward";
 const QUEUE_GROUP: &str = "unibus-authenticator";
+/// How long a node without its store keeps trying to get a request answered: inside the
+/// server's callout timeout (2 s), so the denial at the end still reaches the server.
+pub const HOLD: Duration = Duration::from_millis(1500);
+/// Pause between forwarding attempts while no peer answers the forward subject.
+const FORWARD_RETRY: Duration = Duration::from_millis(50);
 
 pub struct Authenticator {
-    store: Arc<Store>,
+    /// None until the node's store is open (see the module docs).
+    store: watch::Receiver<Option<Arc<Store>>>,
     issuer: KeyPair,
     mode: BusAuth,
+}
+
+/// Hands the opened store to a running [`Authenticator`].
+pub struct StoreSlot(watch::Sender<Option<Arc<Store>>>);
+
+impl StoreSlot {
+    pub fn fill(&self, store: Arc<Store>) {
+        self.0.send_replace(Some(store));
+    }
 }
 
 /// Why a connection is (or would be) refused; logged and sent to the server.
@@ -56,6 +85,8 @@ enum Refusal {
     NoQuorum(StoreError),
     #[error("store unavailable while computing permissions: {0}")]
     Store(#[from] StoreError),
+    #[error("this node is starting (store not open) and no peer answered in time")]
+    Starting,
 }
 
 impl Refusal {
@@ -66,17 +97,21 @@ impl Refusal {
             Refusal::Unknown(_) => "unknown_key",
             Refusal::NoQuorum(_) => "no_quorum",
             Refusal::Store(_) => "store_unavailable",
+            Refusal::Starting => "node_starting",
         }
     }
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<Store>, issuer: KeyPair, mode: BusAuth) -> Self {
-        Authenticator {
-            store,
+    /// An authenticator without a store yet; fill the slot once the store is open.
+    pub fn new(issuer: KeyPair, mode: BusAuth) -> (Self, StoreSlot) {
+        let (tx, rx) = watch::channel(None);
+        let authenticator = Authenticator {
+            store: rx,
             issuer,
             mode,
-        }
+        };
+        (authenticator, StoreSlot(tx))
     }
 
     /// Makes sure the bootstrap admin exists (idempotent, like an ACL bootstrap): a fresh
@@ -92,9 +127,14 @@ impl Authenticator {
         }
     }
 
+    fn store(&self) -> Option<Arc<Store>> {
+        self.store.borrow().clone()
+    }
+
     /// The response JWT for one raw request, or None when the request cannot be decoded
-    /// (the server then times out and denies).
-    pub async fn respond(&self, raw: &[u8]) -> Option<String> {
+    /// (the server then times out and denies). Without a store yet, the request is
+    /// forwarded to a peer through `client` (see the module docs).
+    pub async fn respond(&self, client: &async_nats::Client, raw: &[u8]) -> Option<String> {
         let request = match callout::decode_request(raw) {
             Ok(r) => r,
             Err(e) => {
@@ -104,7 +144,17 @@ impl Authenticator {
                 return None;
             }
         };
-        let decision = self.decide(&request).await;
+        let decision = match self.store() {
+            Some(store) => self.decide(&store, &request).await,
+            None => match self.forward(client, raw).await {
+                Forwarded::Answer(jwt) => {
+                    crate::metrics::get().auth_decision("forwarded", "store_not_open");
+                    return Some(jwt);
+                }
+                Forwarded::OwnStore(store) => self.decide(&store, &request).await,
+                Forwarded::Nobody => Err(Refusal::Starting),
+            },
+        };
         let signed = match (decision, self.mode) {
             (Ok(perms), _) => {
                 crate::metrics::get().auth_decision("admitted", "ok");
@@ -130,25 +180,59 @@ impl Authenticator {
         }
     }
 
-    async fn decide(&self, request: &AuthRequest) -> Result<Permissions, Refusal> {
+    /// Asks the peers' authenticators, until one answers, this node's own store opens,
+    /// or [`HOLD`] runs out.
+    async fn forward(&self, client: &async_nats::Client, raw: &[u8]) -> Forwarded {
+        let deadline = tokio::time::Instant::now() + HOLD;
+        let mut store = self.store.clone();
+        loop {
+            if let Some(own) = self.store() {
+                return Forwarded::OwnStore(own);
+            }
+            let asked = tokio::time::timeout_at(
+                deadline,
+                client.request(FORWARD_SUBJECT, bytes::Bytes::copy_from_slice(raw)),
+            )
+            .await;
+            match asked {
+                Ok(Ok(answer)) => match String::from_utf8(answer.payload.to_vec()) {
+                    Ok(jwt) => return Forwarded::Answer(jwt),
+                    Err(_) => tracing::warn!("auth callout: a peer's answer is not UTF-8"),
+                },
+                // No peer with a store is reachable yet (routes still coming up): wait a
+                // little, or for our own store.
+                Ok(Err(e)) => tracing::debug!("auth callout: forwarding: {e}"),
+                Err(_) => return Forwarded::Nobody,
+            }
+            let pause = tokio::time::Instant::now() + FORWARD_RETRY;
+            tokio::select! {
+                _ = store.changed() => {}
+                _ = tokio::time::sleep_until(pause.min(deadline)) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Forwarded::Nobody;
+            }
+        }
+    }
+
+    async fn decide(&self, store: &Store, request: &AuthRequest) -> Result<Permissions, Refusal> {
         let key = callout::verify_client_nonce(request).map_err(Refusal::BadSignature)?;
         // Reads are answered by stream leaders, and a leader cut off from its peers keeps
-        // answering for seconds; admit only on reads a quorum still stands behind.
-        self.store
-            .confirm_quorum()
-            .await
-            .map_err(Refusal::NoQuorum)?;
+        // answering for seconds; admit only on reads a quorum still stands behind. The
+        // barrier starts with the read (one round trip, not two): if it commits, those
+        // leaders held their quorum after this request arrived.
+        let (quorum, user) = tokio::join!(store.confirm_quorum(), store.get_user(&key));
+        quorum.map_err(Refusal::NoQuorum)?;
         // One read of the user answers both "active?" and "admin?"; any store error is a
         // refusal, so this fails closed exactly like `Store::is_authorized`.
-        let admin = match self.store.get_user(&key).await {
+        let admin = match user {
             Ok(user) if user.revoked_at.is_none() => user.admin,
             Ok(_) | Err(StoreError::NotFound { .. } | StoreError::Invalid { .. }) => {
                 return Err(Refusal::Unknown(key));
             }
             Err(e) => return Err(Refusal::Store(e)),
         };
-        let rooms: Vec<String> = self
-            .store
+        let rooms: Vec<String> = store
             .list_rooms_for_endpoint(&key)
             .await?
             .into_iter()
@@ -165,6 +249,16 @@ impl Authenticator {
     }
 }
 
+/// How forwarding a request ended.
+enum Forwarded {
+    /// A peer's signed answer, to pass on as is.
+    Answer(String),
+    /// This node's store opened meanwhile: decide here.
+    OwnStore(Arc<Store>),
+    /// Nobody answered within [`HOLD`].
+    Nobody,
+}
+
 fn open_permissions() -> Permissions {
     Permissions {
         pub_allow: vec![">".into()],
@@ -175,19 +269,24 @@ fn open_permissions() -> Permissions {
 /// How long a stopping authenticator keeps answering what already reached it.
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// Answers callout requests until shutdown, then drains (see the loop); calls `ready`
-/// once the subscription is in place at the server.
+/// Answers callout requests until shutdown, then drains (see the loop). It subscribes to
+/// the callout at once; once the store is in its slot it also answers peers' forwarded
+/// requests and calls `ready`.
 pub async fn run(
     client: async_nats::Client,
     authenticator: Arc<Authenticator>,
     ready: impl FnOnce(),
     mut shutdown: Shutdown,
 ) -> Result<(), async_nats::Error> {
-    let mut requests = client
+    let requests = client
         .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.to_string())
         .await?;
     client.flush().await?;
-    ready();
+    // The forward subject is served only with a store: a peer that forwards must reach
+    // someone who can decide, not another node that would forward again.
+    let mut store = authenticator.store.clone();
+    let mut ready = Some(ready);
+    let mut requests = futures_util::stream::select_all([requests]);
     let mut in_flight = tokio::task::JoinSet::new();
     // Set once shutdown began: the deadline of the drain.
     let mut draining: Option<tokio::time::Instant> = None;
@@ -199,13 +298,33 @@ pub async fn run(
                 None => break,
             },
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+            changed = store.changed(), if ready.is_some() && draining.is_none() => {
+                let filled = store.borrow().is_some();
+                if changed.is_err() {
+                    // The slot was dropped unfilled: the node is stopping before its store
+                    // opened. Keep forwarding until shutdown says so.
+                    ready = None;
+                } else if filled && let Some(ready) = ready.take() {
+                    let forwarded = client
+                        .queue_subscribe(FORWARD_SUBJECT, QUEUE_GROUP.to_string())
+                        .await?;
+                    client.flush().await?;
+                    requests.push(forwarded);
+                    ready();
+                }
+                continue;
+            }
             _ = shutdown.wait(), if draining.is_none() => {
-                // Leave the queue group, so the servers ask the other nodes, but answer
-                // what already reached this connection: the subscription still yields
-                // those, then ends. A connection whose callout goes unanswered waits out
+                // Leave the queue groups, so the servers ask the other nodes, but answer
+                // what already reached this connection: the subscriptions still yield
+                // those, then end. A connection whose callout goes unanswered waits out
                 // the server's callout timeout (2 s) and fails.
                 draining = Some(tokio::time::Instant::now() + DRAIN);
-                if requests.drain().await.is_err() {
+                let mut drained = true;
+                for sub in requests.iter_mut() {
+                    drained &= sub.drain().await.is_ok();
+                }
+                if !drained {
                     break;
                 }
                 continue;
@@ -217,7 +336,7 @@ pub async fn run(
         };
         let (client, authenticator) = (client.clone(), authenticator.clone());
         in_flight.spawn(async move {
-            if let Some(jwt) = authenticator.respond(&message.payload).await
+            if let Some(jwt) = authenticator.respond(&client, &message.payload).await
                 && let Err(e) = client.publish(reply, jwt.into()).await
             {
                 tracing::warn!("auth callout: reply not sent: {e}");

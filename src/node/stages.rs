@@ -1,5 +1,6 @@
 //! The stages above nats-server, brought up in order: store → authenticator → membership
-//! service (DESIGN §1). Each starts once the one below it is up, is retried with backoff
+//! service (DESIGN §1) — except that the authenticator subscribes first and forwards
+//! admissions to peers until the store is open (`auth::authenticator`). Each starts once the one below it is up, is retried with backoff
 //! while it cannot start (shown as `down` with the reason in `/readyz`), and turns `up`
 //! only when it is really serving. They share one store handle. The membership service
 //! gets the live-revocation hook (`revocation`), which needs a system-account connection.
@@ -40,55 +41,13 @@ pub async fn run(ctx: Context) {
         readiness,
         mut shutdown,
     } = ctx;
-    // The store waits for JetStream: opening KV buckets without a meta leader only times out.
-    let jetstream_up = || readiness.snapshot().stages.jetstream.state == StageState::Up;
-    while !jetstream_up() {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = shutdown.wait() => return,
-        }
-    }
     let set = |r: &Readiness, f: fn(&mut Readyz, Stage), stage: Stage| r.update(|z| f(z, stage));
-
-    let Some(store) = retry(
-        &readiness,
-        &mut shutdown,
-        |z, s| z.stages.store = s,
-        || store::open(&config, &data_dir, &security),
-    )
-    .await
-    else {
-        return;
-    };
-    let store = Arc::new(store);
-    tracing::info!(backend = store.backend(), "store open");
     let mut tasks = JoinSet::new();
-    tasks.spawn(
-        store::watch(
-            store.clone(),
-            config.clone(),
-            data_dir.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-        )
-        .in_current_span(),
-    );
 
-    if let Some(secrets) = &security.secrets {
-        let admin = secrets.admin_public.clone();
-        let bootstrapped = retry(
-            &readiness,
-            &mut shutdown,
-            |z, s| z.stages.authenticator = s,
-            || Authenticator::bootstrap_admin(&store, &admin),
-        )
-        .await;
-        if bootstrapped.is_none() {
-            return;
-        }
-    }
-
-    match (&security.secrets, security.bus_auth) {
+    // The authenticator comes first, before JetStream and the store: nats-server takes
+    // clients as soon as it listens, and until this node's store opens their callouts
+    // are forwarded to peers that have theirs (see `auth::authenticator`).
+    let store_slot = match (&security.secrets, security.bus_auth) {
         (Some(secrets), BusAuth::Soft | BusAuth::Enforce) => {
             let issuer = match secrets.issuer_key() {
                 Ok(k) => k,
@@ -114,7 +73,15 @@ pub async fn run(ctx: Context) {
             else {
                 return;
             };
-            let authn = Arc::new(Authenticator::new(store.clone(), issuer, security.bus_auth));
+            let (authn, slot) = Authenticator::new(issuer, security.bus_auth);
+            set(
+                &readiness,
+                |z, s| z.stages.authenticator = s,
+                Stage::with_detail(
+                    StageState::Down,
+                    "store not open yet: forwarding admissions to peers",
+                ),
+            );
             let r = readiness.clone();
             let mode = security.bus_auth.as_str();
             let ready = move || {
@@ -127,87 +94,144 @@ pub async fn run(ctx: Context) {
             let stop = shutdown.clone();
             tasks.spawn(
                 async move {
-                    if let Err(e) = authenticator::run(client, authn, ready, stop).await {
+                    if let Err(e) = authenticator::run(client, Arc::new(authn), ready, stop).await {
                         tracing::error!("authenticator stopped: {e}");
                     }
                 }
                 .in_current_span(),
             );
+            Some(slot)
         }
-        _ => set(
-            &readiness,
-            |z, s| z.stages.authenticator = s,
-            Stage::with_detail(StageState::Disabled, "bus-auth=off: no auth callout"),
-        ),
-    }
+        _ => {
+            set(
+                &readiness,
+                |z, s| z.stages.authenticator = s,
+                Stage::with_detail(StageState::Disabled, "bus-auth=off: no auth callout"),
+            );
+            None
+        }
+    };
 
-    // The control plane and room history live in APP, where the clients are (see
-    // `membership::history`); the node reaches it as its derived APP user.
-    let Some(client) = retry(
-        &readiness,
-        &mut shutdown,
-        |z, s| z.stages.membership = s,
-        || store::connect_app(&config, &security, "ctl"),
-    )
-    .await
-    else {
-        return;
-    };
-    // Live revocation: best-effort (the callout refuses new connections regardless), so a
-    // node without it still serves; `revocation::hook` says why in the log.
-    let on_revoke = tokio::select! {
-        hook = revocation::hook(&config, &security) => hook,
-        _ = shutdown.wait() => return,
-    };
-    let detail = if on_revoke.is_none() && security.bus_auth != BusAuth::Off {
-        "unibus.ctl.>; live revocation off (see the log)"
-    } else {
-        "unibus.ctl.>"
-    };
-    let replicas = if config.clustered() {
-        config.replicas
-    } else {
-        1
-    };
-    let Some(history) = retry(
-        &readiness,
-        &mut shutdown,
-        |z, s| z.stages.membership = s,
-        || History::open(client.clone(), replicas),
-    )
-    .await
-    else {
-        return;
-    };
-    let handler = Arc::new(
-        Handler::new(
-            store.clone(),
-            ServiceConfig {
-                bus_auth: security.bus_auth,
-                skew: Duration::from_secs(config.ctl_skew_secs),
-                max_body: config.ctl_max_body,
-            },
-            on_revoke,
-        )
-        .with_history(history),
-    );
-    let r = readiness.clone();
-    let ready = move || {
-        set(
-            &r,
-            |z, s| z.stages.membership = s,
-            Stage::with_detail(StageState::Up, detail),
-        )
-    };
-    let stop = shutdown.clone();
-    tasks.spawn(
-        async move {
-            if let Err(e) = service::run(client, handler, ready, stop).await {
-                tracing::error!("membership service stopped: {e}");
+    // Whatever stops the start-up below (shutdown, mostly), the tasks already running —
+    // the authenticator above all — still get to drain.
+    'start: {
+        // The store waits for JetStream: opening KV buckets without a meta leader only times out.
+        let jetstream_up = || readiness.snapshot().stages.jetstream.state == StageState::Up;
+        while !jetstream_up() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = shutdown.wait() => break 'start,
             }
         }
-        .in_current_span(),
-    );
+        let Some(store) = retry(
+            &readiness,
+            &mut shutdown,
+            |z, s| z.stages.store = s,
+            || store::open(&config, &data_dir, &security),
+        )
+        .await
+        else {
+            break 'start;
+        };
+        let store = Arc::new(store);
+        tracing::info!(backend = store.backend(), "store open");
+        tasks.spawn(
+            store::watch(
+                store.clone(),
+                config.clone(),
+                data_dir.clone(),
+                readiness.clone(),
+                shutdown.clone(),
+            )
+            .in_current_span(),
+        );
+
+        if let Some(secrets) = &security.secrets {
+            let admin = secrets.admin_public.clone();
+            let bootstrapped = retry(
+                &readiness,
+                &mut shutdown,
+                |z, s| z.stages.authenticator = s,
+                || Authenticator::bootstrap_admin(&store, &admin),
+            )
+            .await;
+            if bootstrapped.is_none() {
+                break 'start;
+            }
+        }
+
+        if let Some(slot) = &store_slot {
+            slot.fill(store.clone());
+        }
+
+        // The control plane and room history live in APP, where the clients are (see
+        // `membership::history`); the node reaches it as its derived APP user.
+        let Some(client) = retry(
+            &readiness,
+            &mut shutdown,
+            |z, s| z.stages.membership = s,
+            || store::connect_app(&config, &security, "ctl"),
+        )
+        .await
+        else {
+            break 'start;
+        };
+        // Live revocation: best-effort (the callout refuses new connections regardless), so a
+        // node without it still serves; `revocation::hook` says why in the log.
+        let on_revoke = tokio::select! {
+            hook = revocation::hook(&config, &security) => hook,
+            _ = shutdown.wait() => break 'start,
+        };
+        let detail = if on_revoke.is_none() && security.bus_auth != BusAuth::Off {
+            "unibus.ctl.>; live revocation off (see the log)"
+        } else {
+            "unibus.ctl.>"
+        };
+        let replicas = if config.clustered() {
+            config.replicas
+        } else {
+            1
+        };
+        let Some(history) = retry(
+            &readiness,
+            &mut shutdown,
+            |z, s| z.stages.membership = s,
+            || History::open(client.clone(), replicas),
+        )
+        .await
+        else {
+            break 'start;
+        };
+        let handler = Arc::new(
+            Handler::new(
+                store.clone(),
+                ServiceConfig {
+                    bus_auth: security.bus_auth,
+                    skew: Duration::from_secs(config.ctl_skew_secs),
+                    max_body: config.ctl_max_body,
+                },
+                on_revoke,
+            )
+            .with_history(history),
+        );
+        let r = readiness.clone();
+        let ready = move || {
+            set(
+                &r,
+                |z, s| z.stages.membership = s,
+                Stage::with_detail(StageState::Up, detail),
+            )
+        };
+        let stop = shutdown.clone();
+        tasks.spawn(
+            async move {
+                if let Err(e) = service::run(client, handler, ready, stop).await {
+                    tracing::error!("membership service stopped: {e}");
+                }
+            }
+            .in_current_span(),
+        );
+    }
     while tasks.join_next().await.is_some() {}
 }
 
