@@ -283,12 +283,26 @@ impl KvStore {
 
 impl KvStore {
     pub(super) async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
-        let subject = format!("{}{key}", kv.prefix);
         let what = format!("read {}/{key}", kv.name);
-        bounded_retry(self.op_timeout, &what, || async {
+        Ok(self
+            .last_message(kv, key, &what)
+            .await?
+            .filter(|msg| !is_delete_marker(&msg.headers))
+            .map(|msg| (msg.payload, msg.sequence)))
+    }
+
+    /// The last message under `key` (a key, or a `prefix.>` wildcard), delete markers
+    /// included, from the stream's leader; None when there is none.
+    async fn last_message(
+        &self,
+        kv: &kv::Store,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>> {
+        let subject = format!("{}{key}", kv.prefix);
+        bounded_retry(self.op_timeout, what, || async {
             match kv.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(msg) if is_delete_marker(&msg.headers) => Ok(None),
-                Ok(msg) => Ok(Some((msg.payload, msg.sequence))),
+                Ok(msg) => Ok(Some(msg)),
                 Err(err) => match err.kind() {
                     stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
                     stream::LastRawMessageErrorKind::JetStream(e)
@@ -296,7 +310,7 @@ impl KvStore {
                     {
                         Ok(None)
                     }
-                    _ => Err(unavailable(&what, err)),
+                    _ => Err(unavailable(what, err)),
                 },
             }
         })
@@ -406,7 +420,9 @@ impl KvStore {
                     if count == 0 {
                         continue;
                     }
-                    if let Some(key) = subject.strip_prefix(kv.prefix.as_str()) {
+                    if let Some(key) = subject.strip_prefix(kv.prefix.as_str())
+                        && !quorum::is_reserved(key)
+                    {
                         keys.push(key.to_string());
                     }
                 }
@@ -439,23 +455,8 @@ impl KvStore {
     /// (a stream info request). "No message" from the leader means a listing taken at
     /// that moment would have been empty.
     async fn any_under(&self, kv: &kv::Store, filter: &str) -> Result<bool> {
-        let subject = format!("{}{filter}", kv.prefix);
         let what = format!("probe {}/{filter}", kv.name);
-        bounded_retry(self.op_timeout, &what, || async {
-            match kv.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(_) => Ok(true),
-                Err(err) => match err.kind() {
-                    stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
-                    stream::LastRawMessageErrorKind::JetStream(e)
-                        if js_code(&e) == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
-                    {
-                        Ok(false)
-                    }
-                    _ => Err(unavailable(&what, err)),
-                },
-            }
-        })
-        .await
+        Ok(self.last_message(kv, filter, &what).await?.is_some())
     }
 
     /// Lists `filter` only if [`Self::any_under`] finds something there.
@@ -582,7 +583,9 @@ impl KvStore {
                 .as_ref()
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-            if let Some(key) = msg.subject.as_str().strip_prefix(kv.prefix.as_str()) {
+            if let Some(key) = msg.subject.as_str().strip_prefix(kv.prefix.as_str())
+                && !quorum::is_reserved(key)
+            {
                 if deleted {
                     out.remove(key);
                 } else {
@@ -1123,14 +1126,16 @@ impl KvStore {
     pub(crate) async fn confirm_quorum(&self) -> Result<()> {
         self.quorum
             .confirm(|| async {
-                let barrier = |kv: Arc<kv::Store>| async move {
-                    self.purge(&kv, quorum::BARRIER_KEY).await.map_err(|e| {
+                let barrier =
+                    |kv: Arc<kv::Store>| async move {
+                        let nothing = Bytes::new();
+                        self.put(&kv, quorum::BARRIER_KEY, nothing).await.map_err(|e| {
                         StoreError::Unavailable(format!(
                             "bucket {} cannot commit (no quorum reachable from this node): {e}",
                             kv.name
                         ))
                     })
-                };
+                    };
                 futures_util::future::try_join_all([
                     barrier(self.users.clone()),
                     barrier(self.index.clone()),

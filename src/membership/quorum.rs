@@ -8,12 +8,16 @@
 //! of two killed peers, would keep admitting users the majority may already have revoked
 //! (seen in the partition demo and in the security test of a lost quorum).
 //!
-//! So an admission first passes a *barrier* on every bucket it reads: a filtered purge of a
-//! reserved subject that never holds a message (`$KV.<bucket>._quorum`; no id can be
-//! `_quorum`, see [`super::ids`]). A purge is a stream operation: the leader proposes it
-//! to the stream's Raft group and answers only once a quorum has committed it, and this one
-//! changes nothing. If every barrier commits within `op_timeout`, each leader still had
-//! its quorum after the admission began; if one does not, the admission fails closed.
+//! So an admission first passes a *barrier* on every bucket it reads: a publish of an
+//! empty message under a reserved key (`_quorum`; no id can start with `_`, see
+//! [`super::ids`], and listings skip it). JetStream acknowledges a publish only once the
+//! stream's Raft group has committed it, so if every barrier is acknowledged within
+//! `op_timeout`, each leader still had its quorum after the admission began; if one is not,
+//! the admission fails closed. (Not a purge, which would leave nothing behind: a purge is a
+//! JetStream API call, and nats-server refuses those while its meta group has no leader —
+//! as it does for seconds after a partition heals, when the rejoining node's higher term
+//! forces an election — whereas publishes, like the reads, go straight to the stream
+//! leader.)
 //!
 //! Barriers are shared, so their cost does not grow with the connection rate:
 //! - rounds run one at a time; an admission that waited for a round which *started after
@@ -36,8 +40,13 @@ use super::StoreError;
 /// How long after a confirmed round starts it still vouches for a new admission.
 pub const LEASE: Duration = Duration::from_millis(250);
 
-/// The reserved key each barrier purges (in every bucket admission reads).
+/// The reserved key each barrier writes (in every bucket admission reads).
 pub const BARRIER_KEY: &str = "_quorum";
+
+/// Keys no record can have (ids never start with `_`): skipped by listings and scans.
+pub fn is_reserved(key: &str) -> bool {
+    key.starts_with('_')
+}
 
 /// The last barrier round: when it started and how it ended.
 #[derive(Default)]
@@ -47,7 +56,7 @@ pub struct Quorum {
 
 impl Quorum {
     /// Ok once a barrier round that vouches for a caller arriving now has committed;
-    /// `round` runs one (the purges), and is called only when no recent round will do.
+    /// `round` runs one (the barrier writes), and is called only when no recent round will do.
     pub async fn confirm<F, Fut>(&self, round: F) -> Result<(), StoreError>
     where
         F: FnOnce() -> Fut,

@@ -521,14 +521,8 @@ impl SqliteStore {
 
     /// Runs the read `f` in one (read) transaction on the reader connection, inline.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let guard = self.reader.lock().map_err(|_| {
-            StoreError::Backend(
-                "sqlite reader lock poisoned by an earlier panic; restart the node".into(),
-            )
-        })?;
-        let conn = guard
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("the sqlite store was closed".into()))?;
+        let mut guard = lock(&self.reader, "reader")?;
+        let conn = open_in(&mut guard)?;
         // BEGIN and ROLLBACK as cached statements: `Connection::transaction` parses them
         // afresh each time, which cost more than the read itself.
         let run = |sql: &str| {
@@ -555,14 +549,8 @@ impl SqliteStore {
     {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| {
-                StoreError::Backend(
-                    "sqlite connection lock poisoned by an earlier panic; restart the node".into(),
-                )
-            })?;
-            let conn = guard
-                .as_mut()
-                .ok_or_else(|| StoreError::Unavailable("the sqlite store was closed".into()))?;
+            let mut guard = lock(&conn, "connection")?;
+            let conn = open_in(&mut guard)?;
             let tx = conn.transaction().map_err(|e| backend("begin", e))?;
             let out = f(&tx)?;
             tx.commit().map_err(|e| backend("commit", e))?;
@@ -1022,4 +1010,22 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(format!("sqlite close task failed: {e}")))?
     }
+}
+
+/// Locks one of the store's connection slots (`which` names it in the error).
+fn lock<'a>(
+    slot: &'a std::sync::Mutex<Option<Connection>>,
+    which: &str,
+) -> Result<std::sync::MutexGuard<'a, Option<Connection>>> {
+    slot.lock().map_err(|_| {
+        StoreError::Backend(format!(
+            "sqlite {which} lock poisoned by an earlier panic; restart the node"
+        ))
+    })
+}
+
+/// The connection in a locked slot, unless the store was closed.
+fn open_in<'a>(slot: &'a mut Option<Connection>) -> Result<&'a mut Connection> {
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Unavailable("the sqlite store was closed".into()))
 }
