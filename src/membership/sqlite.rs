@@ -1025,7 +1025,7 @@ fn lock<'a>(
 }
 
 /// The connection in a locked slot, unless the store was closed.
-fn open_in<'a>(slot: &'a mut Option<Connection>) -> Result<&'a mut Connection> {
+fn open_in(slot: &mut Option<Connection>) -> Result<&mut Connection> {
     slot.as_mut()
         .ok_or_else(|| StoreError::Unavailable("the sqlite store was closed".into()))
 }
