@@ -1,6 +1,9 @@
 //! `connect_callout`: a new TLS + nkey connection admitted by the auth callout (the store is
 //! consulted for every connection), vs the same client against a bare nats-server on the
 //! same certificates with the key listed statically (`authorization { users: [{nkey}] }`).
+//! `connect_callout_r3` (not one of the required names) does the same against a node of
+//! the three-node KV cluster at R3, where each admission also needs the quorum barrier
+//! (`membership::quorum`) and reads from the buckets' Raft leaders.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +12,7 @@ use super::measure;
 use super::{Workload, throughput_workload};
 use crate::localnet::{free_ports, http_get, poll};
 
+/// Against a default single node (SQLite).
 pub async fn connect_callout(
     unibus: &Path,
     nats_server: &Path,
@@ -17,8 +21,54 @@ pub async fn connect_callout(
 ) -> Result<Workload, String> {
     let node = super::single_node(unibus).await?;
     let secrets = node.data.join("secrets");
-    let ca = secrets.join("ca.crt");
-    let seed = std::fs::read_to_string(secrets.join("admin.seed")).map_err(|e| e.to_string())?;
+    let target = Target {
+        listen: node.ports.listen.clone(),
+        cert: secrets.join("bench.crt"),
+        key: secrets.join("bench.key"),
+        ca: secrets.join("ca.crt"),
+        seed_file: secrets.join("admin.seed"),
+    };
+    let workload = measure_connects("connect_callout", &target, nats_server, rounds, each).await;
+    drop(node);
+    workload
+}
+
+/// Against node n1 of a running three-node cluster.
+pub async fn connect_callout_r3(
+    cluster: &crate::localnet::LocalCluster,
+    nats_server: &Path,
+    rounds: usize,
+    each: Duration,
+) -> Result<Workload, String> {
+    let s = &cluster.secrets;
+    let target = Target {
+        listen: cluster.nodes[0].ports.listen.clone(),
+        cert: s.join("n1.crt"),
+        key: s.join("n1.key"),
+        ca: s.join("ca.crt"),
+        seed_file: s.join("admin.seed"),
+    };
+    measure_connects("connect_callout_r3", &target, nats_server, rounds, each).await
+}
+
+/// Where the unibus side connects, and the TLS files its raw twin serves.
+struct Target {
+    listen: String,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    seed_file: std::path::PathBuf,
+}
+
+async fn measure_connects(
+    name: &str,
+    target: &Target,
+    nats_server: &Path,
+    rounds: usize,
+    each: Duration,
+) -> Result<Workload, String> {
+    let ca = target.ca.clone();
+    let seed = std::fs::read_to_string(&target.seed_file).map_err(|e| e.to_string())?;
     let seed = seed.trim().to_string();
     let public = nkeys::KeyPair::from_seed(&seed)
         .map_err(|e| e.to_string())?
@@ -32,8 +82,8 @@ pub async fn connect_callout(
     let conf = format!(
         "listen: \"{listen}\"\nhttp: \"{monitor}\"\nauthorization {{ users: [ {{ nkey: \"{public}\" }} ] }}\n\
          tls {{ cert_file: {}, key_file: {}, ca_file: {} }}\n",
-        q(&secrets.join("bench.crt")),
-        q(&secrets.join("bench.key")),
+        q(&target.cert),
+        q(&target.key),
         q(&ca)
     );
     let conf_path = dir.path().join("raw.conf");
@@ -66,12 +116,11 @@ pub async fn connect_callout(
         drop(client);
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     };
-    let (node_listen, ca_a, seed_a) = (node.ports.listen.clone(), ca.clone(), seed.clone());
+    let (node_listen, ca_a, seed_a) = (target.listen.clone(), ca.clone(), seed.clone());
     let ours = move |_i: u64| connect_once(node_listen.clone(), ca_a.clone(), seed_a.clone());
     let raw = move |_i: u64| connect_once(listen.clone(), ca.clone(), seed.clone());
     let (a, b) = measure::alternate(rounds, each, 4, ours, raw).await;
     let _ = raw_server.kill();
     let _ = raw_server.wait();
-    drop(node);
-    Ok(throughput_workload("connect_callout", &a, &b, 1.0))
+    Ok(throughput_workload(name, &a, &b, 1.0))
 }

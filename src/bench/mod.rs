@@ -248,7 +248,7 @@ pub struct Options {
 }
 
 /// Every workload name, in report order (a public interface: tools read them).
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
     "ready_single_s",
     "ready_three_s",
     "ctl_read",
@@ -265,6 +265,7 @@ pub const NAMES: [&str; 16] = [
     "leader_kill_gap_s",
     "ctl_write_r1_nofsync",
     "ctl_write_r3_nofsync",
+    "connect_callout_r3",
 ];
 
 /// Runs every workload (or those in `opts.only`). A workload that fails is reported on
@@ -320,6 +321,7 @@ pub async fn run(unibus: &Path, nats_server: &Path, opts: Options) -> Report {
         "revocation_p99_s",
         "rolling_restart_gap_s",
         "leader_kill_gap_s",
+        "connect_callout_r3",
     ];
     if wants(&on_cluster) {
         match start_cluster(unibus, true).await {
@@ -359,6 +361,14 @@ pub async fn run(unibus: &Path, nats_server: &Path, opts: Options) -> Report {
                     push(
                         "revocation_p99_s",
                         faults::revocation(&cluster, settings.revocations)
+                            .await
+                            .map(|w| vec![w]),
+                    );
+                }
+                if wants(&["connect_callout_r3"]) {
+                    push(
+                        "connect_callout_r3",
+                        connect::connect_callout_r3(&cluster, nats_server, rounds, each)
                             .await
                             .map(|w| vec![w]),
                     );
