@@ -219,9 +219,14 @@ impl Authenticator {
         let key = callout::verify_client_nonce(request).map_err(Refusal::BadSignature)?;
         // Reads are answered by stream leaders, and a leader cut off from its peers keeps
         // answering for seconds; admit only on reads a quorum still stands behind. The
-        // barrier starts with the read (one round trip, not two): if it commits, those
-        // leaders held their quorum after this request arrived.
-        let (quorum, user) = tokio::join!(store.confirm_quorum(), store.get_user(&key));
+        // barrier and both reads start together (one round trip on the KV store, not
+        // three): if the barrier commits, those leaders held their quorum after this
+        // request arrived, and the reads were all made after it arrived too.
+        let (quorum, user, memberships) = tokio::join!(
+            store.confirm_quorum(),
+            store.get_user(&key),
+            store.list_rooms_for_endpoint(&key)
+        );
         quorum.map_err(Refusal::NoQuorum)?;
         // One read of the user answers both "active?" and "admin?"; any store error is a
         // refusal, so this fails closed exactly like `Store::is_authorized`.
@@ -232,9 +237,7 @@ impl Authenticator {
             }
             Err(e) => return Err(Refusal::Store(e)),
         };
-        let rooms: Vec<String> = store
-            .list_rooms_for_endpoint(&key)
-            .await?
+        let rooms: Vec<String> = memberships?
             .into_iter()
             .filter(|m| m.state == MemberState::Joined)
             .map(|m| m.room)
