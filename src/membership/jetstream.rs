@@ -283,9 +283,8 @@ impl KvStore {
 
 impl KvStore {
     pub(super) async fn get_raw(&self, kv: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>> {
-        let what = format!("read {}/{key}", kv.name);
         Ok(self
-            .last_message(kv, key, &what)
+            .last_message(kv, key)
             .await?
             .filter(|msg| !is_delete_marker(&msg.headers))
             .map(|msg| (msg.payload, msg.sequence)))
@@ -297,24 +296,9 @@ impl KvStore {
         &self,
         kv: &kv::Store,
         key: &str,
-        what: &str,
     ) -> Result<Option<jetstream::message::StreamMessage>> {
         let subject = format!("{}{key}", kv.prefix);
-        bounded_retry(self.op_timeout, what, || async {
-            match kv.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(msg) => Ok(Some(msg)),
-                Err(err) => match err.kind() {
-                    stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                    stream::LastRawMessageErrorKind::JetStream(e)
-                        if js_code(&e) == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
-                    {
-                        Ok(None)
-                    }
-                    _ => Err(unavailable(what, err)),
-                },
-            }
-        })
-        .await
+        cas::last_message(&kv.stream, &subject, self.op_timeout).await
     }
 
     async fn get_json<T: DeserializeOwned>(
@@ -455,8 +439,7 @@ impl KvStore {
     /// (a stream info request). "No message" from the leader means a listing taken at
     /// that moment would have been empty.
     async fn any_under(&self, kv: &kv::Store, filter: &str) -> Result<bool> {
-        let what = format!("probe {}/{filter}", kv.name);
-        Ok(self.last_message(kv, filter, &what).await?.is_some())
+        Ok(self.last_message(kv, filter).await?.is_some())
     }
 
     /// Lists `filter` only if [`Self::any_under`] finds something there.
