@@ -401,6 +401,11 @@ fn every_rendered_fragment_passes_the_servers_config_check() {
     assert!(ok, "nats-server -t refused:\n{config}\n{output}");
 }
 
+/// Secrets for nodes n1 and n2 under `dir/secrets`.
+fn two_node_secrets(dir: &Path) -> ClusterSecrets {
+    certs::init_cluster(&dir.join("secrets"), &["n1".into(), "n2".into()], &[]).unwrap()
+}
+
 /// Route config with node `cert`'s TLS pair routing to `peers` (cluster ports).
 fn route_body(cert: &str, cluster_port: u16, peers: &[u16], secrets: &ClusterSecrets) -> String {
     let node = secrets.node(cert).unwrap();
@@ -429,12 +434,7 @@ fn route_names(server: &NatsServer) -> Vec<String> {
 #[test]
 fn routes_use_mutual_tls_and_credentials_and_keep_strangers_out() {
     let dir = tempfile::tempdir().unwrap();
-    let secrets = certs::init_cluster(
-        &dir.path().join("secrets"),
-        &["n1".into(), "n2".into()],
-        &[],
-    )
-    .unwrap();
+    let secrets = two_node_secrets(dir.path());
     let (p1, p2) = (server_ports(), server_ports());
     let n1 = NatsServer::start(
         "n1",
@@ -595,12 +595,7 @@ impl Drop for NodeAuthenticator {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_its_store_forwards_admissions_and_alone_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let secrets = certs::init_cluster(
-        &dir.path().join("secrets"),
-        &["n1".into(), "n2".into()],
-        &[],
-    )
-    .unwrap();
+    let secrets = two_node_secrets(dir.path());
     let (p1, p2) = (server_ports(), server_ports());
     let mut n1 = routed_callout_server("n1", &dir.path().join("n1"), p1, &[p2.1], &secrets);
     let mut n2 = routed_callout_server("n2", &dir.path().join("n2"), p2, &[p1.1], &secrets);

@@ -41,6 +41,52 @@ where
     }
 }
 
+/// A three-node cluster, its buckets at R3 and an admin in them.
+async fn cluster_with_admin() -> (Cluster, KvStore, String) {
+    let cluster = cluster3();
+    let setup = open(&cluster, 3).await;
+    let admin = user_key();
+    Store::JetStream(setup.clone())
+        .add_user(&admin, "root", true)
+        .await
+        .unwrap();
+    (cluster, setup, admin)
+}
+
+/// The server leading the `users` bucket.
+async fn users_leader(store: &KvStore) -> String {
+    let status = store.bucket_status().await.unwrap();
+    status
+        .iter()
+        .find(|b| b.bucket == "users")
+        .and_then(|b| b.leader.clone())
+        .expect("the users bucket has a leader")
+}
+
+/// Writes a raw KV entry behind the store's back (set-up for repair tests), retried
+/// through the elections a fresh R3 cluster may still be having.
+async fn seed(kv: &KvStore, bucket: &str, key: impl Into<String>, value: bytes::Bytes) {
+    let (bucket, key) = (kv.bucket(bucket).unwrap(), key.into());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match bucket.put(key.as_str(), value.clone()).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() < deadline => eprintln!("seeding {key}: {e}; retrying"),
+            Err(e) => panic!("seeding {key}: {e}"),
+        }
+    }
+}
+
+/// Options binding the existing R3 buckets with a short `op_timeout`.
+fn bind_r3(op_timeout: Duration) -> KvOptions {
+    KvOptions {
+        replicas: 3,
+        op_timeout,
+        create: false,
+        ..KvOptions::default()
+    }
+}
+
 #[tokio::test]
 async fn r3_survives_kill9_of_one_node_without_losing_acked_writes() {
     let mut cluster = cluster3();
@@ -124,31 +170,13 @@ async fn assert_denies(store: &Store, admin: &str, bound: Duration) {
 
 #[tokio::test]
 async fn auth_checks_fail_closed_on_lost_connection_and_lost_quorum() {
-    let mut cluster = cluster3();
-    let setup = open(&cluster, 3).await;
-    let admin = user_key();
-    Store::JetStream(setup.clone())
-        .add_user(&admin, "root", true)
-        .await
-        .unwrap();
+    let (mut cluster, setup, admin) = cluster_with_admin().await;
     let op_timeout = Duration::from_millis(1000);
     let bound = op_timeout + Duration::from_millis(1000);
-    let opts = KvOptions {
-        replicas: 3,
-        op_timeout,
-        create: false,
-        ..KvOptions::default()
-    };
+    let opts = bind_r3(op_timeout);
 
     // Roles: L leads the users bucket, S is a follower that survives, O is the other.
-    let status = setup.bucket_status().await.unwrap();
-    let leader = status
-        .iter()
-        .find(|b| b.bucket == "users")
-        .unwrap()
-        .leader
-        .clone()
-        .unwrap();
+    let leader = users_leader(&setup).await;
     let mut others = ["n1", "n2", "n3"].into_iter().filter(|n| *n != leader);
     let (survivor, other) = (others.next().unwrap(), others.next().unwrap());
 
@@ -185,28 +213,10 @@ async fn auth_checks_fail_closed_on_lost_connection_and_lost_quorum() {
 /// quorum barrier is what refuses to vouch for them.
 #[tokio::test]
 async fn a_leader_without_its_quorum_cannot_confirm_it() {
-    let mut cluster = cluster3();
-    let setup = open(&cluster, 3).await;
-    let admin = user_key();
-    Store::JetStream(setup.clone())
-        .add_user(&admin, "root", true)
-        .await
-        .unwrap();
-    let status = setup.bucket_status().await.unwrap();
-    let leader = status
-        .iter()
-        .find(|b| b.bucket == "users")
-        .unwrap()
-        .leader
-        .clone()
-        .unwrap();
+    let (mut cluster, setup, admin) = cluster_with_admin().await;
+    let leader = users_leader(&setup).await;
     let op_timeout = Duration::from_millis(1000);
-    let opts = KvOptions {
-        replicas: 3,
-        op_timeout,
-        create: false,
-        ..KvOptions::default()
-    };
+    let opts = bind_r3(op_timeout);
     let client = pinned(cluster.node(&leader).url()).await;
     let via_leader = Store::JetStream(
         retry(Duration::from_secs(20), || {
@@ -357,14 +367,13 @@ async fn reconcile_repairs_a_crash_between_the_two_writes() {
         "room": "lab", "endpoint": half, "role": "member", "state": "joined",
         "added_by": owner, "added_at": 1,
     });
-    kv.bucket("members")
-        .unwrap()
-        .put(
-            format!("lab.{half}"),
-            serde_json::to_vec(&member).unwrap().into(),
-        )
-        .await
-        .unwrap();
+    seed(
+        &kv,
+        "members",
+        format!("lab.{half}"),
+        serde_json::to_vec(&member).unwrap().into(),
+    )
+    .await;
     assert!(
         store
             .list_rooms_for_endpoint(&half)
@@ -375,11 +384,7 @@ async fn reconcile_repairs_a_crash_between_the_two_writes() {
 
     // An index entry with no member behind it grants nothing.
     let ghost = user_key();
-    kv.bucket("rooms_by_member")
-        .unwrap()
-        .put(format!("{ghost}.lab"), "lab".into())
-        .await
-        .unwrap();
+    seed(&kv, "rooms_by_member", format!("{ghost}.lab"), "lab".into()).await;
     assert!(
         store
             .list_rooms_for_endpoint(&ghost)
@@ -389,14 +394,13 @@ async fn reconcile_repairs_a_crash_between_the_two_writes() {
     );
 
     // A member of a room that no longer exists (add racing a delete).
-    kv.bucket("members")
-        .unwrap()
-        .put(
-            format!("gone.{ghost}"),
-            serde_json::to_vec(&member).unwrap().into(),
-        )
-        .await
-        .unwrap();
+    seed(
+        &kv,
+        "members",
+        format!("gone.{ghost}"),
+        serde_json::to_vec(&member).unwrap().into(),
+    )
+    .await;
 
     // The ghost's entry is fresh: an add writes member and index together, so its member
     // write may still be in flight; the reconciler leaves it for a grace period.
@@ -438,14 +442,13 @@ async fn reconcile_repairs_a_crash_between_the_two_writes() {
 
     // Retrying the interrupted add_member also finishes the job (and reports Conflict).
     let other = user_key();
-    kv.bucket("members")
-        .unwrap()
-        .put(
-            format!("lab.{other}"),
-            serde_json::to_vec(&member).unwrap().into(),
-        )
-        .await
-        .unwrap();
+    seed(
+        &kv,
+        "members",
+        format!("lab.{other}"),
+        serde_json::to_vec(&member).unwrap().into(),
+    )
+    .await;
     assert!(matches!(
         store
             .add_member("lab", &other, Role::Member, MemberState::Joined, &owner)
@@ -469,24 +472,15 @@ async fn create_room_purges_leftovers_under_a_reused_id() {
         "room": "lab", "endpoint": ghost, "role": "member", "state": "joined",
         "added_by": owner, "added_at": 1,
     });
-    kv.bucket("members")
-        .unwrap()
-        .put(
-            format!("lab.{ghost}"),
-            serde_json::to_vec(&member).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    kv.bucket("rooms_by_member")
-        .unwrap()
-        .put(format!("{ghost}.lab"), "lab".into())
-        .await
-        .unwrap();
-    kv.bucket("room_keys")
-        .unwrap()
-        .put("lab.0000000001", "{}".into())
-        .await
-        .unwrap();
+    seed(
+        &kv,
+        "members",
+        format!("lab.{ghost}"),
+        serde_json::to_vec(&member).unwrap().into(),
+    )
+    .await;
+    seed(&kv, "rooms_by_member", format!("{ghost}.lab"), "lab".into()).await;
+    seed(&kv, "room_keys", "lab.0000000001", "{}".into()).await;
 
     store
         .create_room("lab", "Lab", &owner, false)

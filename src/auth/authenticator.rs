@@ -54,6 +54,8 @@ const QUEUE_GROUP: &str = "unibus-authenticator";
 /// How long a node without its store keeps trying to get a request answered: inside the
 /// server's callout timeout (2 s), so the denial at the end still reaches the server.
 pub const HOLD: Duration = Duration::from_millis(1500);
+/// The authenticator stage's detail in `/readyz` while it forwards (no store yet).
+pub const FORWARDING: &str = "store not open yet: forwarding admissions to peers";
 /// Pause between forwarding attempts while no peer answers the forward subject.
 const FORWARD_RETRY: Duration = Duration::from_millis(50);
 

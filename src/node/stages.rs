@@ -63,7 +63,10 @@ pub async fn run(ctx: Context) {
                     return;
                 }
             };
-            let Some(client) = retry(
+            // Retried from 10 ms, not 200: until this connection subscribes, a client
+            // that reaches the new server before its routes are up gets no answer.
+            let Some(client) = retry_from(
+                Duration::from_millis(10),
                 &readiness,
                 &mut shutdown,
                 |z, s| z.stages.authenticator = s,
@@ -77,10 +80,7 @@ pub async fn run(ctx: Context) {
             set(
                 &readiness,
                 |z, s| z.stages.authenticator = s,
-                Stage::with_detail(
-                    StageState::Down,
-                    "store not open yet: forwarding admissions to peers",
-                ),
+                Stage::with_detail(StageState::Down, authenticator::FORWARDING),
             );
             let r = readiness.clone();
             let mode = security.bus_auth.as_str();
@@ -241,6 +241,29 @@ async fn retry<T, E, F, Fut>(
     readiness: &Readiness,
     shutdown: &mut Shutdown,
     field: fn(&mut Readyz, Stage),
+    attempt: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retry_from(
+        Duration::from_millis(200),
+        readiness,
+        shutdown,
+        field,
+        attempt,
+    )
+    .await
+}
+
+/// [`retry`], with the first pause `first`.
+async fn retry_from<T, E, F, Fut>(
+    first: Duration,
+    readiness: &Readiness,
+    shutdown: &mut Shutdown,
+    field: fn(&mut Readyz, Stage),
     mut attempt: F,
 ) -> Option<T>
 where
@@ -248,7 +271,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = first;
     loop {
         let result = tokio::select! {
             r = attempt() => r,
