@@ -1,9 +1,10 @@
 //! `connect_callout`: a new TLS + nkey connection admitted by the auth callout (the store is
 //! consulted for every connection), vs the same client against a bare nats-server on the
 //! same certificates with the key listed statically (`authorization { users: [{nkey}] }`).
-//! `connect_callout_r3` (not one of the required names) does the same against a node of
-//! the three-node KV cluster at R3, where each admission also needs the quorum barrier
-//! (`membership::quorum`) and reads from the buckets' Raft leaders.
+//! `connect_callout_r3` (not one of the required names) does the same as a fresh user (no
+//! rooms) against a node of the three-node KV cluster at R3, where each admission also
+//! needs the quorum barrier (`membership::quorum`) and reads from the buckets' Raft
+//! leaders.
 
 use std::path::Path;
 use std::time::Duration;
@@ -41,12 +42,19 @@ pub async fn connect_callout_r3(
     each: Duration,
 ) -> Result<Workload, String> {
     let s = &cluster.secrets;
+    let listen = cluster.nodes[0].ports.listen.clone();
+    // A fresh user: by now the bench admin owns every room the write workloads created,
+    // and admission on KV reads each of a user's rooms (the single-node twin, on SQLite,
+    // does not care).
+    let admin = super::client(s, &[&listen], &s.join("admin.seed")).await?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (seed_file, _) = super::new_user(&admin, dir.path(), "connector").await?;
     let target = Target {
-        listen: cluster.nodes[0].ports.listen.clone(),
+        listen,
         cert: s.join("n1.crt"),
         key: s.join("n1.key"),
         ca: s.join("ca.crt"),
-        seed_file: s.join("admin.seed"),
+        seed_file,
     };
     measure_connects("connect_callout_r3", &target, nats_server, rounds, each).await
 }
