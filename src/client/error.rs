@@ -20,6 +20,12 @@ pub enum ClientError {
     /// The request or publish was not answered in time.
     #[error("timed out waiting for {what}; the cluster may be failing over, retry")]
     Timeout { what: String },
+    /// The connection dropped while a reply to `op` was awaited: whether the server acted
+    /// on it is unknown (as with a timeout).
+    #[error(
+        "timed out waiting for a reply to {op} (the connection dropped); the cluster may be failing over, retry"
+    )]
+    Dropped { op: &'static str },
     /// Connecting failed (network, TLS, authentication).
     #[error("cannot connect to {servers}: {reason}")]
     Connect { servers: String, reason: String },
@@ -49,7 +55,9 @@ impl ClientError {
     /// True when retrying the same call may succeed (transport trouble, `unavailable`).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::NoResponders { .. } | ClientError::Timeout { .. } => true,
+            ClientError::NoResponders { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Dropped { .. } => true,
             ClientError::Refused(e) => e.kind == ErrorKind::Unavailable,
             _ => false,
         }

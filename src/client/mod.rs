@@ -292,12 +292,10 @@ impl Client {
         disconnects.mark_unchanged();
         let request = self.inner.nats.request(subject.clone(), payload.into());
         let response = tokio::select! {
+            // A reply that arrived before the drop is an answer: look at it first.
+            biased;
             response = request => response,
-            _ = disconnects.changed() => {
-                return Err(ClientError::Timeout {
-                    what: format!("a reply to {} (the connection dropped)", op.name()),
-                });
-            }
+            _ = disconnects.changed() => return Err(ClientError::Dropped { op: op.name() }),
         };
         let response = response.map_err(|e| {
             use async_nats::client::RequestErrorKind as K;

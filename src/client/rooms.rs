@@ -75,10 +75,25 @@ impl Client {
 
     /// Deletes a room, its members, keys and stored history.
     pub async fn delete_room(&self, room: &str) -> Result<(), ClientError> {
-        let _: serde_json::Value = self
-            .call(Op::RoomsDelete, &RoomRef { room: room.into() })
-            .await?;
-        Ok(())
+        let deleted = self
+            .call::<_, serde_json::Value>(Op::RoomsDelete, &RoomRef { room: room.into() })
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            // The node disconnects the owner right after answering (the deleted room's
+            // rights go with it: live revocation), and on another route that kick can
+            // overtake the reply. Read back what happened: a room its owner can no longer
+            // see is gone.
+            Err(dropped @ ClientError::Dropped { .. }) => match self.get_room(room).await {
+                Err(ClientError::Refused(e))
+                    if matches!(e.kind, ErrorKind::NotFound | ErrorKind::Forbidden) =>
+                {
+                    Ok(())
+                }
+                _ => Err(dropped),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     // ---- members
@@ -123,10 +138,19 @@ impl Client {
     /// Leaves a room (members; the owner deletes it instead). In an encrypted room the owner
     /// should `rekey` afterwards so the leaver cannot read later messages.
     pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
-        let _: serde_json::Value = self
-            .call(Op::MembersLeave, &RoomRef { room: room.into() })
-            .await?;
-        Ok(())
+        let left = self
+            .call::<_, serde_json::Value>(Op::MembersLeave, &RoomRef { room: room.into() })
+            .await;
+        match left {
+            Ok(_) => Ok(()),
+            // As for `delete_room`: the leaver is disconnected right after the reply, and
+            // the kick may overtake it. Gone from its own memberships means it left.
+            Err(dropped @ ClientError::Dropped { .. }) => match self.memberships(None).await {
+                Ok(rooms) if rooms.iter().all(|m| m.room != room) => Ok(()),
+                _ => Err(dropped),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn members(&self, room: &str) -> Result<Vec<Member>, ClientError> {
