@@ -68,13 +68,17 @@ use super::quorum::{self, Quorum};
 use super::{Member, MemberState, Result, Role, Room, RoomKey, StoreError, User, ids, now_ms};
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How many rooms' checks one `list_rooms_for_endpoint` keeps in flight (two leader reads
+/// each).
+const MEMBERSHIP_READS_IN_FLIGHT: usize = 32;
 
 /// The five buckets, in the order they are opened and reported.
 pub const BUCKETS: [&str; 5] = ["users", "rooms", "members", "rooms_by_member", "room_keys"];
@@ -1355,22 +1359,40 @@ impl KvStore {
 
     pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
         let endpoint = ids::user_key("endpoint", endpoint)?;
-        let mut out = Vec::new();
-        for key in self.keys(&self.index, &format!("{endpoint}.>")).await? {
-            let Some((_, room)) = key.split_once('.') else {
-                continue;
-            };
-            // The index only points; the member record and the room decide.
-            let member = self
-                .get_json::<Member>(&self.members, &format!("{room}.{endpoint}"))
-                .await?;
-            match member {
-                Some((m, _)) if self.get_raw(&self.rooms, room).await?.is_some() => out.push(m),
-                _ => tracing::debug!(room, endpoint, "stale index entry ignored"),
-            }
-        }
+        let keys = self.keys(&self.index, &format!("{endpoint}.>")).await?;
+        // The index only points; the member record and the room decide. Two leader reads
+        // per room, so rooms are checked side by side (bounded): one after the other, a
+        // user in a thousand rooms took longer to admit than nats-server waits for the
+        // callout.
+        let rooms: Vec<String> = keys
+            .iter()
+            .filter_map(|key| key.split_once('.').map(|(_, room)| room.to_string()))
+            .collect();
+        let mut out: Vec<Member> = futures_util::stream::iter(rooms)
+            .map(|room| self.live_member(room, &endpoint).boxed())
+            .buffer_unordered(MEMBERSHIP_READS_IN_FLIGHT)
+            .try_filter_map(|member| std::future::ready(Ok(member)))
+            .try_collect()
+            .await?;
         out.sort_by(|a, b| a.room.cmp(&b.room));
         Ok(out)
+    }
+
+    /// `endpoint`'s member record in `room`, if both it and the room exist (an index
+    /// entry without them is stale and grants nothing).
+    async fn live_member(&self, room: String, endpoint: &str) -> Result<Option<Member>> {
+        let (member, exists) = futures_util::future::try_join(
+            self.get_json::<Member>(&self.members, &format!("{room}.{endpoint}")),
+            self.get_raw(&self.rooms, &room),
+        )
+        .await?;
+        match (member, exists) {
+            (Some((m, _)), Some(_)) => Ok(Some(m)),
+            _ => {
+                tracing::debug!(room, endpoint, "stale index entry ignored");
+                Ok(None)
+            }
+        }
     }
 
     async fn epochs(&self, room: &str) -> Result<BTreeMap<u32, String>> {
