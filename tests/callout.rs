@@ -112,6 +112,15 @@ impl Responder {
     }
 }
 
+impl Responder {
+    /// Stops answering, for sure: an aborted task may still be in the middle of a poll
+    /// (and answer one more request) until it is awaited.
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
 impl Drop for Responder {
     fn drop(&mut self) {
         self.task.abort();
@@ -302,7 +311,7 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
     assert!(users.contains(&alice.public_key().as_str()), "{connz}");
 
     // Fail closed: with nobody answering, even Alice is refused.
-    drop(responder);
+    responder.stop().await;
     refused(
         connect_with_events(ConnectOptions::with_nkey(seed_of(&alice)), &url).await,
         "no authenticator",
