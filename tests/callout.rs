@@ -42,6 +42,17 @@ impl Responder {
         secrets: &ClusterSecrets,
         allow: HashMap<String, Vec<String>>,
     ) -> Responder {
+        Self::start_slow(url, ca, secrets, allow, Duration::ZERO).await
+    }
+
+    /// A responder that takes `delay` over each answer (a store between leaders).
+    async fn start_slow(
+        url: &str,
+        ca: Option<&Path>,
+        secrets: &ClusterSecrets,
+        allow: HashMap<String, Vec<String>>,
+        delay: Duration,
+    ) -> Responder {
         let seed = std::fs::read_to_string(&secrets.service_seed).unwrap();
         let mut options = ConnectOptions::with_nkey(seed.trim().to_string());
         if let Some(ca) = ca {
@@ -62,6 +73,7 @@ impl Responder {
         let task = tokio::spawn(async move {
             while let Some(msg) = requests.next().await {
                 let Some(reply) = msg.reply else { continue };
+                tokio::time::sleep(delay).await;
                 // A request we cannot read gets no answer: the server times out and denies.
                 let Ok(request) = callout::decode_request(&msg.payload) else {
                     continue;
@@ -187,14 +199,37 @@ async fn round_trip(client: &async_nats::Client, filter: &str, subject: &str) {
     assert_eq!(&msg.payload[..], b"hi");
 }
 
-fn refused(result: Result<impl Sized, async_nats::ConnectError>, what: &str) {
+/// Asserts the connection is refused. A denial that takes the authenticator more than
+/// ~2 s (nobody to ask) reaches a client that async-nats already reported connected (its
+/// handshake takes the server's first PING for the PONG it waits for), as an
+/// authorization error on the open connection: that counts as refused too.
+async fn refused(
+    result: Result<(async_nats::Client, UnboundedReceiver<Event>), async_nats::ConnectError>,
+    what: &str,
+) {
     match result {
-        Ok(_) => panic!("{what}: connected, expected to be refused"),
         Err(e) => assert_eq!(
             e.kind(),
             ConnectErrorKind::AuthorizationViolation,
             "{what}: {e}"
         ),
+        Ok((_client, mut events)) => {
+            let denied = tokio::time::timeout(WAIT, async {
+                while let Some(event) = events.recv().await {
+                    if let Event::ServerError(e) = &event
+                        && e.to_string().to_lowercase().contains("authorization")
+                    {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            assert!(
+                matches!(denied, Ok(true)),
+                "{what}: connected, expected to be refused"
+            );
+        }
     }
 }
 
@@ -232,11 +267,13 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
     refused(
         connect_with_events(ConnectOptions::new(), &url).await,
         "no credentials",
-    );
+    )
+    .await;
     refused(
         connect_with_events(ConnectOptions::with_nkey(seed_of(&stranger)), &url).await,
         "unknown nkey",
-    );
+    )
+    .await;
     assert!(
         responder
             .decision_for(&stranger.public_key())
@@ -257,7 +294,8 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
     refused(
         connect_with_events(forger, &url).await,
         "signature by another key",
-    );
+    )
+    .await;
     assert_eq!(
         responder.decision_for(&alice.public_key()),
         Some(Err(CalloutError::BadNonceSignature.to_string()))
@@ -315,7 +353,8 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
     refused(
         connect_with_events(ConnectOptions::with_nkey(seed_of(&alice)), &url).await,
         "no authenticator",
-    );
+    )
+    .await;
     // The server read our denials as denials (not as bad responses or timeouts).
     let log = server.log();
     assert!(
@@ -325,6 +364,29 @@ async fn the_callout_admits_known_keys_with_their_rooms_and_refuses_everyone_els
             && !log.contains("wrong issuer"),
         "{log}"
     );
+}
+
+/// nats-server's own callout timeout is 2 s (3 s with TLS); unibus sets 4 s, so an
+/// authenticator that retries through a store's leader election (up to
+/// `ANSWER_WITHIN`, 3 s) is still heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_waits_the_configured_callout_timeout_for_a_slow_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = certs::init_cluster(&dir.path().join("secrets"), &["n1".into()], &[]).unwrap();
+    let server = callout_server("n1", dir.path(), &secrets, false);
+    let url = server.url();
+    let alice = KeyPair::new_user();
+    let allow = HashMap::from([(alice.public_key(), vec!["r1".to_string()])]);
+    let slow = unibus::auth::authenticator::ANSWER_WITHIN + Duration::from_millis(300);
+    assert!(slow < Duration::from_secs(server_config::CALLOUT_TIMEOUT_SECS.into()));
+    let _responder = Responder::start_slow(&url, None, &secrets, allow, slow).await;
+    let started = std::time::Instant::now();
+    let (client, _events) = connect_with_events(ConnectOptions::with_nkey(seed_of(&alice)), &url)
+        .await
+        .expect("admitted after a slow answer");
+    let own = format!("unibus.room.r1.{}", alice.public_key());
+    round_trip(&client, "unibus.room.r1.>", &own).await;
+    assert!(started.elapsed() >= slow, "the answer was not slow");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,7 +679,11 @@ async fn a_node_without_its_store_forwards_admissions_and_alone_refuses() {
     // server's callout timeout (else the server would deny on its own, unanswered).
     let mut starting = NodeAuthenticator::start(&n1.url(), &secrets).await;
     let t = std::time::Instant::now();
-    refused(as_user().connect(n1.url()).await, "no store anywhere");
+    refused(
+        connect_with_events(as_user(), &n1.url()).await,
+        "no store anywhere",
+    )
+    .await;
     assert!(
         t.elapsed() >= unibus::auth::authenticator::HOLD,
         "refused before its hold ran out ({:?}): it did not wait for a peer",

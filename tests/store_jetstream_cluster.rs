@@ -565,17 +565,32 @@ async fn replicas_outside_range_or_above_cluster_size_are_refused() {
 // ---- compare-and-set writes retried across a lost answer (`membership::cas`)
 
 /// Publishes one attempt of a compare-and-set write with message id `id`, as a first
-/// attempt whose answer was lost would have; true if it was stored.
+/// attempt whose answer was lost would have; true if it was stored, false if the server
+/// refused it on its expected sequence. A freshly created stream may not answer yet (its
+/// leader is still being elected), so other failures are retried: under the same id a
+/// retry cannot store the write twice.
 async fn land(js: &async_nats::jetstream::Context, subject: &str, expected: u64, id: &str) -> bool {
-    let message = async_nats::jetstream::message::PublishMessage::build()
-        .payload("first".into())
-        .expected_last_subject_sequence(expected)
-        .message_id(id);
-    js.send_publish(subject.to_string(), message)
-        .await
-        .unwrap()
-        .await
-        .is_ok()
+    use async_nats::jetstream::context::PublishErrorKind;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload("first".into())
+            .expected_last_subject_sequence(expected)
+            .message_id(id);
+        let ack = match js.send_publish(subject.to_string(), message).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(_) => return true,
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => return false,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("landing {subject}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("landing {subject}: {e}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -26,9 +26,16 @@
 //! until then forwards each request to a peer's authenticator that has its store
 //! ([`FORWARD_SUBJECT`], answered only by authenticators with a store), retrying while no
 //! peer is reachable yet, and answers itself as soon as its own store opens. Whatever is
-//! still unanswered when [`HOLD`] runs out is denied ("node starting"), well inside the
-//! server's 2 s callout timeout. Only `AUTH`-account users (node services) can publish the
+//! still unanswered when [`HOLD`] runs out is denied ("node starting"), inside the
+//! server's callout timeout. Only `AUTH`-account users (node services) can publish the
 //! forward subject, as only they can answer the callout itself.
+//!
+//! **A store between leaders.** A stream leader that stops (a rolling restart's lame duck,
+//! a crash) leaves its bucket without one for a second or two. Admission reads that fail
+//! for that reason (no quorum, store unavailable) are retried every [`RETRY`] until
+//! [`ANSWER_WITHIN`] of the request's arrival; only then is the refusal sent. An unknown
+//! key or a bad signature is refused at once. The server waits
+//! [`super::server_config::CALLOUT_TIMEOUT_SECS`] for the answer, a second longer.
 //!
 //! `bus-auth=soft` runs the same checks but admits everyone with open permissions,
 //! logging each would-be denial with its reason (and counting it in `/metrics`), so an operator can see who
@@ -51,9 +58,15 @@ pub const AUTH_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 /// Where a starting node forwards callout requests to peers that have their store.
 pub const FORWARD_SUBJECT: &str = "unibus.auth.forward";
 const QUEUE_GROUP: &str = "unibus-authenticator";
-/// How long a node without its store keeps trying to get a request answered: inside the
-/// server's callout timeout (2 s), so the denial at the end still reaches the server.
-pub const HOLD: Duration = Duration::from_millis(1500);
+/// How long after a callout request arrives the authenticator may keep trying to admit it
+/// (store retries, forwarding): a second inside the server's callout timeout
+/// ([`super::server_config::CALLOUT_TIMEOUT_SECS`]), so the answer at the end, a denial
+/// if need be, still reaches the server in time.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+/// How long a node without its store keeps trying to get a request answered by peers.
+pub const HOLD: Duration = ANSWER_WITHIN;
+/// Pause between admission attempts while the store cannot answer.
+const RETRY: Duration = Duration::from_millis(100);
 /// The authenticator stage's detail in `/readyz` while it forwards (no store yet).
 pub const FORWARDING: &str = "store not open yet: forwarding admissions to peers";
 /// Pause between forwarding attempts while no peer answers the forward subject.
@@ -146,14 +159,17 @@ impl Authenticator {
                 return None;
             }
         };
+        let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
         let decision = match self.store() {
-            Some(store) => self.decide(&store, &request).await,
-            None => match self.forward(client, raw).await {
+            Some(store) => self.decide_retrying(&store, &request, deadline).await,
+            None => match self.forward(client, raw, deadline).await {
                 Forwarded::Answer(jwt) => {
                     crate::metrics::get().auth_decision("forwarded", "store_not_open");
                     return Some(jwt);
                 }
-                Forwarded::OwnStore(store) => self.decide(&store, &request).await,
+                Forwarded::OwnStore(store) => {
+                    self.decide_retrying(&store, &request, deadline).await
+                }
                 Forwarded::Nobody => Err(Refusal::Starting),
             },
         };
@@ -183,9 +199,13 @@ impl Authenticator {
     }
 
     /// Asks the peers' authenticators, until one answers, this node's own store opens,
-    /// or [`HOLD`] runs out.
-    async fn forward(&self, client: &async_nats::Client, raw: &[u8]) -> Forwarded {
-        let deadline = tokio::time::Instant::now() + HOLD;
+    /// or `deadline` (the request's arrival plus [`HOLD`]) passes.
+    async fn forward(
+        &self,
+        client: &async_nats::Client,
+        raw: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Forwarded {
         let mut store = self.store.clone();
         loop {
             if let Some(own) = self.store() {
@@ -214,6 +234,33 @@ impl Authenticator {
             if tokio::time::Instant::now() >= deadline {
                 return Forwarded::Nobody;
             }
+        }
+    }
+
+    /// [`Self::decide`], again every [`RETRY`] while the store cannot answer (a leader
+    /// election), until `deadline`; then the last refusal stands.
+    async fn decide_retrying(
+        &self,
+        store: &Store,
+        request: &AuthRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<Permissions, Refusal> {
+        loop {
+            let refusal = match tokio::time::timeout_at(deadline, self.decide(store, request)).await
+            {
+                Ok(Err(why @ (Refusal::NoQuorum(_) | Refusal::Store(_)))) => why,
+                Ok(decided) => return decided,
+                Err(_) => {
+                    return Err(Refusal::Store(StoreError::Unavailable(format!(
+                        "no answer within {ANSWER_WITHIN:?}"
+                    ))));
+                }
+            };
+            if tokio::time::Instant::now() + RETRY >= deadline {
+                return Err(refusal);
+            }
+            tracing::debug!("auth callout: {refusal}; retrying");
+            tokio::time::sleep(RETRY).await;
         }
     }
 
@@ -323,7 +370,7 @@ pub async fn run(
                 // Leave the queue groups, so the servers ask the other nodes, but answer
                 // what already reached this connection: the subscriptions still yield
                 // those, then end. A connection whose callout goes unanswered waits out
-                // the server's callout timeout (2 s) and fails.
+                // the server's callout timeout and fails.
                 draining = Some(tokio::time::Instant::now() + DRAIN);
                 let mut drained = true;
                 for sub in requests.iter_mut() {

@@ -3,7 +3,7 @@
 //!
 //! nats-server (config mode, checked on 2.15.1) hands every client that is not in
 //! `auth_users` to the callout: it publishes a JWT on `$SYS.REQ.USER.AUTH` in the `AUTH`
-//! account and waits (2 s by default) for a JWT on the reply subject.
+//! account and waits (`authorization { timeout }`, 4 s as unibus configures it) for a JWT on the reply subject.
 //!
 //! **The request** ([`decode_request`]) is signed by the server's own nkey (`iss`, an `N…`
 //! key; `aud` = `nats-authorization-request`, `sub` = the configured issuer account). Under

@@ -34,6 +34,14 @@ fn quote_path(p: &Path) -> String {
 /// How long a TLS handshake may take, in seconds.
 const TLS_TIMEOUT_SECS: u32 = 2;
 
+/// How long nats-server waits for the authenticator's answer to a callout (its
+/// `authorization { timeout }`, which bounds the callout as well as the CONNECT), in
+/// seconds. Left to the server it is 2 s, or 3 s with TLS; a leader election in the store
+/// takes about that long, so an admission that arrives during one would be refused for
+/// want of time. The authenticator answers within
+/// [`super::authenticator::ANSWER_WITHIN`], a second less.
+pub const CALLOUT_TIMEOUT_SECS: u32 = 4;
+
 /// Accounts, system account and the auth-callout block. `service_user` (and
 /// `system_user`, if given: a `SYS` user for server-side disconnects) bypass the callout.
 pub fn callout_config(issuer: &str, service_user: &str, system_user: Option<&str>) -> String {
@@ -77,6 +85,7 @@ pub fn callout_config_with_app(
 }}
 system_account: SYS
 authorization {{
+  timeout: {CALLOUT_TIMEOUT_SECS}
   auth_callout {{
     issuer: {issuer}
     auth_users: [ {auth_users} ]
@@ -143,6 +152,7 @@ mod tests {
         assert!(text.contains("users: [ { nkey: \"USERVICE\" } ]"));
         assert!(text.contains("account: AUTH"));
         assert!(text.contains("system_account: SYS"));
+        assert!(text.contains(&format!("timeout: {CALLOUT_TIMEOUT_SECS}\n  auth_callout")));
         let with_app = callout_config_with_app("AISSUER", "USERVICE", Some("UAPP"), None);
         assert!(with_app.contains("auth_users: [ \"USERVICE\", \"UAPP\" ]"));
         assert!(
