@@ -481,6 +481,18 @@ async fn create_room_purges_leftovers_under_a_reused_id() {
     .await;
     seed(&kv, "rooms_by_member", format!("{ghost}.lab"), "lab".into()).await;
     seed(&kv, "room_keys", "lab.0000000001", "{}".into()).await;
+    // The new owner was invited to the old room: that record is replaced, not kept.
+    let invited = serde_json::json!({
+        "room": "lab", "endpoint": owner, "role": "member", "state": "invited",
+        "added_by": ghost, "added_at": 1,
+    });
+    seed(
+        &kv,
+        "members",
+        format!("lab.{owner}"),
+        serde_json::to_vec(&invited).unwrap().into(),
+    )
+    .await;
 
     store
         .create_room("lab", "Lab", &owner, false)
@@ -493,6 +505,10 @@ async fn create_room_purges_leftovers_under_a_reused_id() {
             .map(|m| m.endpoint.as_str())
             .collect::<Vec<_>>(),
         [owner.as_str()]
+    );
+    assert_eq!(
+        (members[0].role, members[0].state),
+        (Role::Owner, MemberState::Joined)
     );
     assert!(store.latest_room_key("lab").await.unwrap().is_none());
     // A leader read (`get` may be answered by a lagging follower).

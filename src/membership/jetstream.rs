@@ -455,13 +455,15 @@ impl KvStore {
         }
     }
 
-    /// [`Self::purge_room_children`], but only what is there: the probes and member and
-    /// room-key listings are leader reads (see the module doc), so whatever they do not
-    /// show was not acknowledged when they were taken — the same guarantee an
-    /// unconditional purge at that moment gives (a write landing after either is not
-    /// caught by either). The room key cannot tell whether the id was used before (this
-    /// store deletes by purging, which leaves no marker), hence the probes.
-    async fn purge_room_leftovers(&self, room: &str) -> Result<()> {
+    /// [`Self::purge_room_children`] for a room id just taken again, but only what is
+    /// there, and never `owner`'s member record or index entry (being written beside
+    /// this). Almost always there is nothing: one cheap leader read per bucket (in
+    /// parallel) decides. The probes and listings are leader reads (see the module doc),
+    /// so whatever they do not show was not acknowledged when they were taken — the same
+    /// guarantee an unconditional purge at that moment gives (a write landing after either
+    /// is not caught by either). The room key cannot tell whether the id was used before
+    /// (this store deletes by purging, which leaves no marker), hence the probes.
+    async fn purge_room_leftovers(&self, room: &str, owner: &str) -> Result<()> {
         let filter = format!("{room}.>");
         let (members, keys) = futures_util::future::try_join(
             self.keys_if_any(&self.members, &filter),
@@ -469,13 +471,13 @@ impl KvStore {
         )
         .await?;
         for key in &members {
-            if let Some((_, endpoint)) = key.split_once('.') {
+            if let Some((_, endpoint)) = key.split_once('.')
+                && endpoint != owner
+            {
                 self.purge(&self.index, &format!("{endpoint}.{room}"))
                     .await?;
+                self.purge(&self.members, key).await?;
             }
-        }
-        if !members.is_empty() {
-            self.purge(&self.members, &filter).await?;
         }
         if !keys.is_empty() {
             self.purge(&self.keys, &filter).await?;
@@ -1176,11 +1178,6 @@ impl KvStore {
                 room.id
             )));
         }
-        // The id is ours now; drop anything a racing delete may have left under it so a
-        // new room never inherits old members or keys. Almost always there is nothing:
-        // one cheap leader read per bucket (in parallel) decides. This must finish before
-        // the owner's member record is written, which the purge would otherwise take.
-        self.purge_room_leftovers(&room.id).await?;
         let owner = Member {
             room: room.id.clone(),
             endpoint: room.owner.clone(),
@@ -1190,14 +1187,19 @@ impl KvStore {
             added_at: room.created_at,
         };
         let record = encode(&owner)?;
-        // Member and index together (see `add_member` for why the index may go first).
-        futures_util::future::try_join(
+        // The id is ours now: write the owner's member record and index entry (together,
+        // see `add_member` for why the index may go first) and, in the same round trip,
+        // drop whatever a racing delete may have left under the id, so a new room never
+        // inherits old members or keys. The cleanup spares the owner's own keys, which
+        // the writes beside it replace anyway.
+        futures_util::future::try_join3(
             self.put(
                 &self.members,
                 &format!("{}.{}", owner.room, owner.endpoint),
                 record,
             ),
             self.write_index(&owner.room, &owner.endpoint),
+            self.purge_room_leftovers(&room.id, &owner.endpoint),
         )
         .await?;
         Ok(room)
