@@ -75,23 +75,36 @@ impl Client {
 
     /// Deletes a room, its members, keys and stored history.
     pub async fn delete_room(&self, room: &str) -> Result<(), ClientError> {
-        let deleted = self
-            .call::<_, serde_json::Value>(Op::RoomsDelete, &RoomRef { room: room.into() })
-            .await;
-        match deleted {
-            Ok(_) => Ok(()),
-            // The node disconnects the owner right after answering (the deleted room's
-            // rights go with it: live revocation), and on another route that kick can
-            // overtake the reply. Read back what happened: a room its owner can no longer
-            // see is gone.
-            Err(dropped @ ClientError::Dropped { .. }) => match self.get_room(room).await {
+        // A room its owner can no longer see is gone.
+        self.call_then_kicked(Op::RoomsDelete, room, || async {
+            matches!(
+                self.get_room(room).await,
                 Err(ClientError::Refused(e))
-                    if matches!(e.kind, ErrorKind::NotFound | ErrorKind::Forbidden) =>
-                {
+                    if matches!(e.kind, ErrorKind::NotFound | ErrorKind::Forbidden)
+            )
+        })
+        .await
+    }
+
+    /// A call on `room` after which the node disconnects the caller (its rights in the
+    /// room go: live revocation). On another route that kick can overtake the reply, so
+    /// a call that ends in [`ClientError::Dropped`] reads back what happened with `done`
+    /// (on the reconnected client) and succeeds if it did.
+    async fn call_then_kicked<F, Fut>(&self, op: Op, room: &str, done: F) -> Result<(), ClientError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let body = RoomRef { room: room.into() };
+        match self.call::<_, serde_json::Value>(op, &body).await {
+            Ok(_) => Ok(()),
+            Err(dropped @ ClientError::Dropped { .. }) => {
+                if done().await {
                     Ok(())
+                } else {
+                    Err(dropped)
                 }
-                _ => Err(dropped),
-            },
+            }
             Err(e) => Err(e),
         }
     }
@@ -138,19 +151,11 @@ impl Client {
     /// Leaves a room (members; the owner deletes it instead). In an encrypted room the owner
     /// should `rekey` afterwards so the leaver cannot read later messages.
     pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
-        let left = self
-            .call::<_, serde_json::Value>(Op::MembersLeave, &RoomRef { room: room.into() })
-            .await;
-        match left {
-            Ok(_) => Ok(()),
-            // As for `delete_room`: the leaver is disconnected right after the reply, and
-            // the kick may overtake it. Gone from its own memberships means it left.
-            Err(dropped @ ClientError::Dropped { .. }) => match self.memberships(None).await {
-                Ok(rooms) if rooms.iter().all(|m| m.room != room) => Ok(()),
-                _ => Err(dropped),
-            },
-            Err(e) => Err(e),
-        }
+        // Gone from its own memberships means it left.
+        self.call_then_kicked(Op::MembersLeave, room, || async {
+            matches!(self.memberships(None).await, Ok(rooms) if rooms.iter().all(|m| m.room != room))
+        })
+        .await
     }
 
     pub async fn members(&self, room: &str) -> Result<Vec<Member>, ClientError> {

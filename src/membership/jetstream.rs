@@ -1227,53 +1227,13 @@ impl KvStore {
         self.purge(&self.rooms, id).await
     }
 
-    pub(crate) async fn add_member(
-        &self,
-        room: &str,
-        endpoint: &str,
-        role: Role,
-        state: MemberState,
-        added_by: &str,
-    ) -> Result<Member> {
-        self.add_member_inner(room, endpoint, role, state, added_by, true)
-            .await
-    }
-
-    /// [`Self::add_member`] for a caller that has just read the room itself (the
-    /// service's owner check): the store's own re-read is skipped. That re-read never
-    /// closed the race with a room delete anyway (the delete may land between it and the
-    /// member write); a member of a deleted room is an orphan that grants nothing
+    /// Writes `member`, reading the room first unless the caller has just read it
+    /// (`check_room` false: the service's owner check). That re-read never closed the race
+    /// with a room delete anyway (the delete may land between it and the member write); a
+    /// member of a deleted room is an orphan that grants nothing
     /// (`list_rooms_for_endpoint` requires the room), is removed by [`Self::reconcile`],
     /// and is purged by `create_room` if the id is taken again first.
-    pub(crate) async fn add_member_to_checked_room(
-        &self,
-        room: &str,
-        endpoint: &str,
-        role: Role,
-        state: MemberState,
-        added_by: &str,
-    ) -> Result<Member> {
-        self.add_member_inner(room, endpoint, role, state, added_by, false)
-            .await
-    }
-
-    async fn add_member_inner(
-        &self,
-        room: &str,
-        endpoint: &str,
-        role: Role,
-        state: MemberState,
-        added_by: &str,
-        check_room: bool,
-    ) -> Result<Member> {
-        let member = Member {
-            room: ids::room_id(room)?.to_string(),
-            endpoint: ids::user_key("endpoint", endpoint)?,
-            role,
-            state,
-            added_by: ids::user_key("added_by", added_by)?,
-            added_at: now_ms(),
-        };
+    pub(crate) async fn add_member(&self, member: Member, check_room: bool) -> Result<Member> {
         if check_room {
             self.require_room(&member.room).await?;
         }

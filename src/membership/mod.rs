@@ -165,6 +165,26 @@ pub struct Member {
     pub added_at: u64,
 }
 
+impl Member {
+    /// A new membership, added now; the ids are validated (they become KV keys).
+    pub fn new(
+        room: &str,
+        endpoint: &str,
+        role: Role,
+        state: MemberState,
+        added_by: &str,
+    ) -> Result<Member> {
+        Ok(Member {
+            room: ids::room_id(room)?.to_string(),
+            endpoint: ids::user_key("endpoint", endpoint)?,
+            role,
+            state,
+            added_by: ids::user_key("added_by", added_by)?,
+            added_at: now_ms(),
+        })
+    }
+}
+
 /// One epoch of a room's key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomKey {
@@ -410,13 +430,14 @@ impl Store {
         state: MemberState,
         added_by: &str,
     ) -> Result<Member> {
-        dispatch!(self.add_member(room, endpoint, role, state, added_by))
+        let member = Member::new(room, endpoint, role, state, added_by)?;
+        dispatch!(self.add_member(member, true))
     }
 
     /// [`Store::add_member`] for a caller that has just read the room itself (the
     /// service's owner check). The KV backend skips its own re-read of the room (see
-    /// `KvStore::add_member_to_checked_room` for why that keeps every guarantee); SQLite
-    /// checks inside its transaction as always (no round trip to save).
+    /// `KvStore::add_member` for why that keeps every guarantee); SQLite checks inside its
+    /// transaction as always (no round trip to save).
     pub async fn add_member_to_checked_room(
         &self,
         room: &str,
@@ -425,7 +446,8 @@ impl Store {
         state: MemberState,
         added_by: &str,
     ) -> Result<Member> {
-        dispatch!(self.add_member_to_checked_room(room, endpoint, role, state, added_by))
+        let member = Member::new(room, endpoint, role, state, added_by)?;
+        dispatch!(self.add_member(member, false))
     }
 
     /// Marks an invited member joined (idempotent for a joined member).

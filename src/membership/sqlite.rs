@@ -782,33 +782,13 @@ impl SqliteStore {
     }
 
     /// The room check runs inside `add_member`'s transaction anyway.
-    pub(crate) async fn add_member_to_checked_room(
-        &self,
-        room: &str,
-        endpoint: &str,
-        role: Role,
-        state: MemberState,
-        added_by: &str,
-    ) -> Result<Member> {
-        self.add_member(room, endpoint, role, state, added_by).await
-    }
-
+    /// Inserts `member`. The room is checked inside the transaction whatever the caller
+    /// read before (`_room_checked_by_caller` is the KV store's shortcut; here it is free).
     pub(crate) async fn add_member(
         &self,
-        room: &str,
-        endpoint: &str,
-        role: Role,
-        state: MemberState,
-        added_by: &str,
+        member: Member,
+        _room_checked_by_caller: bool,
     ) -> Result<Member> {
-        let member = Member {
-            room: ids::room_id(room)?.to_string(),
-            endpoint: ids::user_key("endpoint", endpoint)?,
-            role,
-            state,
-            added_by: ids::user_key("added_by", added_by)?,
-            added_at: now_ms(),
-        };
         self.tx(move |tx| {
             room_exists(tx, &member.room)?;
             tx.execute(
