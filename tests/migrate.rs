@@ -526,3 +526,147 @@ fn files(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+// ---- room history (`--history`)
+
+/// A client of `listen` as the seed in `seed`, pinning `ca`.
+async fn history_client(listen: &str, seed: &Path, ca: &Path) -> unibus::client::Client {
+    let mut options = unibus::client::ClientOptions::new([format!("tls://{listen}")], seed);
+    options.ca = Some(ca.to_path_buf());
+    unibus::client::Client::connect(options).await.unwrap()
+}
+
+/// A room's whole history as (sender, body), read through a feed until `n` arrived.
+async fn read_history(
+    client: &unibus::client::Client,
+    room: &str,
+    n: usize,
+) -> Vec<(String, Vec<u8>)> {
+    use futures_util::StreamExt;
+    let mut feed = client
+        .subscribe(room, unibus::membership::api::Start::All)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(20), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("{room}: only {} of {n} messages", out.len()))
+            .unwrap()
+            .unwrap();
+        out.push((message.sender, message.body));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_moves_with_the_records_verified_and_only_once() {
+    use std::time::Duration;
+    // A default single node (SQLite, enforce, TLS), with a plain and an encrypted room.
+    let single = common::start("single", &common::Ports::pick(), &[], &[]);
+    single.wait_ready(Duration::from_secs(30));
+    let old_secrets = single.data.join("secrets");
+    let admin_seed = old_secrets.join("admin.seed");
+    let admin = history_client(
+        &single.ports.listen,
+        &admin_seed,
+        &old_secrets.join("ca.crt"),
+    )
+    .await;
+    admin.register_xkey().await.unwrap();
+    admin.create_room("lab", "Lab", false).await.unwrap();
+    admin.create_room("vault", "Vault", true).await.unwrap();
+    let plain: Vec<Vec<u8>> = (0..5).map(|i| format!("lab {i}").into_bytes()).collect();
+    for body in &plain {
+        admin.send("lab", body).await.unwrap();
+    }
+    admin.send("vault", b"sealed one").await.unwrap();
+    admin.send("vault", b"sealed two").await.unwrap();
+    drop(admin);
+    // Stopped, as the growth path does, so its files are a snapshot.
+    let mut single = single;
+    single.signal(libc::SIGTERM);
+    single
+        .wait_exit(Duration::from_secs(30))
+        .expect("the single node stops");
+
+    let cluster = tokio::task::spawn_blocking(|| {
+        let cluster =
+            common::LocalCluster::start(common::unibus_bin(), &["--flag", "decentralized=true"]);
+        for node in &cluster.nodes {
+            node.wait_ready(Duration::from_secs(60));
+        }
+        cluster
+    })
+    .await
+    .unwrap();
+    let from = single.data.join("membership.db");
+    let data = single.data.to_string_lossy().to_string();
+    let mut args = vec![
+        "migrate".to_string(),
+        "--from".into(),
+        from.to_string_lossy().into(),
+        "--history".into(),
+        data,
+        "--json".into(),
+    ];
+    args.extend(cluster.client_args(0, "service.seed"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = || {
+        let (code, out, err) = unibus(&args);
+        assert_eq!(code, 0, "{out}{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["verified"], true, "{out}");
+        report["history"].clone()
+    };
+    // A dry run counts what a run would copy, and copies nothing (the run below copies 7).
+    let mut dry = args.clone();
+    dry.push("--dry-run");
+    let (code, out, err) = unibus(&dry);
+    assert_eq!(code, 0, "{out}{err}");
+    let preview: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(preview["history"]["copied"], 7, "{out}");
+    assert_eq!(preview["history"]["dry_run"], true, "{out}");
+
+    let history = run();
+    assert_eq!(history["source_messages"], 7, "{history}");
+    assert_eq!(history["copied"], 7, "{history}");
+    assert_eq!(history["verified"], true, "{history}");
+    assert_eq!(history["source_digest"], history["target_digest"]);
+
+    // The old admin (migrated with the records) reads both rooms in the cluster, in the
+    // old order, the encrypted one opened with the migrated room keys.
+    let admin = history_client(
+        &cluster.nodes[1].ports.listen,
+        &admin_seed,
+        &cluster.secrets.join("ca.crt"),
+    )
+    .await;
+    let lab = read_history(&admin, "lab", 5).await;
+    assert_eq!(
+        lab.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(),
+        plain
+    );
+    assert!(lab.iter().all(|(sender, _)| sender == admin.key()));
+    let vault = read_history(&admin, "vault", 2).await;
+    assert_eq!(
+        vault.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(),
+        [b"sealed one".to_vec(), b"sealed two".to_vec()]
+    );
+
+    // Again: nothing copied twice.
+    let again = run();
+    assert_eq!(again["copied"], 0, "{again}");
+    assert_eq!(again["already_there"], 7, "{again}");
+    assert_eq!(again["target_digest"], history["target_digest"]);
+
+    // A directory that is not a node's data: refused before anything is written.
+    let mut bad = args.clone();
+    let position = bad.iter().position(|a| *a == "--history").unwrap() + 1;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let elsewhere = elsewhere.path().to_string_lossy().to_string();
+    bad[position] = &elsewhere;
+    let (code, _, err) = unibus(&bad);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("membership.db"), "{err}");
+}

@@ -9,7 +9,7 @@ use unibus::membership::jetstream::{BucketStatus, KvOptions, KvStore};
 use unibus::membership::{StoreError, history};
 use unibus::node::readiness::Readyz;
 
-use super::conn::{ConnArgs, connect, connect_as, read_seed};
+use super::conn::{ConnArgs, app_jetstream, connect};
 use super::node::fetch_readyz;
 
 #[derive(Subcommand)]
@@ -226,25 +226,4 @@ async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// A JetStream context in `APP` as the nodes' APP user, derived from the service seed in
-/// `--seed-file`. None when the cluster runs with `bus-auth=off` (no accounts: the service
-/// connection already sees the stream) or no seed was given.
-async fn app_jetstream(conn: &ConnArgs) -> Result<Option<async_nats::jetstream::Context>, u8> {
-    let Some(seed) = read_seed(conn)? else {
-        return Ok(None);
-    };
-    let app = nkeys::KeyPair::from_seed(&seed)
-        .and_then(|service| unibus::auth::keys::derive_user(&service, "app"))
-        .and_then(|app| app.seed());
-    let app = match app {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: --seed-file is not the service seed: {e}");
-            return Err(2);
-        }
-    };
-    let client = connect_as(conn, Some(app)).await?;
-    Ok(Some(async_nats::jetstream::new(client)))
 }

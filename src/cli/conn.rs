@@ -95,3 +95,24 @@ pub async fn client(conn: &ConnArgs) -> Result<unibus::client::Client, u8> {
         .await
         .map_err(|e| super::output::fail(&e))
 }
+
+/// A JetStream context in `APP` as the nodes' APP user, derived from the service seed in
+/// `--seed-file`. None when the cluster runs with `bus-auth=off` (no accounts: the service
+/// connection already sees the stream) or no seed was given.
+pub async fn app_jetstream(conn: &ConnArgs) -> Result<Option<async_nats::jetstream::Context>, u8> {
+    let Some(seed) = read_seed(conn)? else {
+        return Ok(None);
+    };
+    let app = nkeys::KeyPair::from_seed(&seed)
+        .and_then(|service| unibus::auth::keys::derive_user(&service, "app"))
+        .and_then(|app| app.seed());
+    let app = match app {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: --seed-file is not the service seed: {e}");
+            return Err(2);
+        }
+    };
+    let client = connect_as(conn, Some(app)).await?;
+    Ok(Some(async_nats::jetstream::new(client)))
+}

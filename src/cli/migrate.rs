@@ -1,6 +1,8 @@
-//! `unibus migrate`: copy a single node's SQLite store into the cluster's KV buckets.
-//! Connect as the nodes' service user (`--seed-file SECRETS/service.seed --ca
-//! SECRETS/ca.crt`): the buckets live in its account.
+//! `unibus migrate`: copy a single node's SQLite store into the cluster's KV buckets and,
+//! with `--history`, its room history into the cluster's `ROOMS` stream. Connect as the
+//! nodes' service user (`--seed-file SECRETS/service.seed --ca SECRETS/ca.crt`): the
+//! buckets live in its account, and the history's account (`APP`) is reached as the APP
+//! user derived from it.
 
 use std::path::PathBuf;
 
@@ -8,9 +10,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use unibus::membership::StoreError;
 use unibus::membership::jetstream::{KvOptions, KvStore};
-use unibus::membership::migrate;
+use unibus::membership::{migrate, migrate_history};
 
-use super::conn::{ConnArgs, connect};
+use super::conn::{ConnArgs, app_jetstream, connect};
 
 /// A failure of the command: its message and exit code.
 struct Failure {
@@ -43,6 +45,28 @@ pub struct MigrateArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// The old node's data directory (`membership.db` and `jetstream/`, taken from a
+    /// stopped node): also copy its room history into the cluster, after the records.
+    #[arg(long, value_name = "DIR")]
+    history: Option<PathBuf>,
+}
+
+/// What `migrate` prints: the records' report and, with `--history`, the history's.
+#[derive(serde::Serialize)]
+struct Report {
+    #[serde(flatten)]
+    records: migrate::MigrateReport,
+    history: Option<migrate_history::HistoryReport>,
+}
+
+impl Report {
+    fn ok(&self) -> bool {
+        let history_ok = self
+            .history
+            .as_ref()
+            .is_none_or(|h| h.verified || h.dry_run);
+        (self.records.verified || self.records.dry_run) && history_ok
+    }
 }
 
 pub async fn run(args: MigrateArgs) -> u8 {
@@ -54,13 +78,12 @@ pub async fn run(args: MigrateArgs) -> u8 {
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 );
             } else {
-                print!("{}", migrate::table(&report));
+                print!("{}", migrate::table(&report.records));
+                if let Some(history) = &report.history {
+                    print!("{}", migrate_history::table(history));
+                }
             }
-            if report.verified || report.dry_run {
-                0
-            } else {
-                1
-            }
+            if report.ok() { 0 } else { 1 }
         }
         Err(f) => {
             eprintln!("error: {}", f.message);
@@ -69,12 +92,34 @@ pub async fn run(args: MigrateArgs) -> u8 {
     }
 }
 
-async fn run_migrate(args: &MigrateArgs) -> Result<migrate::MigrateReport, Failure> {
+async fn run_migrate(args: &MigrateArgs) -> Result<Report, Failure> {
     let failed = |e: migrate::MigrateError| Failure {
         code: e.exit_code(),
         message: e.to_string(),
     };
     migrate::check_source(&args.from).await.map_err(failed)?;
+    // Find nats-server before writing anything: the history is read with it.
+    let nats_server = match &args.history {
+        Some(dir) => {
+            if !dir.join("membership.db").is_file() {
+                return Err(Failure {
+                    code: 2,
+                    message: format!(
+                        "--history {}: not a unibus node's data directory (no membership.db in it)",
+                        dir.display()
+                    ),
+                });
+            }
+            let configured = std::env::var_os("UNIBUS_NATS_SERVER").map(PathBuf::from);
+            let found = unibus::node::supervisor::locate_nats_server(configured.as_deref())
+                .map_err(|e| Failure {
+                    code: 2,
+                    message: format!("--history needs nats-server to read the old store: {e}"),
+                })?;
+            Some(found)
+        }
+        None => None,
+    };
     let client = connect(&args.conn).await.map_err(|code| Failure {
         code,
         message: "cannot connect to the cluster (see above)".into(),
@@ -100,7 +145,44 @@ async fn run_migrate(args: &MigrateArgs) -> Result<migrate::MigrateReport, Failu
         Err(e) => return Err(Failure::remote(format!("cannot open the KV buckets: {e}"))),
     };
     view.finish();
-    report.map_err(failed)
+    let records = report.map_err(failed)?;
+    let (Some(dir), Some(nats_server)) = (&args.history, &nats_server) else {
+        return Ok(Report {
+            records,
+            history: None,
+        });
+    };
+    // Service seed → APP user; `bus-auth=off` clusters have no accounts (None): the
+    // service connection already reaches the stream.
+    let js = match app_jetstream(&args.conn).await {
+        Ok(Some(js)) => js,
+        Ok(None) => {
+            async_nats::jetstream::new(connect(&args.conn).await.map_err(|code| Failure {
+                code,
+                message: "cannot connect to the cluster (see above)".into(),
+            })?)
+        }
+        Err(code) => {
+            return Err(Failure {
+                code,
+                message: "cannot reach the cluster's APP account (see above)".into(),
+            });
+        }
+    };
+    eprintln!("migrate: copying room history from {}", dir.display());
+    let history = migrate_history::copy_history(dir, nats_server, &js, args.dry_run)
+        .await
+        .map_err(|e| Failure {
+            code: match e {
+                migrate_history::HistoryError::Source { .. } => 2,
+                migrate_history::HistoryError::Target(_) => 1,
+            },
+            message: e.to_string(),
+        })?;
+    Ok(Report {
+        records,
+        history: Some(history),
+    })
 }
 
 /// Migration progress on stderr: a bar per kind on a terminal, plain lines otherwise

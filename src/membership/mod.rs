@@ -66,6 +66,7 @@ pub mod history;
 pub mod ids;
 pub mod jetstream;
 pub mod migrate;
+pub mod migrate_history;
 pub mod nonces;
 pub mod quorum;
 pub mod service;
