@@ -127,22 +127,34 @@ upgrade_demo() {
   "$BIN" workload run --server "tls://127.0.0.1:$sp" --seed-file "$WORK/single/admin.seed" \
     --ca "$WORK/single/ca.crt" --history "$WORK/seed.jsonl" --duration 3 --prefix seed 2>&1 |
     sed 's/^/   /' >&2
+  local as_single=(--server "tls://127.0.0.1:$sp" --seed-file "$WORK/single/admin.seed" --ca "$WORK/single/ca.crt")
+  "$BIN" room create seed-history "${as_single[@]}" >/dev/null || die "cannot create seed-history"
+  printf 'first\nsecond\nthird\n' | "$BIN" send seed-history "${as_single[@]}" >/dev/null ||
+    die "cannot send to seed-history"
 
-  step "2. stop it (lame duck) and take its membership.db out"
+  step "2. stop it (lame duck) and take its data out (membership.db, jetstream/)"
   docker stop -t 60 "$SINGLE" >/dev/null
-  docker cp "$SINGLE:/data/membership.db" "$WORK/membership.db"
+  mkdir -p "$WORK/single-data"
+  docker cp "$SINGLE:/data/membership.db" "$WORK/single-data/membership.db"
   for f in membership.db-wal membership.db-shm; do
-    docker cp "$SINGLE:/data/$f" "$WORK/$f" 2>/dev/null || true
+    docker cp "$SINGLE:/data/$f" "$WORK/single-data/$f" 2>/dev/null || true
   done
+  docker cp "$SINGLE:/data/jetstream" "$WORK/single-data/jetstream"
 
   step "3. a fresh three-node cluster (decentralized, buckets at R1)"
   cluster_up
   step "   workload running against n1..n3 (writes, new connections)"
   start_workload "$WORK/workload.jsonl" "$SERVERS"
 
-  step "4. unibus migrate (SQLite → KV, verified)"
-  as_service migrate --from "$WORK/membership.db" 2>&1 | sed 's/^/   /' >&2 ||
-    die "migrate did not verify"
+  step "4. unibus migrate (SQLite → KV, room history → ROOMS; verified)"
+  as_service migrate --from "$WORK/single-data/membership.db" --history "$WORK/single-data" 2>&1 |
+    sed 's/^/   /' >&2 || die "migrate did not verify"
+  step "   the seeded messages are in the cluster (listen as the single node's admin)"
+  local heard
+  heard=$("$BIN" listen seed-history --count 3 --timeout 20 --server "$SERVERS" \
+    --seed-file "$WORK/single/admin.seed" --ca "$DSECRETS/ca.crt" | awk '{print $NF}' | tr '\n' ' ')
+  [ "$heard" = "first second third " ] || die "migrated history reads back as '$heard'"
+  HISTORY_READ=3
   step "   the seeded rooms are in the cluster (read back as the single node's admin)"
   "$BIN" workload check --history "$WORK/seed.jsonl" --server "$SERVERS" \
     --seed-file "$WORK/single/admin.seed" --ca "$DSECRETS/ca.crt" >"$WORK/seed-check.txt" ||
@@ -181,6 +193,7 @@ upgrade_demo() {
     echo "== upgrade-demo report"
     grep -v '^verdict:' "$WORK/report.txt"
     row "seeded, migrated, read back:" "$(awk '/^writes acknowledged:/ {print $3}' "$WORK/seed-check.txt")"
+    row "room messages migrated, read back:" "$HISTORY_READ"
     row "R1→R3 current (s):" "$R3_SECS"
     row "rolling restart (s):" "$ROLL_SECS"
     row "verdict:" "$([ "$rc" = 0 ] && echo PASS || echo FAIL)"

@@ -284,6 +284,12 @@ fn the_growth_path_with_a_rolling_upgrade_loses_nothing_and_denies_no_valid_user
         number(report, "seeded, migrated, read back:") > 0.0,
         "{report}"
     );
+    // The single node's room history came along (`migrate --history`), in order.
+    assert_eq!(
+        number(report, "room messages migrated, read back:"),
+        3.0,
+        "{report}"
+    );
     // The goal is ≤ 1 s; it depends on the machine, so it is reported, not asserted.
     eprintln!(
         "longest write gap {} s (goal ≤ 1 s); R1→R3 current after {} s; demo took {:.0} s",
