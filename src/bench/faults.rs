@@ -387,9 +387,8 @@ pub async fn revocation(cluster: &LocalCluster, reps: usize) -> Result<Workload,
         .map_err(|e| e.to_string())?;
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
     let member_key = nkeys::KeyPair::new_user();
-    let member_seed = member_key.seed().map_err(|e| e.to_string())?;
     let seed_file = scratch.path().join("member.seed");
-    std::fs::write(&seed_file, &member_seed).map_err(|e| e.to_string())?;
+    crate::auth::keys::write_seed(&seed_file, &member_key).map_err(|e| e.to_string())?;
     let public = member_key.public_key();
     owner
         .add_user(&public, "member", false)
@@ -406,7 +405,7 @@ pub async fn revocation(cluster: &LocalCluster, reps: usize) -> Result<Workload,
         join_retrying(&member, "revoke").await?;
         // The listening connection, after the join so its permissions include the room.
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let listener = crate::client::nkey_options(&member_seed)?
+        let listener = crate::client::nkey_options(&member_key.seed().map_err(|e| e.to_string())?)?
             .require_tls(true)
             .add_root_certificates(secrets.join(crate::auth::certs::CA_CERT))
             .max_reconnects(Some(0))

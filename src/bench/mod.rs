@@ -130,9 +130,8 @@ pub async fn start_cluster(unibus: &Path, fsync: bool) -> Result<BenchCluster, S
 /// connections must not inherit thousands of benchmark rooms.
 pub async fn new_user(admin: &Client, dir: &Path, name: &str) -> Result<(PathBuf, String), String> {
     let key = nkeys::KeyPair::new_user();
-    let seed = key.seed().map_err(|e| e.to_string())?;
     let file = dir.join(format!("{name}.seed"));
-    std::fs::write(&file, seed).map_err(|e| format!("{}: {e}", file.display()))?;
+    crate::auth::keys::write_seed(&file, &key).map_err(|e| e.to_string())?;
     admin
         .add_user(&key.public_key(), name, false)
         .await

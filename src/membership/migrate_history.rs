@@ -418,7 +418,9 @@ impl SourceServer {
         );
         let config_path = dir.path().join("nats-server.conf");
         let log_path = dir.path().join("nats-server.log");
-        std::fs::write(&config_path, config).map_err(|e| source_error(dir.path(), e))?;
+        // It holds the password: 0600 like every secret.
+        crate::auth::keys::write_secret(&config_path, config.as_bytes())
+            .map_err(|e| source_error(dir.path(), e))?;
         let log = std::fs::File::create(&log_path).map_err(|e| source_error(dir.path(), e))?;
         let mut child = Command::new(nats_server)
             .arg("-c")
