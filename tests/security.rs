@@ -468,6 +468,60 @@ async fn control_plane_refuses_bad_requests_with_typed_errors(
         401,
         "replayed through another node",
     );
+    // A replayed write changes nothing, even when it would succeed again: the owner check
+    // runs beside the nonce claim, but the write waits for its verdict. (Removing the
+    // guest a second time would succeed; the replay must not.)
+    ok(
+        alice.ctl(a, "rooms.create", json!({ "room": "rp" })).await,
+        "rooms.create rp",
+    );
+    let guest = KeyPair::new_user().public_key();
+    ok(
+        bus.connect(0, &bus.admin)
+            .await
+            .unwrap()
+            .ctl(
+                &bus.admin,
+                "users.add",
+                json!({ "key": guest, "name": "guest" }),
+            )
+            .await,
+        "users.add guest",
+    );
+    let member = json!({ "room": "rp", "key": guest });
+    ok(
+        alice.ctl(a, "members.invite", member.clone()).await,
+        "invite",
+    );
+    let remove = Envelope::sign("members.remove", &member, a)
+        .unwrap()
+        .to_vec();
+    ok(
+        alice.ctl_raw("members.remove", remove.clone()).await,
+        "remove",
+    );
+    ok(
+        alice.ctl(a, "members.invite", member.clone()).await,
+        "invite again",
+    );
+    refused_with(
+        elsewhere.ctl_raw("members.remove", remove).await,
+        "unauthenticated",
+        401,
+        "a replayed remove",
+    );
+    let members = ok(
+        alice.ctl(a, "members.list", json!({ "room": "rp" })).await,
+        "members.list rp",
+    );
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["endpoint"] == guest.as_str()),
+        "the replayed remove took the guest out: {members}"
+    );
 
     let skewed = Envelope::sign_at(
         "rooms.list",
