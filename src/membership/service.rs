@@ -20,14 +20,7 @@
 //! nonce is claimed once in the shared ledger ([`super::nonces`]), so the same bytes sent
 //! through another node are a replay too.
 //!
-//! The claim is a replicated write, so it is not waited for up front: the identity check
-//! and the operation's own reads (an owner check, the invitee's record) run beside it, and
-//! every store write (and every other effect, such as opening a feed) goes through a
-//! `WriteGate` that waits for the claim's verdict. A replayed request so changes nothing
-//! and is answered "replayed", at one round trip less for an invite, a remove, a rekey or
-//! a delete.
-//!
-//! Only then does the store see the request's writes. Ids are validated by the store itself before
+//! Only then does the store see the request. Ids are validated by the store itself before
 //! they reach SQL or KV, and come back as `invalid`.
 
 use std::sync::Arc;
@@ -84,20 +77,6 @@ pub struct Handler {
     ledger: Option<NonceLedger>,
     on_revoke: Option<OnRevoke>,
     history: Option<History>,
-}
-
-/// The store for writing, reached only once the request's nonce claim has passed (see
-/// [`Handler::process`]): reads may run beside the claim, writes never before its verdict.
-struct WriteGate<'a> {
-    claim: futures_util::future::Shared<futures_util::future::BoxFuture<'a, Result<(), CtlError>>>,
-    store: &'a Store,
-}
-
-impl WriteGate<'_> {
-    async fn pass(&self) -> Result<&Store, CtlError> {
-        self.claim.clone().await?;
-        Ok(self.store)
-    }
 }
 
 /// Who is asking, after authentication and the identity check.
@@ -189,48 +168,36 @@ impl Handler {
                 Ok(())
             }
         };
-        // The cluster-wide nonce claim is a replicated write; the signer's lookup and the
-        // operation's own reads (an owner check, say) are leader reads. None depends on
-        // another, so they run together: the claim is judged once, and every store write
-        // waits for that verdict behind the [`WriteGate`]. A replay so changes nothing,
-        // and is reported as a replay whatever the reads found.
+        // The cluster-wide nonce claim (a replicated write) and the signer's lookup (a
+        // leader read) are independent: run them together, then judge them in order, so
+        // nothing is dispatched unless both passed and a replay is still reported first.
         let claim = async {
-            let claimed = match (&self.ledger, nonce) {
-                (Some(ledger), Some(nonce)) => Box::pin(ledger.claim(&claimed_key, &nonce)).await,
-                _ => return Ok(()),
-            };
-            let soft = self.config.bus_auth == BusAuth::Soft;
-            match claimed {
-                Ok(true) => Ok(()),
-                Ok(false) if soft => {
-                    tracing::warn!(
-                        op = op.name(),
-                        "bus-auth soft: would deny: {}",
-                        envelope::EnvelopeError::Replayed
-                    );
-                    Ok(())
+            match (&self.ledger, nonce) {
+                (Some(ledger), Some(nonce)) => {
+                    Some(Box::pin(ledger.claim(&claimed_key, &nonce)).await)
                 }
-                Ok(false) => Err(envelope_error(envelope::EnvelopeError::Replayed)),
-                Err(e) if soft => {
-                    tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
-                    Ok(())
-                }
-                Err(e) => Err(CtlError::from(e)),
+                _ => None,
             }
         };
-        let claim = futures_util::FutureExt::shared(futures_util::FutureExt::boxed(claim));
-        let gate = WriteGate {
-            claim: claim.clone(),
-            store: &self.store,
-        };
-        let work = async {
-            let (caller, quorum) = tokio::join!(self.identify(&claimed_key), quorum);
-            quorum?;
-            self.dispatch(op, &caller?, body, revoke, &gate).await
-        };
-        let (claimed, result) = tokio::join!(claim, work);
-        claimed?;
-        result
+        let (claim, caller, quorum) = tokio::join!(claim, self.identify(&claimed_key), quorum);
+        if let Some(claim) = claim {
+            let soft = self.config.bus_auth == BusAuth::Soft;
+            match claim {
+                Ok(true) => {}
+                Ok(false) if soft => tracing::warn!(
+                    op = op.name(),
+                    "bus-auth soft: would deny: {}",
+                    envelope::EnvelopeError::Replayed
+                ),
+                Ok(false) => return Err(envelope_error(envelope::EnvelopeError::Replayed)),
+                Err(e) if soft => {
+                    tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        quorum?;
+        self.dispatch(op, &caller?, body, revoke).await
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -298,15 +265,13 @@ impl Handler {
         })
     }
 
-    /// Gate 3 and the store call. Reads use `self.store`; every write goes through
-    /// `gate.pass()` first, which waits for the nonce claim's verdict.
+    /// Gate 3 and the store call.
     async fn dispatch(
         &self,
         op: Op,
         caller: &Caller,
         body: serde_json::Value,
         revoke: &mut Vec<String>,
-        gate: &WriteGate<'_>,
     ) -> Result<serde_json::Value, CtlError> {
         let store = &self.store;
         match op {
@@ -319,11 +284,7 @@ impl Handler {
                 } else {
                     &req.name
                 };
-                ok(gate
-                    .pass()
-                    .await?
-                    .add_user(&req.key, name, req.admin)
-                    .await?)
+                ok(store.add_user(&req.key, name, req.admin).await?)
             }
             Op::UsersGet => {
                 let req: UserRef = parse(body)?;
@@ -340,7 +301,7 @@ impl Handler {
             Op::UsersRevoke => {
                 let req: UserRef = parse(body)?;
                 require_admin(caller)?;
-                let user = gate.pass().await?.revoke_user(&req.key).await?;
+                let user = store.revoke_user(&req.key).await?;
                 if let Some(history) = &self.history {
                     self.closed(Box::pin(history.close_feeds_of(&user.key)).await);
                 }
@@ -354,9 +315,7 @@ impl Handler {
                 } else {
                     &req.name
                 };
-                ok(gate
-                    .pass()
-                    .await?
+                ok(store
                     .create_room(&req.room, name, &caller.key, req.encrypted)
                     .await?)
             }
@@ -388,7 +347,6 @@ impl Handler {
                 let req: RoomRef = parse(body)?;
                 self.require_owner(caller, &req.room).await?;
                 let members = store.list_members(&req.room).await?;
-                let store = gate.pass().await?;
                 // Purge first: if that fails the room still exists and the delete can be
                 // retried; once more after, for what members sent in between.
                 if let Some(history) = &self.history {
@@ -424,9 +382,7 @@ impl Handler {
                     Err(e) => return Err(e.into()),
                 }
                 // `require_owner` has just read the room: the store need not read it again.
-                ok(gate
-                    .pass()
-                    .await?
+                ok(store
                     .add_member_to_checked_room(
                         &req.room,
                         &req.key,
@@ -444,7 +400,7 @@ impl Handler {
                     .iter()
                     .find(|m| m.endpoint == caller.key)
                 {
-                    Some(_) => ok(gate.pass().await?.join(&req.room, &caller.key).await?),
+                    Some(_) => ok(store.join(&req.room, &caller.key).await?),
                     None => Err(CtlError::forbidden(format!(
                         "you are not invited to room {}",
                         req.room
@@ -461,10 +417,7 @@ impl Handler {
                         "the owner cannot be removed; delete the room instead",
                     ));
                 }
-                gate.pass()
-                    .await?
-                    .remove_member(&req.room, &req.key)
-                    .await?;
+                store.remove_member(&req.room, &req.key).await?;
                 let key = req.key.to_ascii_uppercase();
                 if let Some(history) = &self.history {
                     self.closed(Box::pin(history.close_feeds(&req.room, Some(&key))).await);
@@ -481,10 +434,7 @@ impl Handler {
                         "the owner cannot leave; delete the room instead",
                     ));
                 }
-                gate.pass()
-                    .await?
-                    .remove_member(&req.room, &caller.key)
-                    .await?;
+                store.remove_member(&req.room, &caller.key).await?;
                 if let Some(history) = &self.history {
                     self.closed(Box::pin(history.close_feeds(&req.room, Some(&caller.key))).await);
                 }
@@ -513,11 +463,7 @@ impl Handler {
             }
             Op::UsersXkey => {
                 let req: SetXkey = parse(body)?;
-                ok(gate
-                    .pass()
-                    .await?
-                    .set_user_xkey(&caller.key, &req.xkey)
-                    .await?)
+                ok(store.set_user_xkey(&caller.key, &req.xkey).await?)
             }
             Op::MembersKeys => {
                 let req: RoomRef = parse(body)?;
@@ -540,8 +486,6 @@ impl Handler {
                 let req: SubscribeRoom = parse(body)?;
                 self.require_member(caller, &req.room, true).await?;
                 let history = self.history()?;
-                // A feed is a consumer the node creates: an effect, so after the verdict.
-                gate.pass().await?;
                 ok(
                     Box::pin(history.open_feed(&req.room, &caller.key, &req.inbox, req.start))
                         .await?,
@@ -553,7 +497,7 @@ impl Handler {
                 let material = base64::engine::general_purpose::STANDARD
                     .decode(&req.material)
                     .map_err(|e| CtlError::invalid(format!("material is not base64: {e}")))?;
-                ok(gate.pass().await?.rekey(&req.room, &material).await?)
+                ok(store.rekey(&req.room, &material).await?)
             }
         }
     }
