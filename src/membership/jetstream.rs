@@ -1165,13 +1165,7 @@ impl KvStore {
         owner: &str,
         encrypted: bool,
     ) -> Result<Room> {
-        let room = Room {
-            id: ids::room_id(id)?.to_string(),
-            name: ids::name("name", name)?,
-            owner: ids::user_key("owner", owner)?,
-            encrypted,
-            created_at: now_ms(),
-        };
+        let room = Room::new(id, name, owner, encrypted)?;
         if !self.create(&self.rooms, &room.id, encode(&room)?).await? {
             return Err(StoreError::conflict(format!(
                 "room {:?} already exists",

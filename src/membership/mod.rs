@@ -166,6 +166,19 @@ pub struct Member {
     pub added_at: u64,
 }
 
+impl Room {
+    /// A new room, created now; the ids are validated (they become subjects and KV keys).
+    pub fn new(id: &str, name: &str, owner: &str, encrypted: bool) -> Result<Room> {
+        Ok(Room {
+            id: ids::room_id(id)?.to_string(),
+            name: ids::name("name", name)?,
+            owner: ids::user_key("owner", owner)?,
+            encrypted,
+            created_at: now_ms(),
+        })
+    }
+}
+
 impl Member {
     /// A new membership, added now; the ids are validated (they become KV keys).
     pub fn new(

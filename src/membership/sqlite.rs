@@ -714,13 +714,7 @@ impl SqliteStore {
         owner: &str,
         encrypted: bool,
     ) -> Result<Room> {
-        let room = Room {
-            id: ids::room_id(id)?.to_string(),
-            name: ids::name("name", name)?,
-            owner: ids::user_key("owner", owner)?,
-            encrypted,
-            created_at: now_ms(),
-        };
+        let room = Room::new(id, name, owner, encrypted)?;
         self.tx(move |tx| {
             tx.execute(
                 &format!("INSERT INTO rooms ({ROOM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
