@@ -643,15 +643,25 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
 /// How long a stopping service waits for the requests it already took.
 const DRAIN: Duration = Duration::from_secs(3);
 
-/// Runs the micro service on `client` until shutdown; calls `ready` once every endpoint
-/// is subscribed at the server.
+/// Runs the micro service until shutdown: it takes requests on `listen` and answers on
+/// `listen` too, except once stopping, when `reply` carries the answers. Calls `ready` once
+/// every endpoint is subscribed at the server.
+///
+/// Why two connections: stopping must hand new requests to the other nodes *without losing
+/// any already on their way here*. Unsubscribing an endpoint drops, in the client, every
+/// message the server sent before it saw the unsubscribe (async-nats forgets the
+/// subscription at once), and each such caller waited out its timeout: the rare 2.4 s gap of
+/// a rolling restart. Draining the connection instead tells the server to stop, then takes
+/// what was already sent until the server confirms, then closes it; answers still being
+/// worked on at that point go out on `reply`.
 pub async fn run(
-    client: async_nats::Client,
+    reply: async_nats::Client,
+    listen: async_nats::Client,
     handler: Arc<Handler>,
     ready: impl FnOnce(),
     mut shutdown: Shutdown,
 ) -> Result<(), async_nats::Error> {
-    let service = client
+    let service = listen
         .service_builder()
         .description("unibus control plane: users, rooms, members, room keys")
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
@@ -663,17 +673,17 @@ pub async fn run(
         endpoints.push(endpoint.map(move |request| (op, request)).boxed());
     }
     let mut requests = futures_util::stream::select_all(endpoints);
-    client.flush().await?;
+    listen.flush().await?;
     ready();
     // Requests are polled here, on this task, rather than spawned: a SQLite read
     // completes on its first poll, and a spawn per request (a task hop and a wake-up of
     // another worker thread) cost more than the read itself. Requests that wait (KV
     // round trips, writes on the blocking pool) still overlap.
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
-    let mut service = Some(service);
     // Set once shutdown began: from then on the loop only takes what was already
     // delivered, and ends when the endpoints do (or at the deadline).
     let mut draining: Option<tokio::time::Instant> = None;
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN);
         let (op, request) = tokio::select! {
@@ -684,23 +694,25 @@ pub async fn run(
             Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
             _ = shutdown.wait(), if draining.is_none() => {
                 // Stop taking requests, so the queue group hands new ones to the other
-                // nodes at once: stopping the service unsubscribes every endpoint, and
-                // each endpoint still yields the requests that reached this connection
-                // before its unsubscribe did, then ends. Dropping the endpoints instead
-                // would lose those, and their callers would wait out their timeout.
-                if let Some(service) = service.take() {
-                    service.stop().await?;
+                // nodes at once; the endpoints still yield what reached this connection
+                // before the server saw that, then end (see above).
+                stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                if listen.drain().await.is_err() {
+                    break;
                 }
                 draining = Some(tokio::time::Instant::now() + DRAIN);
                 continue;
             }
             _ = tokio::time::sleep_until(deadline), if draining.is_some() => break,
         };
-        let (handler, client) = (handler.clone(), client.clone());
+        let (handler, stopping) = (handler.clone(), stopping.clone());
+        let (reply, listen) = (reply.clone(), listen.clone());
         in_flight.push(async move {
             let started = std::time::Instant::now();
-            let reply = request.message.reply.as_deref();
-            let (body, kind, revoke) = handler.handle(op, &request.message.payload, reply).await;
+            let to = request.message.reply.clone();
+            let (body, kind, revoke) = handler
+                .handle(op, &request.message.payload, to.as_deref())
+                .await;
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
             crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());
             let mut headers = HeaderMap::new();
@@ -708,36 +720,50 @@ pub async fn run(
                 headers.insert("Nats-Service-Error", kind.as_str());
                 headers.insert("Nats-Service-Error-Code", kind.code().to_string().as_str());
             }
-            if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
+            // Through the service (which counts it in `$SRV.STATS`) while it listens; once
+            // stopping, its connection is closing: answer on the other one.
+            let (sent, answered_on) = if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                let sent = match to {
+                    Some(to) => reply
+                        .publish_with_headers(to, headers, body.into())
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                (sent, &reply)
+            } else {
+                let sent = request
+                    .respond_with_headers(Ok(body.into()), headers)
+                    .await
+                    .map_err(|e| e.to_string());
+                (sent, &listen)
+            };
+            if let Err(e) = sent {
                 tracing::debug!("control-plane reply not sent: {e}");
             }
             if !revoke.is_empty() {
                 // The reply must reach the server before any kick does.
-                let _ = client.flush().await;
+                let _ = answered_on.flush().await;
                 handler.revoke(revoke);
             }
         });
     }
-    // Drain before the node's nats-server goes into lame duck (`node::run` waits for
-    // this): let the requests in flight finish while this node's server still serves
-    // JetStream, then flush, so their replies have left before the connection closes (a
-    // reply still queued in the client when it is dropped is lost, and its caller waits
-    // out its timeout). Cut short, they would hang until the store's timeout and their
-    // callers with them.
-    // Bounded: with nats-server gone (a node giving up on it) a flush waits for a
-    // reconnect that never comes.
+    // Finish what is in flight before the node's nats-server goes into lame duck
+    // (`node::run` waits for this), while this node's server still serves JetStream, then
+    // flush, so those replies have left before the connections close (a reply still
+    // queued in the client when it is dropped is lost, and its caller waits out its
+    // timeout). Bounded: with nats-server gone (a node giving up on it) a flush waits for
+    // a reconnect that never comes.
     drop(requests);
     let deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN);
     let drained = tokio::time::timeout_at(deadline, async {
         while in_flight.next().await.is_some() {}
-        let _ = client.flush().await;
+        let _ = reply.flush().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("control-plane requests still in flight after {DRAIN:?}; stopping anyway");
     }
-    if let Some(service) = service {
-        service.stop().await?;
-    }
+    service.stop().await?;
     Ok(())
 }

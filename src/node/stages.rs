@@ -176,6 +176,18 @@ pub async fn run(ctx: Context) {
         else {
             break 'start;
         };
+        // The service takes requests on a connection of its own, so that stopping can
+        // drain it (see `membership::service::run`) while replies still leave on `client`.
+        let Some(listen) = retry(
+            &readiness,
+            &mut shutdown,
+            |z, s| z.stages.membership = s,
+            || store::connect_app(&config, &security, "ctl-listen"),
+        )
+        .await
+        else {
+            break 'start;
+        };
         // Live revocation: best-effort (the callout refuses new connections regardless), so a
         // node without it still serves; `revocation::hook` says why in the log.
         let on_revoke = tokio::select! {
@@ -225,7 +237,7 @@ pub async fn run(ctx: Context) {
         let stop = shutdown.clone();
         tasks.spawn(
             async move {
-                if let Err(e) = service::run(client, handler, ready, stop).await {
+                if let Err(e) = service::run(client, listen, handler, ready, stop).await {
                     tracing::error!("membership service stopped: {e}");
                 }
             }
