@@ -190,8 +190,9 @@ const IDEMPOTENT_ATTEMPTS: u32 = 4;
 
 /// Runs an idempotent request (a read, a purge, a plain put) bounded by `limit` as a
 /// whole, hedged: if an attempt has not answered after a quarter of `limit`, another one
-/// goes out beside it (the first keeps running; whichever answers first wins), and an
-/// attempt that fails `unavailable` is repeated after a short pause. A request in flight
+/// goes out beside it (the first keeps running; whichever answers first wins; at most
+/// [`IDEMPOTENT_ATTEMPTS`] this way), and an attempt that fails `unavailable` is repeated
+/// after a short pause (growing to 250 ms) until `limit`. A request in flight
 /// while a stream leader hands over (lame duck, a rolling restart) is dropped by the old
 /// leader and never answered; waiting the whole `op_timeout` for it stalled every write
 /// behind it for 2 s, where a second request reaches the new leader at once. A slow but
@@ -208,6 +209,7 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let hedge_after = limit / IDEMPOTENT_ATTEMPTS;
+    let deadline = tokio::time::Instant::now() + limit;
     let run = async {
         let mut inflight = futures_util::stream::FuturesUnordered::new();
         inflight.push(attempt());
@@ -216,7 +218,10 @@ where
         let mut last = None;
         loop {
             if inflight.is_empty() {
-                if launched >= IDEMPOTENT_ATTEMPTS {
+                // Every attempt failed fast (a stream just created, a leader being
+                // elected: "no responders"): try again until `limit`, not a fixed number
+                // of times, which such failures used up in a fraction of it.
+                if tokio::time::Instant::now() + pause >= deadline {
                     return Err(last.unwrap_or_else(|| {
                         StoreError::Unavailable(format!("{what}: no attempt answered"))
                     }));
