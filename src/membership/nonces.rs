@@ -105,7 +105,22 @@ impl NonceLedger {
         }
     }
 
+    /// Creates the stream, trying again until it exists: right after a cluster forms,
+    /// placement can fail for a moment ("no suitable peers", a peer not yet seen), and the
+    /// first signed request must not fail for it. The caller bounds the wait.
     async fn create(&self) -> Result<(), StoreError> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.create_once().await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::debug!("{e}; retrying"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn create_once(&self) -> Result<(), StoreError> {
         let replicas = match self.js.get_stream("KV_users").await {
             Ok(mut s) => s.info().await.map(|i| i.config.num_replicas).unwrap_or(1),
             Err(_) => 1,
