@@ -111,9 +111,13 @@ impl NonceLedger {
     async fn create(&self) -> Result<(), StoreError> {
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.create_once().await {
-                Ok(()) => return Ok(()),
-                Err(e) => tracing::debug!("{e}; retrying"),
+            // Each attempt bounded: a JetStream API request made while the cluster still
+            // elects its meta leader can go unanswered, and would hold the stream's
+            // creation (and every claim waiting on it) for the context's whole timeout.
+            match tokio::time::timeout(self.op_timeout, self.create_once()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => tracing::debug!("{e}; retrying"),
+                Err(_) => tracing::debug!("nonce ledger: create {STREAM}: no answer; retrying"),
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
