@@ -136,7 +136,7 @@ async fn run_migrate(args: &MigrateArgs) -> Result<Report, Failure> {
         overwrite: args.overwrite,
         ..migrate::MigrateOptions::default()
     };
-    let report = match KvStore::open(client, kv_opts).await {
+    let report = match KvStore::open(client.clone(), kv_opts).await {
         Ok(store) => migrate::migrate(&args.from, &store, opts, &progress).await,
         Err(StoreError::NotFound { what }) if args.dry_run => {
             eprintln!("migrate: the cluster has no {what} yet; a run would create the buckets");
@@ -156,12 +156,7 @@ async fn run_migrate(args: &MigrateArgs) -> Result<Report, Failure> {
     // service connection already reaches the stream.
     let js = match app_jetstream(&args.conn).await {
         Ok(Some(js)) => js,
-        Ok(None) => {
-            async_nats::jetstream::new(connect(&args.conn).await.map_err(|code| Failure {
-                code,
-                message: "cannot connect to the cluster (see above)".into(),
-            })?)
-        }
+        Ok(None) => async_nats::jetstream::new(client),
         Err(code) => {
             return Err(Failure {
                 code,

@@ -145,18 +145,23 @@ pub async fn last_message<I>(
     bounded_retry(limit, &what, || async {
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(msg) => Ok(Some(msg)),
-            Err(err) => match err.kind() {
-                stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                stream::LastRawMessageErrorKind::JetStream(e)
-                    if e.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
-                {
-                    Ok(None)
-                }
-                _ => Err(StoreError::Unavailable(format!("{what}: {err}"))),
-            },
+            Err(err) if is_no_message(&err) => Ok(None),
+            Err(err) => Err(StoreError::Unavailable(format!("{what}: {err}"))),
         }
     })
     .await
+}
+
+/// Whether a `STREAM.MSG.GET` failed only because there is no such message (the client
+/// reports it either way, depending on the server's answer).
+pub(crate) fn is_no_message(err: &stream::LastRawMessageError) -> bool {
+    match err.kind() {
+        stream::LastRawMessageErrorKind::NoMessageFound => true,
+        stream::LastRawMessageErrorKind::JetStream(e) => {
+            e.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+        }
+        _ => false,
+    }
 }
 
 fn carries_id(headers: &HeaderMap, id: &str) -> bool {

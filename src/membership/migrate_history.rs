@@ -124,40 +124,25 @@ pub async fn copy_history(
         )
     })?;
 
+    // One pass in source order: hash every message, and publish those the cluster lacks
+    // in that order, 64 acknowledgements pending (the stream stores one connection's
+    // publishes in the order they arrive, so the copies keep the old order; a publish
+    // that has to be retried, after a leader change, lands after those sent behind it).
     let before = copies_in(&target_stream, &origin).await?;
     let mut source_hashes = BTreeMap::new();
-    let mut missing = Vec::new();
+    let mut pending = futures_util::stream::FuturesOrdered::new();
     let mut reads = messages(&source_stream, first, last);
     while let Some(read) = reads.next().await {
         let Some(message) = read.map_err(|e| source_error(data_dir, e))? else {
             continue;
         };
         let hash = message_hash(message.subject.as_str(), &message.payload);
-        if before.get(&message.sequence) != Some(&hash) {
-            missing.push(message.sequence);
-        }
         source_hashes.insert(message.sequence, hash);
-    }
-    report.source_messages = source_hashes.len() as u64;
-    report.copied = missing.len() as u64;
-    report.already_there = report.source_messages - report.copied;
-    report.source_digest = digest_of(source_hashes.values());
-    if dry_run {
-        return Ok(report);
-    }
-
-    // Read again in source order and publish in that order, 64 acknowledgements pending:
-    // the stream stores one connection's publishes in the order they arrive, so the copies
-    // keep the old order. (A publish that has to be retried, after a leader change, lands
-    // after those sent behind it.)
-    let missing: std::collections::BTreeSet<u64> = missing.into_iter().collect();
-    let mut reads = messages(&source_stream, first, last);
-    let mut pending = futures_util::stream::FuturesOrdered::new();
-    while let Some(read) = reads.next().await {
-        let Some(message) = read.map_err(|e| source_error(data_dir, e))? else {
+        if before.get(&message.sequence) == Some(&hash) {
             continue;
-        };
-        if !missing.contains(&message.sequence) {
+        }
+        report.copied += 1;
+        if dry_run {
             continue;
         }
         let copy = Copy::of(message, &origin);
@@ -183,6 +168,12 @@ pub async fn copy_history(
     }
     while let Some(done) = pending.next().await {
         done?;
+    }
+    report.source_messages = source_hashes.len() as u64;
+    report.already_there = report.source_messages - report.copied;
+    report.source_digest = digest_of(source_hashes.values());
+    if dry_run {
+        return Ok(report);
     }
 
     let after = copies_in(&target_stream, &origin).await?;
@@ -277,15 +268,8 @@ fn messages(
         .map(move |seq| async move {
             match stream.get_raw_message(seq).await {
                 Ok(m) => Ok(Some(m)),
-                Err(e) => match e.kind() {
-                    stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                    stream::LastRawMessageErrorKind::JetStream(js)
-                        if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND =>
-                    {
-                        Ok(None)
-                    }
-                    _ => Err(format!("read message {seq}: {e}")),
-                },
+                Err(e) if super::cas::is_no_message(&e) => Ok(None),
+                Err(e) => Err(format!("read message {seq}: {e}")),
             }
         })
         .buffered(IN_FLIGHT)

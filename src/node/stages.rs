@@ -166,23 +166,19 @@ pub async fn run(ctx: Context) {
 
         // The control plane and room history live in APP, where the clients are (see
         // `membership::history`); the node reaches it as its derived APP user.
-        let Some(client) = retry(
+        // The service takes requests on a connection of its own (`listen`), so that
+        // stopping can drain it (see `membership::service::run`) while replies still leave
+        // on `client`.
+        let Some((client, listen)) = retry(
             &readiness,
             &mut shutdown,
             |z, s| z.stages.membership = s,
-            || store::connect_app(&config, &security, "ctl"),
-        )
-        .await
-        else {
-            break 'start;
-        };
-        // The service takes requests on a connection of its own, so that stopping can
-        // drain it (see `membership::service::run`) while replies still leave on `client`.
-        let Some(listen) = retry(
-            &readiness,
-            &mut shutdown,
-            |z, s| z.stages.membership = s,
-            || store::connect_app(&config, &security, "ctl-listen"),
+            || async {
+                tokio::try_join!(
+                    store::connect_app(&config, &security, "ctl"),
+                    store::connect_app(&config, &security, "ctl-listen"),
+                )
+            },
         )
         .await
         else {
