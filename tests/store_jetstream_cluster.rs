@@ -467,7 +467,13 @@ async fn create_room_purges_leftovers_under_a_reused_id() {
     let kv = open(&cluster, 3).await;
     let store = Store::JetStream(kv.clone());
     let (owner, ghost) = (user_key(), user_key());
-    // What an add or rekey racing the delete of an earlier room "lab" leaves behind.
+    // An earlier room "lab", deleted; then what an add or rekey racing its delete leaves
+    // behind (landing after the delete's purges).
+    store
+        .create_room("lab", "Old lab", &ghost, false)
+        .await
+        .unwrap();
+    store.delete_room("lab").await.unwrap();
     let member = serde_json::json!({
         "room": "lab", "endpoint": ghost, "role": "member", "state": "joined",
         "added_by": owner, "added_at": 1,
@@ -520,6 +526,99 @@ async fn create_room_purges_leftovers_under_a_reused_id() {
             .await
             .is_err()
     );
+    assert_eq!(
+        store.list_rooms_for_endpoint(&owner).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_room_leaves_a_marker_that_hides_it_and_its_orphans_are_reconciled() {
+    let cluster = cluster3();
+    let kv = open(&cluster, 3).await;
+    let store = Store::JetStream(kv.clone());
+    let (owner, late) = (user_key(), user_key());
+    store
+        .create_room("gone", "Gone", &owner, false)
+        .await
+        .unwrap();
+    store
+        .create_room("kept", "Kept", &owner, false)
+        .await
+        .unwrap();
+    store.delete_room("gone").await.unwrap();
+    // The marker: the id's last message is a delete, so a new owner learns it was used.
+    let marker = kv
+        .bucket("rooms")
+        .unwrap()
+        .stream
+        .get_last_raw_message_by_subject("$KV.rooms.gone")
+        .await
+        .unwrap();
+    assert_eq!(
+        marker
+            .headers
+            .get("KV-Operation")
+            .map(|v| v.as_str().to_string()),
+        Some("DEL".to_string())
+    );
+    // Readers see no room behind it.
+    assert!(matches!(
+        store.get_room("gone").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let listed: Vec<String> = store
+        .list_rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, ["kept"]);
+    // An invite that raced the delete lands after it: the reconciler removes it although
+    // a subject listing of `rooms` still shows the id (the marker).
+    let member = serde_json::json!({
+        "room": "gone", "endpoint": late, "role": "member", "state": "invited",
+        "added_by": owner, "added_at": 1,
+    });
+    seed(
+        &kv,
+        "members",
+        format!("gone.{late}"),
+        serde_json::to_vec(&member).unwrap().into(),
+    )
+    .await;
+    seed(
+        &kv,
+        "rooms_by_member",
+        format!("{late}.gone"),
+        "gone".into(),
+    )
+    .await;
+    seed(&kv, "room_keys", "gone.0000000001", "{}".into()).await;
+    let report = kv.reconcile_with_grace(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        (report.index_removed, report.orphans_removed),
+        (1, 2),
+        "{report:?}"
+    );
+    assert_eq!(store.list_members("kept").await.unwrap().len(), 1);
+    assert!(
+        store
+            .list_rooms_for_endpoint(&late)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        kv.bucket("members")
+            .unwrap()
+            .stream
+            .get_last_raw_message_by_subject(&format!("$KV.members.gone.{late}"))
+            .await
+            .is_err()
+    );
+    // A live room's members and index entries are left alone.
     assert_eq!(
         store.list_rooms_for_endpoint(&owner).await.unwrap().len(),
         1

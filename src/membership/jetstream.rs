@@ -33,8 +33,13 @@
 //! # Deletes
 //!
 //! A key is deleted by purging its subject from the stream (no tombstone left), so subject
-//! listings contain live keys only. Reads still ignore `DEL`/`PURGE` markers written by
-//! other KV clients.
+//! listings contain live keys only — with one exception: a deleted *room* leaves a delete
+//! marker (`KV-Operation: DEL`) on its key. A room id taken again then finds the marker,
+//! and only then does `create_room` look for members and keys a racing write may have left
+//! under the id; a never-used id (nearly every create) needs no such reads. Listings of
+//! `rooms` therefore show deleted ids too: every reader of a room ignores markers, and the
+//! reconciler re-reads a room from the leader before it acts on the room being there or
+//! not. Reads ignore `DEL`/`PURGE` markers everywhere (other KV clients write them too).
 //!
 //! # Two-bucket writes
 //!
@@ -169,6 +174,17 @@ fn is_delete_marker(headers: &async_nats::HeaderMap) -> bool {
 
 fn js_code(err: &jetstream::Error) -> jetstream::ErrorCode {
     err.error_code()
+}
+
+/// How a create-if-absent write ended.
+enum Created {
+    /// Written; the key had never held anything (as far as the stream remembers).
+    Fresh,
+    /// Written over a delete marker, or after something under the key was purged while
+    /// we tried: the key was used before.
+    Reused,
+    /// Refused: the key holds a value.
+    Taken,
 }
 
 /// Runs `fut` bounded by `limit`.
@@ -325,22 +341,41 @@ impl KvStore {
     /// may be retried across a leader handover without reporting its own success as a
     /// conflict ([`super::cas`]).
     pub(super) async fn create(&self, kv: &kv::Store, key: &str, value: Bytes) -> Result<bool> {
+        Ok(!matches!(
+            self.create_noting_reuse(kv, key, value).await?,
+            Created::Taken
+        ))
+    }
+
+    /// [`Self::create`], telling whether the key had been used (and deleted) before.
+    async fn create_noting_reuse(
+        &self,
+        kv: &kv::Store,
+        key: &str,
+        value: Bytes,
+    ) -> Result<Created> {
         let mut expected = 0;
-        // A few rounds at most: a key whose last message is a delete marker (written by
-        // another KV client; this store purges) is taken over at the marker's revision,
-        // as async-nats' own `create` does, and a key purged between the refusal and its
+        let mut reused = false;
+        // A few rounds at most: a key whose last message is a delete marker (a deleted
+        // room, or another KV client's delete) is taken over at the marker's revision, as
+        // async-nats' own `create` does, and a key purged between the refusal and its
         // read-back is free again. A key that keeps changing under us is a conflict.
         for _ in 0..3 {
             match self.cas(kv, key, value.clone(), expected).await? {
-                Cas::Written(_) => return Ok(true),
+                Cas::Written(_) if reused => return Ok(Created::Reused),
+                Cas::Written(_) => return Ok(Created::Fresh),
                 Cas::Moved(Some(last)) if is_delete_marker(&last.headers) => {
                     expected = last.sequence;
+                    reused = true;
                 }
-                Cas::Moved(None) => expected = 0,
-                Cas::Moved(Some(_)) => return Ok(false),
+                Cas::Moved(None) => {
+                    expected = 0;
+                    reused = true;
+                }
+                Cas::Moved(Some(_)) => return Ok(Created::Taken),
             }
         }
-        Ok(false)
+        Ok(Created::Taken)
     }
 
     /// A compare-and-set publish of `key` at revision `expected` (0: no message).
@@ -392,6 +427,16 @@ impl KvStore {
         .await
     }
 
+    /// Replaces `key`'s value by a delete marker (see the module doc on deletes).
+    /// Idempotent.
+    async fn mark_deleted(&self, kv: &kv::Store, key: &str) -> Result<()> {
+        let what = format!("delete {}/{key}", kv.name);
+        bounded_retry(self.op_timeout, &what, || async {
+            kv.delete(key).await.map_err(|e| unavailable(&what, e))
+        })
+        .await
+    }
+
     /// Live keys matching `filter` (`>` or `prefix.>`), sorted, read from the leader.
     pub(super) async fn keys(&self, kv: &kv::Store, filter: &str) -> Result<Vec<String>> {
         let what = format!("list {}/{filter}", kv.name);
@@ -423,6 +468,11 @@ impl KvStore {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    /// Whether `room` exists (a leader read; a deleted room's marker is no room).
+    async fn room_exists(&self, room: &str) -> Result<bool> {
+        Ok(self.get_raw(&self.rooms, room).await?.is_some())
     }
 
     async fn require_room(&self, id: &str) -> Result<Room> {
@@ -462,12 +512,11 @@ impl KvStore {
 
     /// [`Self::purge_room_children`] for a room id just taken again, but only what is
     /// there, and never `owner`'s member record or index entry (being written beside
-    /// this). Almost always there is nothing: one cheap leader read per bucket (in
-    /// parallel) decides. The probes and listings are leader reads (see the module doc),
-    /// so whatever they do not show was not acknowledged when they were taken — the same
+    /// this). Usually there is nothing: one cheap leader read per bucket (in parallel)
+    /// decides. The probes and listings are leader reads (see the module doc), so
+    /// whatever they do not show was not acknowledged when they were taken — the same
     /// guarantee an unconditional purge at that moment gives (a write landing after either
-    /// is not caught by either). The room key cannot tell whether the id was used before
-    /// (this store deletes by purging, which leaves no marker), hence the probes.
+    /// is not caught by either).
     async fn purge_room_leftovers(&self, room: &str, owner: &str) -> Result<()> {
         let filter = format!("{room}.>");
         let (members, keys) = futures_util::future::try_join(
@@ -863,7 +912,15 @@ impl KvStore {
         let mut report = ReconcileReport::default();
         let index: BTreeSet<String> = self.keys(&self.index, ">").await?.into_iter().collect();
         let members = self.keys(&self.members, ">").await?;
-        let rooms: BTreeSet<String> = self.keys(&self.rooms, ">").await?.into_iter().collect();
+        // Rooms as one scan sees them (a listing would show deleted rooms' markers too).
+        // The scan may lag the leader: a room it shows is taken as there (a repair that
+        // depends on its absence waits for the next pass), and a room it misses is read
+        // from the leader before anything is removed for it.
+        let rooms: BTreeSet<String> = self
+            .consume_latest(&self.rooms)
+            .await?
+            .into_keys()
+            .collect();
         let member_set: BTreeSet<(String, String)> = members
             .iter()
             .filter_map(|k| k.split_once('.'))
@@ -875,32 +932,35 @@ impl KvStore {
                 continue;
             };
             let listed = member_set.contains(&(room.to_string(), endpoint.to_string()));
-            if !listed || !rooms.contains(room) {
-                let still_member = self
-                    .get_raw(&self.members, &format!("{room}.{endpoint}"))
-                    .await?
-                    .is_some();
-                if !still_member || !rooms.contains(room) {
-                    // Without its room the entry is stale whatever its age; without only
-                    // its member it may be an add whose member write is still in flight.
-                    if rooms.contains(room) && self.younger_than(&self.index, key, grace).await? {
-                        tracing::debug!(room, endpoint, "reconcile: fresh index entry left");
-                        continue;
-                    }
-                    self.purge(&self.index, key).await?;
-                    report.index_removed += 1;
-                    tracing::info!(
-                        room,
-                        endpoint,
-                        "reconcile: removed index entry without member"
-                    );
-                }
+            if listed && rooms.contains(room) {
+                continue;
             }
+            let room_there = rooms.contains(room) || self.room_exists(room).await?;
+            let still_member = self
+                .get_raw(&self.members, &format!("{room}.{endpoint}"))
+                .await?
+                .is_some();
+            if still_member && room_there {
+                continue;
+            }
+            // Without its room the entry is stale whatever its age; without only its
+            // member it may be an add whose member write is still in flight.
+            if room_there && self.younger_than(&self.index, key, grace).await? {
+                tracing::debug!(room, endpoint, "reconcile: fresh index entry left");
+                continue;
+            }
+            self.purge(&self.index, key).await?;
+            report.index_removed += 1;
+            tracing::info!(
+                room,
+                endpoint,
+                "reconcile: removed index entry without member"
+            );
         }
         for (room, endpoint) in &member_set {
             let member_key = format!("{room}.{endpoint}");
             let index_key = format!("{endpoint}.{room}");
-            if !rooms.contains(room) && self.get_raw(&self.rooms, room).await?.is_none() {
+            if !rooms.contains(room) && !self.room_exists(room).await? {
                 self.purge(&self.index, &index_key).await?;
                 self.purge(&self.members, &member_key).await?;
                 report.orphans_removed += 1;
@@ -921,7 +981,7 @@ impl KvStore {
             let Some((room, _)) = key.split_once('.') else {
                 continue;
             };
-            if !rooms.contains(room) && self.get_raw(&self.rooms, room).await?.is_none() {
+            if !rooms.contains(room) && !self.room_exists(room).await? {
                 self.purge(&self.keys, &key).await?;
                 report.orphans_removed += 1;
                 tracing::info!(room, key, "reconcile: removed key of a missing room");
@@ -1171,12 +1231,19 @@ impl KvStore {
         encrypted: bool,
     ) -> Result<Room> {
         let room = Room::new(id, name, owner, encrypted)?;
-        if !self.create(&self.rooms, &room.id, encode(&room)?).await? {
-            return Err(StoreError::conflict(format!(
-                "room {:?} already exists",
-                room.id
-            )));
-        }
+        let reused = match self
+            .create_noting_reuse(&self.rooms, &room.id, encode(&room)?)
+            .await?
+        {
+            Created::Taken => {
+                return Err(StoreError::conflict(format!(
+                    "room {:?} already exists",
+                    room.id
+                )));
+            }
+            Created::Fresh => false,
+            Created::Reused => true,
+        };
         let owner = Member {
             room: room.id.clone(),
             endpoint: room.owner.clone(),
@@ -1187,10 +1254,20 @@ impl KvStore {
         };
         let record = encode(&owner)?;
         // The id is ours now: write the owner's member record and index entry (together,
-        // see `add_member` for why the index may go first) and, in the same round trip,
-        // drop whatever a racing delete may have left under the id, so a new room never
-        // inherits old members or keys. The cleanup spares the owner's own keys, which
-        // the writes beside it replace anyway.
+        // see `add_member` for why the index may go first). If the id was used before,
+        // in the same round trip drop whatever a racing write may have left under it
+        // (a member added while the old room was being deleted), so a new room never
+        // inherits old members or keys; the cleanup spares the owner's own keys, which
+        // the writes beside it replace anyway. A fresh id has nothing under it: members
+        // and keys are written only after their room was read, and a deleted room leaves
+        // its marker (see the module doc).
+        let leftovers = async {
+            if reused {
+                self.purge_room_leftovers(&room.id, &owner.endpoint).await
+            } else {
+                Ok(())
+            }
+        };
         futures_util::future::try_join3(
             self.put(
                 &self.members,
@@ -1198,7 +1275,7 @@ impl KvStore {
                 record,
             ),
             self.write_index(&owner.room, &owner.endpoint),
-            self.purge_room_leftovers(&room.id, &owner.endpoint),
+            leftovers,
         )
         .await?;
         Ok(room)
@@ -1223,7 +1300,8 @@ impl KvStore {
         let id = ids::room_id(id)?;
         self.require_room(id).await?;
         self.purge_room_children(id).await?;
-        self.purge(&self.rooms, id).await
+        // A marker, not a purge: whoever takes the id again must know it was used.
+        self.mark_deleted(&self.rooms, id).await
     }
 
     /// Writes `member`, reading the room first unless the caller has just read it
