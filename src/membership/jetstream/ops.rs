@@ -1,0 +1,465 @@
+//! The store operations `membership::Store` dispatches to: users, rooms, members, room
+//! keys.
+
+use super::primitives::Created;
+use super::*;
+
+// ---- the store operations
+
+impl KvStore {
+    pub(crate) async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User> {
+        let user = User {
+            key: ids::user_key("user", key)?,
+            name: ids::name("name", name)?,
+            admin,
+            created_at: now_ms(),
+            revoked_at: None,
+            xkey: None,
+        };
+        if self.create(&self.users, &user.key, encode(&user)?).await? {
+            Ok(user)
+        } else {
+            Err(StoreError::conflict(format!(
+                "user {} already exists",
+                user.key
+            )))
+        }
+    }
+
+    pub(crate) async fn get_user(&self, key: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        match self.get_json::<User>(&self.users, &key).await? {
+            Some((user, _)) => Ok(user),
+            None => Err(StoreError::not_found(format!("user {key}"))),
+        }
+    }
+
+    pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
+        let mut out = Vec::new();
+        for key in self.keys(&self.users, ">").await? {
+            if let Some((user, _)) = self.get_json::<User>(&self.users, &key).await? {
+                out.push(user);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        let xkey = ids::xkey("xkey", xkey)?;
+        for _ in 0..5 {
+            let Some((mut user, rev)) = self.get_json::<User>(&self.users, &key).await? else {
+                return Err(StoreError::not_found(format!("user {key}")));
+            };
+            if user.xkey.as_deref() == Some(xkey.as_str()) {
+                return Ok(user);
+            }
+            user.xkey = Some(xkey.clone());
+            if self.update(&self.users, &key, encode(&user)?, rev).await? {
+                return Ok(user);
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "user {key} kept changing while setting its xkey"
+        )))
+    }
+
+    pub(crate) async fn revoke_user(&self, key: &str) -> Result<User> {
+        let key = ids::user_key("user", key)?;
+        for _ in 0..5 {
+            let Some((mut user, rev)) = self.get_json::<User>(&self.users, &key).await? else {
+                return Err(StoreError::not_found(format!("user {key}")));
+            };
+            if user.revoked_at.is_some() {
+                return Ok(user);
+            }
+            user.revoked_at = Some(now_ms());
+            if self.update(&self.users, &key, encode(&user)?, rev).await? {
+                return Ok(user);
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "user {key} kept changing during revoke"
+        )))
+    }
+
+    pub(crate) async fn is_authorized(&self, key: &str) -> bool {
+        match bounded(self.op_timeout, "is_authorized", self.get_user(key)).await {
+            Ok(user) => user.revoked_at.is_none(),
+            Err(StoreError::NotFound { .. } | StoreError::Invalid { .. }) => false,
+            Err(err) => {
+                tracing::warn!(%err, "is_authorized: store error, denying (fail closed)");
+                false
+            }
+        }
+    }
+
+    /// Ok once every bucket admission reads has committed a barrier since the caller
+    /// arrived (or within the lease): its leaders still hold their quorum. See
+    /// [`crate::membership::quorum`].
+    pub(crate) async fn confirm_quorum(&self) -> Result<()> {
+        self.quorum
+            .confirm(|| async {
+                let barrier =
+                    |kv: Arc<kv::Store>| async move {
+                        let nothing = Bytes::new();
+                        self.put(&kv, quorum::BARRIER_KEY, nothing).await.map_err(|e| {
+                        StoreError::Unavailable(format!(
+                            "bucket {} cannot commit (no quorum reachable from this node): {e}",
+                            kv.name
+                        ))
+                    })
+                    };
+                futures_util::future::try_join_all([
+                    barrier(self.users.clone()),
+                    barrier(self.index.clone()),
+                    barrier(self.members.clone()),
+                    barrier(self.rooms.clone()),
+                ])
+                .await
+                .map(|_| ())
+            })
+            .await
+    }
+
+    pub(crate) async fn has_admin(&self) -> bool {
+        let scan = async {
+            for key in self.keys(&self.users, ">").await? {
+                if let Some((user, _)) = self.get_json::<User>(&self.users, &key).await?
+                    && user.admin
+                    && user.revoked_at.is_none()
+                {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        match bounded(self.op_timeout, "has_admin", scan).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(%err, "has_admin: store error, answering false (fail closed)");
+                false
+            }
+        }
+    }
+
+    pub(crate) async fn create_room(
+        &self,
+        id: &str,
+        name: &str,
+        owner: &str,
+        encrypted: bool,
+    ) -> Result<Room> {
+        let room = Room::new(id, name, owner, encrypted)?;
+        let reused = match self
+            .create_noting_reuse(&self.rooms, &room.id, encode(&room)?)
+            .await?
+        {
+            Created::Taken => {
+                return Err(StoreError::conflict(format!(
+                    "room {:?} already exists",
+                    room.id
+                )));
+            }
+            Created::Fresh => false,
+            Created::Reused => true,
+        };
+        let owner = Member {
+            room: room.id.clone(),
+            endpoint: room.owner.clone(),
+            role: Role::Owner,
+            state: MemberState::Joined,
+            added_by: room.owner.clone(),
+            added_at: room.created_at,
+        };
+        let record = encode(&owner)?;
+        // The id is ours now: write the owner's member record and index entry (together,
+        // see `add_member` for why the index may go first). If the id was used before,
+        // in the same round trip drop whatever a racing write may have left under it
+        // (a member added while the old room was being deleted), so a new room never
+        // inherits old members or keys; the cleanup spares the owner's own keys, which
+        // the writes beside it replace anyway. A fresh id has nothing under it: members
+        // and keys are written only after their room was read, and a deleted room leaves
+        // its marker (see "Deletes" in the `jetstream` module doc).
+        let leftovers = async {
+            if reused {
+                self.purge_room_leftovers(&room.id, &owner.endpoint).await
+            } else {
+                Ok(())
+            }
+        };
+        futures_util::future::try_join3(
+            self.put(
+                &self.members,
+                &format!("{}.{}", owner.room, owner.endpoint),
+                record,
+            ),
+            self.write_index(&owner.room, &owner.endpoint),
+            leftovers,
+        )
+        .await?;
+        Ok(room)
+    }
+
+    pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
+        let id = ids::room_id(id)?;
+        self.require_room(id).await
+    }
+
+    pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
+        let mut out = Vec::new();
+        for key in self.keys(&self.rooms, ">").await? {
+            if let Some((room, _)) = self.get_json::<Room>(&self.rooms, &key).await? {
+                out.push(room);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn delete_room(&self, id: &str) -> Result<()> {
+        let id = ids::room_id(id)?;
+        self.require_room(id).await?;
+        self.purge_room_children(id).await?;
+        // A marker, not a purge: whoever takes the id again must know it was used.
+        self.mark_deleted(&self.rooms, id).await
+    }
+
+    /// Writes `member`, reading the room first unless the caller has just read it
+    /// (`check_room` false: the service's owner check). That re-read never closed the race
+    /// with a room delete anyway (the delete may land between it and the member write); a
+    /// member of a deleted room is an orphan that grants nothing
+    /// (`list_rooms_for_endpoint` requires the room), is removed by [`Self::reconcile`],
+    /// and is purged by `create_room` if the id is taken again first.
+    pub(crate) async fn add_member(&self, member: Member, check_room: bool) -> Result<Member> {
+        if check_room {
+            self.require_room(&member.room).await?;
+        }
+        let key = format!("{}.{}", member.room, member.endpoint);
+        let record = encode(&member)?;
+        // Authoritative record and index together, one round trip instead of two. The
+        // index may so land first, briefly (or, if the member write fails, until the
+        // reconciler's grace period passes) pointing at no member: it grants nothing,
+        // since every reader (`list_rooms_for_endpoint`, hence admission) re-reads the
+        // member record, and the reconciler leaves entries younger than its grace period
+        // alone so it never removes one whose member write is still in flight. On a retry
+        // after a crash the member exists: the index is (re)written anyway.
+        let (created, _) = futures_util::future::try_join(
+            self.create(&self.members, &key, record),
+            self.write_index(&member.room, &member.endpoint),
+        )
+        .await?;
+        if created {
+            Ok(member)
+        } else {
+            Err(StoreError::conflict(format!(
+                "{} is already a member of room {:?}",
+                member.endpoint, member.room
+            )))
+        }
+    }
+
+    pub(crate) async fn join(&self, room: &str, endpoint: &str) -> Result<Member> {
+        let room = ids::room_id(room)?;
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.require_room(room).await?;
+        let key = format!("{room}.{endpoint}");
+        for _ in 0..5 {
+            let Some((mut member, rev)) = self.get_json::<Member>(&self.members, &key).await?
+            else {
+                return Err(StoreError::not_found(format!(
+                    "membership of {endpoint} in room {room:?}"
+                )));
+            };
+            if member.state == MemberState::Joined {
+                return Ok(member);
+            }
+            member.state = MemberState::Joined;
+            if self
+                .update(&self.members, &key, encode(&member)?, rev)
+                .await?
+            {
+                return Ok(member);
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "membership of {endpoint} in room {room:?} kept changing during join"
+        )))
+    }
+
+    pub(crate) async fn remove_member(&self, room: &str, endpoint: &str) -> Result<()> {
+        let room = ids::room_id(room)?;
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        self.require_room(room).await?;
+        let key = format!("{room}.{endpoint}");
+        if self.get_raw(&self.members, &key).await?.is_none() {
+            return Err(StoreError::not_found(format!(
+                "membership of {endpoint} in room {room:?}"
+            )));
+        }
+        // Index first, then the authoritative record: an interruption leaves a member
+        // without an index entry (under-granting), which a retry or reconcile finishes.
+        self.purge(&self.index, &format!("{endpoint}.{room}"))
+            .await?;
+        self.purge(&self.members, &key).await
+    }
+
+    pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
+        let room = ids::room_id(room)?;
+        self.require_room(room).await?;
+        let mut out = Vec::new();
+        for key in self.keys(&self.members, &format!("{room}.>")).await? {
+            if let Some((m, _)) = self.get_json::<Member>(&self.members, &key).await? {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        Ok(out)
+    }
+
+    pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
+        let endpoint = ids::user_key("endpoint", endpoint)?;
+        let keys = self.keys(&self.index, &format!("{endpoint}.>")).await?;
+        // The index only points; the member record and the room decide. Two leader reads
+        // per room, so rooms are checked side by side (bounded): one after the other, a
+        // user in a thousand rooms took longer to admit than nats-server waits for the
+        // callout.
+        let rooms: Vec<String> = keys
+            .iter()
+            .filter_map(|key| key.split_once('.').map(|(_, room)| room.to_string()))
+            .collect();
+        let mut out: Vec<Member> = futures_util::stream::iter(rooms)
+            .map(|room| self.live_member(room, &endpoint).boxed())
+            .buffer_unordered(MEMBERSHIP_READS_IN_FLIGHT)
+            .try_filter_map(|member| std::future::ready(Ok(member)))
+            .try_collect()
+            .await?;
+        out.sort_by(|a, b| a.room.cmp(&b.room));
+        Ok(out)
+    }
+
+    /// `endpoint`'s member record in `room`, if both it and the room exist (an index
+    /// entry without them is stale and grants nothing).
+    pub(super) async fn live_member(&self, room: String, endpoint: &str) -> Result<Option<Member>> {
+        let (member, exists) = futures_util::future::try_join(
+            self.get_json::<Member>(&self.members, &format!("{room}.{endpoint}")),
+            self.get_raw(&self.rooms, &room),
+        )
+        .await?;
+        match (member, exists) {
+            (Some((m, _)), Some(_)) => Ok(Some(m)),
+            _ => {
+                tracing::debug!(room, endpoint, "stale index entry ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    pub(super) async fn epochs(&self, room: &str) -> Result<BTreeMap<u32, String>> {
+        let mut out = BTreeMap::new();
+        for key in self.keys(&self.keys, &format!("{room}.>")).await? {
+            if let Some(epoch) = key
+                .rsplit_once('.')
+                .and_then(|(_, e)| e.parse::<u32>().ok())
+            {
+                out.insert(epoch, key);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn create_key(&self, key: RoomKey) -> Result<RoomKey> {
+        let k = epoch_key(&key.room, key.epoch);
+        if self.create(&self.keys, &k, encode(&key)?).await? {
+            Ok(key)
+        } else {
+            Err(StoreError::conflict(format!(
+                "room {:?} already has a key for epoch {}",
+                key.room, key.epoch
+            )))
+        }
+    }
+
+    pub(crate) async fn put_room_key(
+        &self,
+        room: &str,
+        epoch: u32,
+        material: &[u8],
+    ) -> Result<RoomKey> {
+        let room = ids::room_id(room)?;
+        let epoch = ids::epoch(epoch)?;
+        self.require_room(room).await?;
+        self.create_key(RoomKey {
+            room: room.to_string(),
+            epoch,
+            material: material.to_vec(),
+            created_at: now_ms(),
+        })
+        .await
+    }
+
+    pub(crate) async fn get_room_key(&self, room: &str, epoch: u32) -> Result<RoomKey> {
+        let room = ids::room_id(room)?;
+        let epoch = ids::epoch(epoch)?;
+        self.require_room(room).await?;
+        match self
+            .get_json::<RoomKey>(&self.keys, &epoch_key(room, epoch))
+            .await?
+        {
+            Some((k, _)) => Ok(k),
+            None => Err(StoreError::not_found(format!(
+                "epoch {epoch} of room {room:?}'s key"
+            ))),
+        }
+    }
+
+    pub(crate) async fn latest_room_key(&self, room: &str) -> Result<Option<RoomKey>> {
+        let room = ids::room_id(room)?;
+        self.require_room(room).await?;
+        for key in self.epochs(room).await?.values().rev() {
+            if let Some((k, _)) = self.get_json::<RoomKey>(&self.keys, key).await? {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) async fn rekey(&self, room: &str, material: &[u8]) -> Result<RoomKey> {
+        let room = ids::room_id(room)?;
+        self.require_room(room).await?;
+        for _ in 0..5 {
+            let latest = self.epochs(room).await?.keys().next_back().copied();
+            let epoch = latest
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or_else(|| StoreError::Invalid {
+                    field: "epoch",
+                    reason: format!("room {room:?} has reached the last epoch"),
+                })?;
+            match self
+                .create_key(RoomKey {
+                    room: room.to_string(),
+                    epoch,
+                    material: material.to_vec(),
+                    created_at: now_ms(),
+                })
+                .await
+            {
+                Err(StoreError::Conflict { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(StoreError::conflict(format!(
+            "room {room:?} was rekeyed concurrently"
+        )))
+    }
+
+    pub(crate) async fn close(&self) -> Result<()> {
+        bounded(self.op_timeout, "flush", async {
+            self.client
+                .flush()
+                .await
+                .map_err(|e| unavailable("flush", e))
+        })
+        .await
+    }
+}
