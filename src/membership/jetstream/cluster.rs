@@ -3,8 +3,6 @@
 
 use super::*;
 
-// ---- opening, replicas, status
-
 impl KvStore {
     /// Binds (or with `create`, creates) the five buckets and waits until each has a leader.
     pub async fn open(client: async_nats::Client, opts: KvOptions) -> Result<Self> {

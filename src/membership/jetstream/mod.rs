@@ -38,13 +38,14 @@
 //! and only then does `create_room` look for members and keys a racing write may have left
 //! under the id; a never-used id (nearly every create) needs no such reads. Listings of
 //! `rooms` therefore show deleted ids too: every reader of a room ignores markers, and the
-//! reconciler re-reads a room from the leader before it acts on the room being there or
-//! not. Reads ignore `DEL`/`PURGE` markers everywhere (other KV clients write them too).
+//! reconciler takes live rooms from a scan (where markers drop out) and re-reads a room
+//! from the leader before it removes anything because the room is missing. Reads ignore
+//! `DEL`/`PURGE` markers everywhere (other KV clients write them too).
 //!
 //! # Two-bucket writes
 //!
 //! See the [module docs](super): `members` and index together on add, index first on
-//! remove, room record last on room delete; [`KvStore::reconcile`] repairs interrupted
+//! remove, the room record last on room delete (replaced by its marker); [`KvStore::reconcile`] repairs interrupted
 //! writes (leaving fresh index entries alone for a grace period) and
 //! `list_rooms_for_endpoint` re-checks `members` and `rooms` for every index entry.
 //!

@@ -4,8 +4,6 @@
 use super::primitives::Created;
 use super::*;
 
-// ---- the store operations
-
 impl KvStore {
     pub(crate) async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User> {
         let user = User {

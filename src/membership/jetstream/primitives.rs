@@ -14,8 +14,6 @@ pub(super) enum Created {
     Taken,
 }
 
-// ---- single-bucket primitives, each one NATS request bounded by op_timeout
-
 impl KvStore {
     pub(in crate::membership) async fn get_raw(
         &self,

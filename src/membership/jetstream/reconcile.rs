@@ -4,7 +4,8 @@
 use super::*;
 
 impl KvStore {
-    /// Repairs what an interrupted two-bucket write leaves; see the [`jetstream`](super) module docs.
+    /// Repairs what an interrupted two-bucket write leaves; see the [`jetstream`](super)
+    /// module docs.
     ///
     /// Lists the index first, then members, then rooms, so a concurrent remove (index
     /// before members) is never mistaken for damage that would over-grant. An add writes

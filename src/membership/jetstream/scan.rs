@@ -3,8 +3,6 @@
 
 use super::*;
 
-// ---- bulk reads (migration and verification)
-
 impl KvStore {
     /// Every live key of `kv` with its value, for bulk comparison (`unibus migrate`).
     ///
