@@ -814,3 +814,27 @@ async fn a_retried_compare_and_set_that_had_landed_is_written_not_a_conflict() {
         Err(StoreError::Conflict { .. })
     ));
 }
+
+#[tokio::test]
+async fn opening_room_history_gives_up_on_an_unanswered_request_after_one_attempt_bound() {
+    // A server whose JetStream API is "there" but silent: a subscriber takes every API
+    // request and never answers (what a cluster still electing its meta leader can do).
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::NatsServer::start("silent", dir.path(), common::server_ports(), "");
+    let silent = connect(&[server.url()]).await;
+    let _swallow = silent.subscribe("$JS.API.>").await.unwrap();
+    silent.flush().await.unwrap();
+    let client = connect(&[server.url()]).await;
+    let err = match unibus::membership::history::History::open(client, 1).await {
+        Ok(_) => panic!("opened a stream on a server that never answers"),
+        Err(e) => e,
+    };
+    // The attempt's own bound, not the JetStream context's (longer) timeout.
+    assert!(
+        err.contains(&format!(
+            "no answer within {:?}",
+            unibus::membership::history::OPEN_ATTEMPT
+        )),
+        "{err}"
+    );
+}

@@ -102,6 +102,9 @@ pub async fn replicas_status(
     })
 }
 
+/// How long one attempt of [`History::open`] waits for JetStream.
+pub const OPEN_ATTEMPT: Duration = Duration::from_secs(1);
+
 /// The node's handle on the `ROOMS` stream.
 #[derive(Clone)]
 pub struct History {
@@ -115,9 +118,14 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> CtlError {
 impl History {
     /// Binds the `ROOMS` stream on `client` (an `APP` connection), creating it with
     /// `replicas` if it does not exist. An existing stream keeps its replicas.
+    ///
+    /// One attempt waits at most [`OPEN_ATTEMPT`]: right after a cluster forms, a
+    /// JetStream API request can go unanswered, and the node's start-up retries sooner
+    /// than the context's timeout would (creating is idempotent: a retry binds what an
+    /// unanswered attempt created).
     pub async fn open(client: async_nats::Client, replicas: usize) -> Result<History, String> {
         let js = jetstream::new(client);
-        js.get_or_create_stream(stream::Config {
+        let create = js.get_or_create_stream(stream::Config {
             name: api::ROOMS_STREAM.into(),
             description: Some("unibus room messages: unibus.room.<room>.<sender>".into()),
             subjects: vec![format!("{}.>", api::ROOM_PREFIX)],
@@ -125,15 +133,18 @@ impl History {
             storage: stream::StorageType::File,
             duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
+        });
+        let failed = |e: &dyn std::fmt::Display| {
             format!(
                 "cannot create or bind the {} stream: {e}",
                 api::ROOMS_STREAM
             )
-        })?;
-        Ok(History { js })
+        };
+        match tokio::time::timeout(OPEN_ATTEMPT, create).await {
+            Ok(Ok(_)) => Ok(History { js }),
+            Ok(Err(e)) => Err(failed(&e)),
+            Err(_) => Err(failed(&format!("no answer within {OPEN_ATTEMPT:?}"))),
+        }
     }
 
     /// Opens a feed of `room` for `listener` onto its `inbox` (see the module doc).

@@ -20,8 +20,11 @@ impl KvStore {
         let mut stores = Vec::with_capacity(BUCKETS.len());
         for bucket in BUCKETS {
             let stream_name = format!("KV_{bucket}");
+            // Lookups and binds are idempotent reads, hedged like any other: right after a
+            // cluster forms, a JetStream API request can go unanswered (one node waited out
+            // its whole `op_timeout` for one, and became ready 2 s after its peers).
             let what = format!("look up bucket {bucket}");
-            let existing = bounded(opts.op_timeout, &what, async {
+            let existing = bounded_retry(opts.op_timeout, &what, || async {
                 match js.get_stream(&stream_name).await {
                     Ok(s) => Ok(Some(s)),
                     Err(err) => match err.kind() {
@@ -75,7 +78,7 @@ impl KvStore {
                 .await?;
             }
             let what = format!("bind bucket {bucket}");
-            let store = bounded(opts.op_timeout, &what, async {
+            let store = bounded_retry(opts.op_timeout, &what, || async {
                 js.get_key_value(bucket)
                     .await
                     .map_err(|e| unavailable(&what, e))
