@@ -44,14 +44,49 @@ pub fn cluster_secrets(names: &[&str]) -> tempfile::TempDir {
 }
 
 /// `n` distinct free loopback ports (all held until all are chosen, then released).
+///
+/// Chosen below the kernel's ephemeral range when there is room: a port the OS handed out
+/// for `bind(0)` and we released could be taken next as the *source* port of any outgoing
+/// connection (every client and route dial draws from that range) before our server binds
+/// it, and the server would fail to start. Below the range only another listener can take
+/// it, and a process-wide cursor keeps this process from handing one out twice.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    let listeners: Vec<TcpListener> = (0..n).map(|_| bind_free_port()).collect();
     listeners
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// Lowest port this module hands out below the ephemeral range.
+const LOW_PORT: u16 = 10_000;
+
+fn bind_free_port() -> TcpListener {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW_PORT + 1_000 {
+        let span = u32::from(ephemeral_low - LOW_PORT);
+        // Start each process somewhere else in the span, so test binaries run one after
+        // another do not reuse each other's ports while those may linger in TIME_WAIT.
+        let _ = CURSOR.compare_exchange(
+            0,
+            std::process::id() % span + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        for _ in 0..span {
+            let offset = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+            let port = LOW_PORT + offset as u16;
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+                return listener;
+            }
+        }
+    }
+    TcpListener::bind("127.0.0.1:0").unwrap()
 }
 
 /// Polls `f` every 50 ms until it returns Some or `timeout` passes.
