@@ -63,23 +63,23 @@ const LOW_PORT: u16 = 10_000;
 
 fn bind_free_port() -> TcpListener {
     use std::sync::atomic::{AtomicU32, Ordering};
-    static CURSOR: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    if ephemeral_low > LOW_PORT + 1_000 {
-        let span = u32::from(ephemeral_low - LOW_PORT);
-        // Start each process somewhere else in the span, so test binaries run one after
-        // another do not reuse each other's ports while those may linger in TIME_WAIT.
-        let _ = CURSOR.compare_exchange(
-            0,
-            std::process::id() % span + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        for _ in 0..span {
-            let offset = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+    // The span of ports below the ephemeral range, and a cursor over it that starts
+    // somewhere else in each process (so test binaries run one after another do not reuse
+    // each other's ports while those may linger in TIME_WAIT); read once per process.
+    static SPAN: std::sync::OnceLock<Option<(u32, AtomicU32)>> = std::sync::OnceLock::new();
+    let below_ephemeral = SPAN.get_or_init(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768);
+        (ephemeral_low > LOW_PORT + 1_000).then(|| {
+            let span = u32::from(ephemeral_low - LOW_PORT);
+            (span, AtomicU32::new(std::process::id() % span))
+        })
+    });
+    if let Some((span, cursor)) = below_ephemeral {
+        for _ in 0..*span {
+            let offset = cursor.fetch_add(1, Ordering::Relaxed) % span;
             let port = LOW_PORT + offset as u16;
             if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
                 return listener;

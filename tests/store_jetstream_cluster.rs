@@ -77,6 +77,25 @@ async fn seed(kv: &KvStore, bucket: &str, key: impl Into<String>, value: bytes::
     }
 }
 
+/// Writes a member record behind the store's back (see [`seed`]).
+async fn seed_member(kv: &KvStore, room: &str, endpoint: &str, state: &str, added_by: &str) {
+    let member = serde_json::json!({
+        "room": room, "endpoint": endpoint, "role": "member", "state": state,
+        "added_by": added_by, "added_at": 1,
+    });
+    let record = serde_json::to_vec(&member).unwrap().into();
+    seed(kv, "members", format!("{room}.{endpoint}"), record).await;
+}
+
+/// What an add and a rekey racing the delete of `room` leave once they land after it: a
+/// member record of `endpoint`, its index entry and a room key.
+async fn seed_leftovers(kv: &KvStore, room: &str, endpoint: &str, state: &str, added_by: &str) {
+    seed_member(kv, room, endpoint, state, added_by).await;
+    let index_key = format!("{endpoint}.{room}");
+    seed(kv, "rooms_by_member", index_key, room.to_string().into()).await;
+    seed(kv, "room_keys", format!("{room}.0000000001"), "{}".into()).await;
+}
+
 /// Options binding the existing R3 buckets with a short `op_timeout`.
 fn bind_r3(op_timeout: Duration) -> KvOptions {
     KvOptions {
@@ -474,31 +493,9 @@ async fn create_room_purges_leftovers_under_a_reused_id() {
         .await
         .unwrap();
     store.delete_room("lab").await.unwrap();
-    let member = serde_json::json!({
-        "room": "lab", "endpoint": ghost, "role": "member", "state": "joined",
-        "added_by": owner, "added_at": 1,
-    });
-    seed(
-        &kv,
-        "members",
-        format!("lab.{ghost}"),
-        serde_json::to_vec(&member).unwrap().into(),
-    )
-    .await;
-    seed(&kv, "rooms_by_member", format!("{ghost}.lab"), "lab".into()).await;
-    seed(&kv, "room_keys", "lab.0000000001", "{}".into()).await;
+    seed_leftovers(&kv, "lab", &ghost, "joined", &owner).await;
     // The new owner was invited to the old room: that record is replaced, not kept.
-    let invited = serde_json::json!({
-        "room": "lab", "endpoint": owner, "role": "member", "state": "invited",
-        "added_by": ghost, "added_at": 1,
-    });
-    seed(
-        &kv,
-        "members",
-        format!("lab.{owner}"),
-        serde_json::to_vec(&invited).unwrap().into(),
-    )
-    .await;
+    seed_member(&kv, "lab", &owner, "invited", &ghost).await;
 
     store
         .create_room("lab", "Lab", &owner, false)
@@ -577,25 +574,7 @@ async fn a_deleted_room_leaves_a_marker_that_hides_it_and_its_orphans_are_reconc
     assert_eq!(listed, ["kept"]);
     // An invite that raced the delete lands after it: the reconciler removes it although
     // a subject listing of `rooms` still shows the id (the marker).
-    let member = serde_json::json!({
-        "room": "gone", "endpoint": late, "role": "member", "state": "invited",
-        "added_by": owner, "added_at": 1,
-    });
-    seed(
-        &kv,
-        "members",
-        format!("gone.{late}"),
-        serde_json::to_vec(&member).unwrap().into(),
-    )
-    .await;
-    seed(
-        &kv,
-        "rooms_by_member",
-        format!("{late}.gone"),
-        "gone".into(),
-    )
-    .await;
-    seed(&kv, "room_keys", "gone.0000000001", "{}".into()).await;
+    seed_leftovers(&kv, "gone", &late, "invited", &owner).await;
     let report = kv.reconcile_with_grace(Duration::ZERO).await.unwrap();
     assert_eq!(
         (report.index_removed, report.orphans_removed),
