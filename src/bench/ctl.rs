@@ -1,7 +1,11 @@
 //! Control-plane workloads, each beside its raw NATS twin on the same servers:
 //!
-//! - `ctl_read`: signed `users.get`, `members.rooms`, `rooms.get` on a single default node
-//!   (SQLite, enforce, TLS) vs bare request/reply between two clients of the same node;
+//! - `ctl_read`: connection-bound `users.get`, `members.rooms`, `rooms.get` on a single
+//!   default node (SQLite, enforce, TLS) vs bare request/reply through the same node,
+//!   answered by a process of its own ([`super::responder`]) with the same bytes: each
+//!   request carries the read's body (no envelope) and each reply is the node's answer,
+//!   captured once through the unibus path, so the ratio is unibus's work per read, not
+//!   the cost of moving the data;
 //! - `ctl_write_r1|r3[_nofsync]`: signed `rooms.create` + `members.invite` on a
 //!   decentralized three-node cluster vs raw KV puts at the same replicas, compared per
 //!   KV write the operation needs (so the ratio is unibus's overhead per write, not the
@@ -47,26 +51,45 @@ pub async fn ctl_read(
     let secrets = node.data.join("secrets");
     let admin = client(&secrets, &[&node.ports.listen], &secrets.join("admin.seed")).await?;
     create_room(&admin, "bench").await?;
-    // The raw pair: bare request/reply as the node's APP identity (no callout, no limits).
+    // What the unibus side carries, read once through its own path: each read's request
+    // body (without the envelope) and the node's reply bytes. The twin carries the same
+    // bytes, so the ratio is unibus's work, not the cost of moving the data.
+    let me = admin.key().to_string();
+    let reads = [
+        (Op::UsersGet, serde_json::json!({ "key": me })),
+        (Op::MembersRooms, serde_json::json!({})),
+        (Op::RoomsGet, serde_json::json!({ "room": "bench" })),
+    ];
+    let mut bodies = Vec::new();
+    let mut replies = Vec::new();
+    for (op, body) in &reads {
+        let envelope = crate::auth::envelope::Envelope::bound(op.name(), body, &me)
+            .map_err(|e| e.to_string())?;
+        let payload = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
+        let reply = admin
+            .nats()
+            .request(op.subject(), payload.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        bodies.push(bytes::Bytes::from(
+            serde_json::to_vec(body).map_err(|e| e.to_string())?,
+        ));
+        replies.push(reply.payload);
+    }
+    // The raw pair: bare request/reply as the node's APP identity (no callout, no
+    // limits), answered by a process of its own as the node is (see `responder`).
     let app = app_seed(&secrets)?;
     let requester = raw_connection(&secrets, &[&node.ports.listen], app.clone()).await?;
-    let responder = raw_connection(&secrets, &[&node.ports.listen], app).await?;
-    let mut sub = responder
-        .subscribe("unibus.bench.echo")
-        .await
-        .map_err(|e| e.to_string())?;
-    let echo = responder.clone();
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                let _ = echo.publish(reply, "ok".into()).await;
-            }
-        }
-    });
-    responder.flush().await.map_err(|e| e.to_string())?;
+    let _responder = super::responder::spawn(
+        unibus,
+        &node.ports.listen,
+        &secrets,
+        app,
+        &replies,
+        &requester,
+    )
+    .await?;
 
-    let me = admin.key().to_string();
     let ours = move |i: u64| {
         let (admin, me) = (admin.clone(), me.clone());
         async move {
@@ -77,11 +100,13 @@ pub async fn ctl_read(
             }
         }
     };
-    let raw = move |_i: u64| {
+    let raw = move |i: u64| {
         let requester = requester.clone();
+        let which = (i % 3) as usize;
+        let body = bodies[which].clone();
         async move {
             requester
-                .request("unibus.bench.echo", "{}".into())
+                .request(format!("unibus.bench.echo.{which}"), body)
                 .await
                 .map(|_| ())
         }

@@ -18,6 +18,7 @@ pub mod faults;
 pub mod load;
 pub mod measure;
 pub mod publish;
+pub mod responder;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -37,3 +37,14 @@ pub async fn run(quick: bool, json: bool, only: Vec<String>) -> u8 {
     }
     0
 }
+
+/// `unibus bench-responder` (hidden): the raw twin's responder, a child of `unibus bench`.
+pub async fn responder(server: &str, secrets: &std::path::Path) -> u8 {
+    match unibus::bench::responder::serve(server, secrets).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}

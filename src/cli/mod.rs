@@ -114,6 +114,14 @@ pub enum Command {
         #[arg(long, hide = true, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// The raw twin's responder for `unibus bench` (started by it; see `bench::responder`).
+    #[command(hide = true)]
+    BenchResponder {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        secrets: PathBuf,
+    },
 }
 
 impl Cli {
@@ -135,6 +143,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Cluster(c) => cluster::run(c).await,
         Command::Keygen { out } => keys::keygen(&out),
         Command::Bench { quick, json, only } => bench::run(quick, json, only).await,
+        Command::BenchResponder { server, secrets } => bench::responder(&server, &secrets).await,
         Command::Migrate(args) => migrate::run(*args).await,
         Command::User(c) => user::run(c).await,
         Command::Room(c) => room::run(c).await,
