@@ -25,7 +25,82 @@ async fn conformance(store: &Store) {
     rooms(store).await;
     members(store).await;
     room_keys(store).await;
+    reads_follow_writes(store).await;
     bad_input(store).await;
+}
+
+/// Each read asked twice around a write that changes its answer sees the write: nothing
+/// between the store and its caller (the SQLite store's read cache) answers from before.
+async fn reads_follow_writes(store: &Store) {
+    let (owner, guest) = (user_key(), user_key());
+    store.add_user(&guest, "guest", false).await.unwrap();
+    assert!(store.get_user(&guest).await.unwrap().revoked_at.is_none());
+    store.revoke_user(&guest).await.unwrap();
+    assert!(store.get_user(&guest).await.unwrap().revoked_at.is_some());
+    assert!(!store.is_authorized(&guest).await);
+
+    assert!(is_not_found(store.get_room("fresh").await));
+    store
+        .create_room("fresh", "Fresh", &owner, false)
+        .await
+        .unwrap();
+    assert_eq!(store.get_room("fresh").await.unwrap().name, "Fresh");
+
+    let endpoints = |members: Vec<unibus::membership::Member>| {
+        members.into_iter().map(|m| m.endpoint).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        endpoints(store.list_members("fresh").await.unwrap()),
+        std::slice::from_ref(&owner)
+    );
+    assert!(
+        store
+            .list_rooms_for_endpoint(&guest)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .add_member("fresh", &guest, Role::Member, MemberState::Invited, &owner)
+        .await
+        .unwrap();
+    assert_eq!(store.list_members("fresh").await.unwrap().len(), 2);
+    let rooms = store.list_rooms_for_endpoint(&guest).await.unwrap();
+    assert_eq!(
+        rooms
+            .iter()
+            .map(|m| (m.room.as_str(), m.state))
+            .collect::<Vec<_>>(),
+        [("fresh", MemberState::Invited)]
+    );
+    store.join("fresh", &guest).await.unwrap();
+    assert_eq!(
+        store.list_rooms_for_endpoint(&guest).await.unwrap()[0].state,
+        MemberState::Joined
+    );
+    store.remove_member("fresh", &guest).await.unwrap();
+    assert!(
+        store
+            .list_rooms_for_endpoint(&guest)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        endpoints(store.list_members("fresh").await.unwrap()),
+        std::slice::from_ref(&owner)
+    );
+
+    store.delete_room("fresh").await.unwrap();
+    assert!(is_not_found(store.get_room("fresh").await));
+    assert!(is_not_found(store.list_members("fresh").await));
+    assert!(
+        store
+            .list_rooms_for_endpoint(&owner)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn empty(store: &Store) {
@@ -417,10 +492,17 @@ async fn sqlite_conformance() {
 
     // Reopening keeps data and the schema version; a newer schema is refused.
     let store = Store::Sqlite(SqliteStore::open(&path).await.unwrap());
-    assert_eq!(store.list_users().await.unwrap().len(), 2);
+    assert_eq!(store.list_users().await.unwrap().len(), 3);
+    let someone = store.list_users().await.unwrap()[0].key.clone();
+    store.get_user(&someone).await.unwrap();
     store.close().await.unwrap();
     assert!(matches!(
         store.list_users().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // Nor does a read that was answered before the close come back from memory.
+    assert!(matches!(
+        store.get_user(&someone).await,
         Err(StoreError::Unavailable(_))
     ));
     rusqlite::Connection::open(&path)

@@ -69,6 +69,7 @@ pub mod migrate;
 pub mod migrate_history;
 pub mod nonces;
 pub mod quorum;
+mod read_cache;
 pub mod service;
 pub mod sqlite;
 

@@ -24,6 +24,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::read_cache::ReadCache;
+
 /// Ordered schema migrations; entry `i` moves the file from version `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
     // v1: initial schema.
@@ -74,22 +76,9 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Option<Connection>>>,
     /// A second, read-only connection for reads, which run inline (see the module doc).
     reader: Arc<Mutex<Option<Connection>>>,
-    users: Arc<Mutex<UserCache>>,
+    /// Hot reads, exact because every write goes through [`SqliteStore::tx`].
+    cache: Arc<ReadCache>,
 }
-
-/// Users as last read, by key. Every control-plane request and every connection looks its
-/// user up, and this process is the only writer of the file (the data dir is locked), so
-/// a cache here is exact: each user write bumps `generation` and drops the entry after it
-/// commits, and a read only fills the cache if no write happened since it began (so a
-/// read racing a write never caches what the write replaced).
-#[derive(Default)]
-struct UserCache {
-    generation: u64,
-    users: std::collections::HashMap<String, User>,
-}
-
-/// Bound on cached users (a few MiB); when full the cache starts over.
-const USER_CACHE_ENTRIES: usize = 10_000;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -503,20 +492,8 @@ impl SqliteStore {
             path,
             conn: Arc::new(Mutex::new(Some(conn))),
             reader: Arc::new(Mutex::new(Some(reader))),
-            users: Arc::default(),
+            cache: Arc::default(),
         })
-    }
-
-    fn user_cache(&self) -> std::sync::MutexGuard<'_, UserCache> {
-        // A panic while holding it leaves at worst a missing entry: keep using it.
-        self.users.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// After a write to `key`'s user row has committed (or failed).
-    fn forget_user(&self, key: &str) {
-        let mut cache = self.user_cache();
-        cache.generation += 1;
-        cache.users.remove(key);
     }
 
     /// Runs the read `f` in one (read) transaction on the reader connection, inline.
@@ -548,7 +525,11 @@ impl SqliteStore {
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
         let conn = Arc::clone(&self.conn);
+        let cache = Arc::clone(&self.cache);
         tokio::task::spawn_blocking(move || {
+            // Here, not around the await: once started, this closure runs to the end even
+            // if the caller stops waiting, and the cache must stay bypassed until then.
+            let _writing = cache.begin_write();
             let mut guard = lock(&conn, "connection")?;
             let conn = open_in(&mut guard)?;
             let tx = conn.transaction().map_err(|e| backend("begin", e))?;
@@ -569,49 +550,36 @@ impl SqliteStore {
             revoked_at: None,
             xkey: None,
         };
-        let cache_key = user.key.clone();
-        let written = self
-            .tx(move |tx| {
-                tx.execute(
-                    &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL)"),
-                    params![user.key, user.name, user.admin, to_i64(user.created_at)],
-                )
-                .map_err(|e| {
-                    if is_constraint(&e) {
-                        StoreError::conflict(format!("user {} already exists", user.key))
-                    } else {
-                        backend("insert user", e)
-                    }
-                })?;
-                Ok(user)
-            })
-            .await;
-        self.forget_user(&cache_key);
-        written
+        self.tx(move |tx| {
+            tx.execute(
+                &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL)"),
+                params![user.key, user.name, user.admin, to_i64(user.created_at)],
+            )
+            .map_err(|e| {
+                if is_constraint(&e) {
+                    StoreError::conflict(format!("user {} already exists", user.key))
+                } else {
+                    backend("insert user", e)
+                }
+            })?;
+            Ok(user)
+        })
+        .await
     }
 
     pub(crate) async fn get_user(&self, key: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
-        let generation = {
-            let cache = self.user_cache();
-            if let Some(user) = cache.users.get(&key) {
-                return Ok(user.clone());
-            }
-            cache.generation
-        };
-        let user = self.read(|tx| {
-            let sql = format!("SELECT {USER_COLS} FROM users WHERE key = ?1");
-            read_one(tx, "read user", &sql, [&key], user_from_row)?
-                .ok_or_else(|| StoreError::not_found(format!("user {key}")))
-        })?;
-        let mut cache = self.user_cache();
-        if cache.generation == generation {
-            if cache.users.len() >= USER_CACHE_ENTRIES {
-                cache.users.clear();
-            }
-            cache.users.insert(key, user.clone());
-        }
-        Ok(user)
+        self.cache.through(
+            |t| &mut t.users,
+            &key,
+            || {
+                self.read(|tx| {
+                    let sql = format!("SELECT {USER_COLS} FROM users WHERE key = ?1");
+                    read_one(tx, "read user", &sql, [&key], user_from_row)?
+                        .ok_or_else(|| StoreError::not_found(format!("user {key}")))
+                })
+            },
+        )
     }
 
     pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
@@ -645,7 +613,7 @@ impl SqliteStore {
     }
 
     /// Runs `sql` (an UPDATE of user `key`, with `value` as `?2`) and reads the user back;
-    /// `NotFound` if there is no such user. Forgets the cached user once it is done.
+    /// `NotFound` if there is no such user.
     async fn update_user(
         &self,
         key: String,
@@ -653,25 +621,21 @@ impl SqliteStore {
         sql: &'static str,
         value: rusqlite::types::Value,
     ) -> Result<User> {
-        let cache_key = key.clone();
-        let written = self
-            .tx(move |tx| {
-                let changed = tx
-                    .execute(sql, params![key, value])
-                    .map_err(|e| backend(what, e))?;
-                if changed == 0 {
-                    return Err(StoreError::not_found(format!("user {key}")));
-                }
-                tx.query_row(
-                    &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
-                    [&key],
-                    user_from_row,
-                )
-                .map_err(|e| backend("read user", e))
-            })
-            .await;
-        self.forget_user(&cache_key);
-        written
+        self.tx(move |tx| {
+            let changed = tx
+                .execute(sql, params![key, value])
+                .map_err(|e| backend(what, e))?;
+            if changed == 0 {
+                return Err(StoreError::not_found(format!("user {key}")));
+            }
+            tx.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE key = ?1"),
+                [&key],
+                user_from_row,
+            )
+            .map_err(|e| backend("read user", e))
+        })
+        .await
     }
 
     /// One process, one copy: nothing can have moved on without it.
@@ -746,12 +710,18 @@ impl SqliteStore {
     }
 
     pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
-        let id = ids::room_id(id)?.to_string();
-        self.read(move |tx| {
-            let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?1");
-            read_one(tx, "read room", &sql, [&id], room_from_row)?
-                .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
-        })
+        let id = ids::room_id(id)?;
+        self.cache.through(
+            |t| &mut t.rooms,
+            id,
+            || {
+                self.read(|tx| {
+                    let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?1");
+                    read_one(tx, "read room", &sql, [id], room_from_row)?
+                        .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
+                })
+            },
+        )
     }
 
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
@@ -856,34 +826,46 @@ impl SqliteStore {
     }
 
     pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
-        let room = ids::room_id(room)?.to_string();
-        self.read(move |tx| {
-            room_exists(tx, &room)?;
-            // Sorted here, not by ORDER BY: see `list_rooms_for_endpoint`.
-            let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1");
-            let mut members = read_all(tx, "list members", &sql, [&room], member_from_row)?;
-            members.sort_unstable_by(|a, b| a.endpoint.cmp(&b.endpoint));
-            Ok(members)
-        })
+        let room = ids::room_id(room)?;
+        self.cache.through(
+            |t| &mut t.members,
+            room,
+            || {
+                self.read(|tx| {
+                    room_exists(tx, room)?;
+                    // Sorted here, not by ORDER BY: see `list_rooms_for_endpoint`.
+                    let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE room = ?1");
+                    let mut members = read_all(tx, "list members", &sql, [room], member_from_row)?;
+                    members.sort_unstable_by(|a, b| a.endpoint.cmp(&b.endpoint));
+                    Ok(members)
+                })
+            },
+        )
     }
 
     pub(crate) async fn list_rooms_for_endpoint(&self, endpoint: &str) -> Result<Vec<Member>> {
         let endpoint = ids::user_key("endpoint", endpoint)?;
-        self.read(move |tx| {
-            // No ORDER BY: with it, SQLite re-prepares the statement on every new binding
-            // (seen in `sqlite3_stmt_status(REPREPARE)`), which parsing made the most
-            // expensive part of the call. Sorting a user's rooms here is cheaper.
-            let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1");
-            let mut rooms = read_all(
-                tx,
-                "list rooms for endpoint",
-                &sql,
-                [&endpoint],
-                member_from_row,
-            )?;
-            rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
-            Ok(rooms)
-        })
+        self.cache.through(
+            |t| &mut t.rooms_of,
+            &endpoint,
+            || {
+                self.read(|tx| {
+                    // No ORDER BY: with it, SQLite re-prepares the statement on every new binding
+                    // (seen in `sqlite3_stmt_status(REPREPARE)`), which parsing made the most
+                    // expensive part of the call. Sorting a user's rooms here is cheaper.
+                    let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE endpoint = ?1");
+                    let mut rooms = read_all(
+                        tx,
+                        "list rooms for endpoint",
+                        &sql,
+                        [&endpoint],
+                        member_from_row,
+                    )?;
+                    rooms.sort_unstable_by(|a, b| a.room.cmp(&b.room));
+                    Ok(rooms)
+                })
+            },
+        )
     }
 
     pub(crate) async fn put_room_key(
@@ -963,6 +945,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn close(&self) -> Result<()> {
+        self.cache.close();
         let conn = Arc::clone(&self.conn);
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
