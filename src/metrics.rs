@@ -27,27 +27,30 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+// Labels are `&'static str` where every value is a fixed name (an operation, an outcome,
+// an error kind): these families are looked up several times per request, and a `String`
+// per label was an allocation and a free each time.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpOutcome {
-    pub op: String,
-    pub outcome: String,
+    pub op: &'static str,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Op {
-    pub op: String,
+    pub op: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpKind {
-    pub op: String,
-    pub kind: String,
+    pub op: &'static str,
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Decision {
-    pub result: String,
-    pub reason: String,
+    pub result: &'static str,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,38 +148,27 @@ impl Metrics {
         out
     }
 
-    pub fn ctl_request(&self, op: &str, outcome: &str, took: Duration) {
+    pub fn ctl_request(&self, op: &'static str, outcome: &'static str, took: Duration) {
         self.ctl_requests
-            .get_or_create(&OpOutcome {
-                op: op.into(),
-                outcome: outcome.into(),
-            })
+            .get_or_create(&OpOutcome { op, outcome })
             .inc();
         self.ctl_latency
-            .get_or_create(&Op { op: op.into() })
+            .get_or_create(&Op { op })
             .observe(took.as_secs_f64());
     }
 
-    pub fn auth_decision(&self, result: &str, reason: &str) {
+    pub fn auth_decision(&self, result: &'static str, reason: &'static str) {
         self.auth_decisions
-            .get_or_create(&Decision {
-                result: result.into(),
-                reason: reason.into(),
-            })
+            .get_or_create(&Decision { result, reason })
             .inc();
     }
 
-    pub fn store_op(&self, op: &str, took: Duration, error: Option<&str>) {
+    pub fn store_op(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
         self.store_latency
-            .get_or_create(&Op { op: op.into() })
+            .get_or_create(&Op { op })
             .observe(took.as_secs_f64());
         if let Some(kind) = error {
-            self.store_errors
-                .get_or_create(&OpKind {
-                    op: op.into(),
-                    kind: kind.into(),
-                })
-                .inc();
+            self.store_errors.get_or_create(&OpKind { op, kind }).inc();
         }
     }
 }

@@ -32,6 +32,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use super::api::*;
 use super::history::History;
@@ -135,7 +136,7 @@ impl Handler {
     ) -> (Vec<u8>, Option<ErrorKind>, Vec<String>) {
         let mut revoke = Vec::new();
         match self.process(op, raw, reply, &mut revoke).await {
-            Ok(value) => (json(&Reply::Ok(value)), None, revoke),
+            Ok(encoded) => (encoded, None, revoke),
             Err(e) => {
                 tracing::debug!(
                     op = op.name(),
@@ -155,7 +156,7 @@ impl Handler {
         raw: &[u8],
         reply: Option<&str>,
         revoke: &mut Vec<String>,
-    ) -> Result<serde_json::Value, CtlError> {
+    ) -> Result<Vec<u8>, CtlError> {
         let (claimed_key, body, nonce) = self.authenticate(op, raw, reply)?;
         // An unsigned (or unclaimed) read commits nothing, so nothing else would notice a
         // store leader that lost its quorum and answers from a stale copy: a barrier does
@@ -197,7 +198,7 @@ impl Handler {
             }
         }
         quorum?;
-        self.dispatch(op, &caller?, body, revoke).await
+        self.dispatch(op, &caller?, &body, revoke).await
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -209,7 +210,7 @@ impl Handler {
         op: Op,
         raw: &[u8],
         reply: Option<&str>,
-    ) -> Result<(String, serde_json::Value, Option<String>), CtlError> {
+    ) -> Result<(String, Box<RawValue>, Option<String>), CtlError> {
         let limits = envelope::Limits {
             max_body: self.config.max_body,
             skew: self.config.skew,
@@ -236,8 +237,6 @@ impl Handler {
                 Err(e) => return Err(envelope_error(e)),
             }
         };
-        let body = serde_json::from_str(body.get())
-            .map_err(|e| CtlError::invalid(format!("body: {e}")))?;
         Ok((key, body, nonce))
     }
 
@@ -270,9 +269,9 @@ impl Handler {
         &self,
         op: Op,
         caller: &Caller,
-        body: serde_json::Value,
+        body: &RawValue,
         revoke: &mut Vec<String>,
-    ) -> Result<serde_json::Value, CtlError> {
+    ) -> Result<Vec<u8>, CtlError> {
         let store = &self.store;
         match op {
             Op::UsersAdd => {
@@ -595,7 +594,7 @@ fn claimed(
     raw: &[u8],
     op: Op,
     limits: &envelope::Limits,
-) -> Result<(String, Box<serde_json::value::RawValue>), CtlError> {
+) -> Result<(String, Box<RawValue>), CtlError> {
     let env = envelope::parse(raw, limits).map_err(envelope_error)?;
     if env.op != op.name() {
         return Err(CtlError::invalid(format!(
@@ -619,18 +618,20 @@ fn envelope_error(e: envelope::EnvelopeError) -> CtlError {
     CtlError::new(kind, e.to_string())
 }
 
-fn parse<T: DeserializeOwned>(body: serde_json::Value) -> Result<T, CtlError> {
+/// The operation's arguments, straight from the body's JSON text (no `Value` in between:
+/// that was an allocation per field on every request).
+fn parse<T: DeserializeOwned>(body: &RawValue) -> Result<T, CtlError> {
     // A missing body is an empty object, so operations without arguments need none.
-    let body = if body.is_null() {
-        serde_json::json!({})
-    } else {
-        body
+    let text = match body.get() {
+        "null" => "{}",
+        text => text,
     };
-    serde_json::from_value(body).map_err(|e| CtlError::invalid(format!("body: {e}")))
+    serde_json::from_str(text).map_err(|e| CtlError::invalid(format!("body: {e}")))
 }
 
-fn ok<T: Serialize>(value: T) -> Result<serde_json::Value, CtlError> {
-    serde_json::to_value(value)
+/// The encoded success reply, `{"ok": value}`.
+fn ok<T: Serialize>(value: T) -> Result<Vec<u8>, CtlError> {
+    serde_json::to_vec(&Reply::Ok(value))
         .map_err(|e| CtlError::new(ErrorKind::Unavailable, format!("encoding the reply: {e}")))
 }
 
