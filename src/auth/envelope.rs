@@ -189,7 +189,7 @@ impl Envelope {
     /// Signs `body` for operation `op` with the caller's user key, now, with a fresh nonce.
     pub fn sign(op: &str, body: &impl Serialize, key: &KeyPair) -> Result<Envelope, EnvelopeError> {
         let mut nonce = [0u8; NONCE_BYTES];
-        super::fill_random(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
+        super::random::fill_nonce(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
         Envelope::sign_at(op, body, key, unix_ms_now(), &URL_SAFE_NO_PAD.encode(nonce))
     }
 
@@ -198,7 +198,7 @@ impl Envelope {
     /// of what a small read costs.
     pub fn bound(op: &str, body: &impl Serialize, key: &str) -> Result<Envelope, EnvelopeError> {
         let mut nonce = [0u8; NONCE_BYTES];
-        super::fill_random(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
+        super::random::fill_nonce(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
         let body = serde_json::value::to_raw_value(body)
             .map_err(|e| EnvelopeError::Sign(format!("body does not serialize: {e}")))?;
         Ok(Envelope {

@@ -41,6 +41,7 @@ pub mod certs;
 pub mod envelope;
 pub mod jwt;
 pub mod keys;
+pub mod random;
 pub mod revoke;
 pub mod server_config;
 

@@ -25,11 +25,9 @@
 //! or a tampered byte is a typed [`CryptoError`], never a panic.
 //!
 //! Nonces are drawn from the kernel's random generator like every other random byte here,
-//! but [`NONCES_PER_DRAW`] at a time per thread: one `getrandom(2)` per message cost more
-//! than sealing a 1 KiB body (~0.5 µs here), and live sends seal at NATS speed. A nonce is
-//! public (it travels in the body); all that matters is that none repeats under a key. The
-//! only way a buffer of drawn bytes could be used twice is a fork, so a forked child throws
-//! its inherited buffer away (a `pthread_atfork` hook bumps a generation the buffer checks).
+//! but in batches per thread (`auth::random`): one `getrandom(2)` per message cost more
+//! than sealing a 1 KiB body, and live sends seal at NATS speed. A nonce is public (it
+//! travels in the body); all that matters is that none repeats under a key.
 //!
 //! Trust: the room key authenticates *membership*, not the individual sender (any member
 //! could seal under another member's name); the sender name is vouched for by the server
@@ -233,64 +231,11 @@ fn aad(room: &str, epoch: u32, sender: &str) -> MessageAad {
     }
 }
 
-/// Nonces drawn per `getrandom(2)` call (768 bytes).
-pub const NONCES_PER_DRAW: usize = 64;
-
-/// Bumped in the child after every `fork()`: buffered nonces from before it are the
-/// parent's too, so they must not be used.
-static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-extern "C" fn forked_child() {
-    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Unused random bytes for nonces, per thread (no lock on the send path).
-struct NoncePool {
-    bytes: [u8; NONCE_LEN * NONCES_PER_DRAW],
-    /// Bytes already handed out; the pool is empty at `bytes.len()`.
-    used: usize,
-    /// [`FORKS`] when the bytes were drawn.
-    forks: u64,
-}
-
-thread_local! {
-    static NONCES: std::cell::RefCell<NoncePool> = const {
-        std::cell::RefCell::new(NoncePool {
-            bytes: [0; NONCE_LEN * NONCES_PER_DRAW],
-            used: NONCE_LEN * NONCES_PER_DRAW,
-            forks: 0,
-        })
-    };
-}
-
-/// A fresh random nonce (see the module doc for why they are drawn in batches).
+/// A fresh random nonce (drawn in batches: see `auth::random`).
 fn fresh_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
-    static AT_FORK: std::sync::Once = std::sync::Once::new();
-    AT_FORK.call_once(|| {
-        // SAFETY: registers a handler that only touches an atomic, which is
-        // async-signal-safe as a fork handler must be. If registration fails, forks go
-        // unnoticed: the buffer is still correct in any process that does not fork.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-        if rc != 0 {
-            tracing::warn!("pthread_atfork failed ({rc}); nonce buffers ignore forks");
-        }
-    });
-    NONCES.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        let forks = FORKS.load(std::sync::atomic::Ordering::Relaxed);
-        if pool.used >= pool.bytes.len() || pool.forks != forks {
-            crate::auth::fill_random(&mut pool.bytes).map_err(|_| CryptoError::Random)?;
-            pool.used = 0;
-            pool.forks = forks;
-        }
-        let at = pool.used;
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&pool.bytes[at..at + NONCE_LEN]);
-        // Never handed out twice, and not kept once handed out.
-        pool.bytes[at..at + NONCE_LEN].fill(0);
-        pool.used = at + NONCE_LEN;
-        Ok(nonce)
-    })
+    let mut nonce = [0u8; NONCE_LEN];
+    crate::auth::random::fill_nonce(&mut nonce).map_err(|_| CryptoError::Random)?;
+    Ok(nonce)
 }
 
 /// Seals `plaintext` for `room` at `epoch` as `sender`.
@@ -401,29 +346,6 @@ mod tests {
             body,
             seal(&secret, "r1", 3, "UA", b"attack at dawn").unwrap()
         );
-    }
-
-    #[test]
-    fn nonces_do_not_repeat_across_draws_threads_or_a_fork() {
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..NONCES_PER_DRAW * 3 + 1 {
-            assert!(seen.insert(fresh_nonce().unwrap()), "a nonce repeated");
-        }
-        let other: Vec<_> = std::thread::spawn(|| {
-            (0..NONCES_PER_DRAW)
-                .map(|_| fresh_nonce().unwrap())
-                .collect()
-        })
-        .join()
-        .unwrap();
-        assert!(other.into_iter().all(|n| seen.insert(n)));
-        // What a fork does to this process's view: the buffer is redrawn, not reused.
-        let (bytes, used) = NONCES.with(|p| (p.borrow().bytes, p.borrow().used));
-        assert!(used < bytes.len(), "this test leaves the buffer part used");
-        forked_child();
-        let next = fresh_nonce().unwrap();
-        assert_ne!(&bytes[used..used + NONCE_LEN], &next[..]);
-        assert!(seen.insert(next));
     }
 
     #[test]
