@@ -7,9 +7,10 @@
 //!   captured once through the unibus path, so the ratio is unibus's work per read, not
 //!   the cost of moving the data;
 //! - `ctl_write_r1|r3[_nofsync]`: signed `rooms.create` + `members.invite` on a
-//!   decentralized three-node cluster vs raw KV puts at the same replicas, compared per
-//!   KV write the operation needs (so the ratio is unibus's overhead per write, not the
-//!   store's write amplification).
+//!   decentralized three-node cluster vs raw KV puts at the same replicas into as many
+//!   buckets as the pair writes (rooms, members, index; 1:2:2), compared per KV write the
+//!   operation needs (so the ratio is unibus's overhead per write, not the store's write
+//!   amplification).
 
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ use crate::membership::api::{CreateRoom, MemberRef, Op};
 /// entry. (Before the item-4 optimisation `rooms.create` also purged leftovers under the
 /// room id unconditionally, two more writes; now it purges only what a leader read finds.)
 pub const WRITES_PER_CREATE_AND_INVITE: f64 = 5.0;
+
+/// Which of the twin's buckets (rooms, members, index) each of the pair's five writes
+/// goes to.
+const WRITE_BUCKETS: [usize; 5] = [0, 1, 1, 2, 2];
 
 /// One `rooms.create` without the client library's follow-up (a reconnect to refresh
 /// permissions), which is not the store's cost and would dominate the measurement.
@@ -163,15 +168,26 @@ pub async fn ctl_write(
             .wait_replicas_current(Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())?;
-        let raw_bucket = js
-            .create_key_value(async_nats::jetstream::kv::Config {
-                bucket: format!("bench_raw_r{replicas}"),
-                num_replicas: replicas,
-                history: 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        // The twin writes what the pair writes, where it writes it: of every five puts,
+        // one goes to a bucket standing for `rooms`, two to one for `members` and two to
+        // one for the member index. Into a single bucket, 16 puts in flight are
+        // group-committed (one Raft append and one fsync for many) at 2.4× the rate of
+        // the same puts spread over five buckets (BENCHMARKS.md, sixth session): that is
+        // where writes go, not unibus's overhead per write.
+        let mut raw_buckets = Vec::new();
+        for bucket in ["rooms", "members", "index"] {
+            raw_buckets.push(
+                js.create_key_value(async_nats::jetstream::kv::Config {
+                    bucket: format!("bench_raw_r{replicas}_{bucket}"),
+                    num_replicas: replicas,
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?,
+            );
+        }
+        let raw_buckets = std::sync::Arc::new(raw_buckets);
         let run = format!("r{replicas}{}", if fsync { "f" } else { "n" });
         let (owner, invitee) = (owner.clone(), invitee.clone());
         // Room ids unique over all rounds (`i` restarts with each round).
@@ -193,7 +209,7 @@ pub async fn ctl_write(
             }
         };
         let raw = move |i: u64| {
-            let bucket = raw_bucket.clone();
+            let bucket = raw_buckets[WRITE_BUCKETS[(i % 5) as usize]].clone();
             async move {
                 bucket
                     .put(format!("k{i}"), "x".repeat(200).into())
