@@ -14,6 +14,9 @@
 //!   committed write, and a cached-statement index lookup takes a few microseconds —
 //!   less than the hop to the blocking pool and back, which used to be most of a read's
 //!   cost (measured in BENCHMARKS.md, `ctl_read`). Both use cached prepared statements.
+//! - **Hot reads from memory**: users, rooms, a room's members and an endpoint's
+//!   memberships are answered from [`super::read_cache`], which every write (all go
+//!   through [`SqliteStore::tx`]) keeps exact.
 //! - Every operation is a single transaction: checks ("does the room exist?") and writes
 //!   see the same snapshot.
 
