@@ -522,6 +522,41 @@ async fn control_plane_refuses_bad_requests_with_typed_errors(
             .any(|m| m["endpoint"] == guest.as_str()),
         "the replayed remove took the guest out: {members}"
     );
+    // Likewise a replayed invite: its reads (room, invitee) start beside the nonce claim,
+    // its write waits for the verdict.
+    let invite = Envelope::sign("members.invite", &member, a)
+        .unwrap()
+        .to_vec();
+    ok(
+        alice.ctl(a, "members.remove", member.clone()).await,
+        "remove before the signed invite",
+    );
+    ok(
+        alice.ctl_raw("members.invite", invite.clone()).await,
+        "signed invite",
+    );
+    ok(
+        alice.ctl(a, "members.remove", member.clone()).await,
+        "remove after it",
+    );
+    refused_with(
+        elsewhere.ctl_raw("members.invite", invite).await,
+        "unauthenticated",
+        401,
+        "a replayed invite",
+    );
+    let members = ok(
+        alice.ctl(a, "members.list", json!({ "room": "rp" })).await,
+        "members.list rp after the replayed invite",
+    );
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["endpoint"] != guest.as_str()),
+        "the replayed invite brought the guest back: {members}"
+    );
 
     let skewed = Envelope::sign_at(
         "rooms.list",

@@ -180,7 +180,19 @@ impl Handler {
                 _ => None,
             }
         };
-        let (claim, caller, quorum) = tokio::join!(claim, self.identify(&claimed_key), quorum);
+        // The reads `members.invite` needs (the room, for the owner check, and the invitee)
+        // would otherwise make a stage of their own after these: start them beside the
+        // gates instead. Their results are looked at only in `dispatch`, once both gates
+        // have passed, and nothing is written before then; what a refused request costs is
+        // two reads, next to the claim and lookup it already costs.
+        let prefetch = async {
+            match op {
+                Op::MembersInvite => Box::pin(self.prefetch_invite(&body)).await,
+                _ => Prefetched::Nothing,
+            }
+        };
+        let (claim, caller, quorum, prefetched) =
+            tokio::join!(claim, self.identify(&claimed_key), quorum, prefetch);
         if let Some(claim) = claim {
             let soft = self.config.bus_auth == BusAuth::Soft;
             match claim {
@@ -198,7 +210,20 @@ impl Handler {
             }
         }
         quorum?;
-        self.dispatch(op, &caller?, &body, revoke).await
+        self.dispatch(op, &caller?, &body, prefetched, revoke).await
+    }
+
+    /// `members.invite`'s reads, for [`Handler::process`] to start beside the gates.
+    async fn prefetch_invite(&self, body: &RawValue) -> Prefetched {
+        // A body that does not parse is refused in `dispatch`, with its message.
+        let Ok(req) = parse::<MemberRef>(body) else {
+            return Prefetched::Nothing;
+        };
+        let (room, invitee) = tokio::join!(
+            self.store.get_room(&req.room),
+            self.store.get_user(&req.key)
+        );
+        Prefetched::Invite { room, invitee }
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -270,6 +295,7 @@ impl Handler {
         op: Op,
         caller: &Caller,
         body: &RawValue,
+        prefetched: Prefetched,
         revoke: &mut Vec<String>,
     ) -> Result<Vec<u8>, CtlError> {
         let store = &self.store;
@@ -363,12 +389,15 @@ impl Handler {
             }
             Op::MembersInvite => {
                 let req: MemberRef = parse(body)?;
-                // Two independent reads, together; the owner check is judged first.
-                let (owner, invitee) = tokio::join!(
-                    self.require_owner(caller, &req.room),
-                    store.get_user(&req.key)
-                );
-                owner?;
+                // Two independent reads, made beside the gates (see `process`); the owner
+                // check is judged first.
+                let (room, invitee) = match prefetched {
+                    Prefetched::Invite { room, invitee } => (room, invitee),
+                    Prefetched::Nothing => {
+                        tokio::join!(store.get_room(&req.room), store.get_user(&req.key))
+                    }
+                };
+                judge_owner(caller, &req.room, room)?;
                 // Only an active user can be invited: a typo'd key fails here, not later.
                 match invitee {
                     Ok(u) if u.revoked_at.is_none() => {}
@@ -563,20 +592,39 @@ impl Handler {
     }
 
     async fn require_owner(&self, caller: &Caller, room: &str) -> Result<(), CtlError> {
-        let found = match self.store.get_room(room).await {
-            Ok(r) => r,
-            Err(StoreError::NotFound { .. }) if !caller.admin => {
-                return Err(CtlError::forbidden(format!("you do not own room {room}")));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if found.owner == caller.key || caller.admin {
-            Ok(())
-        } else {
-            Err(CtlError::forbidden(format!(
-                "only the owner of room {room} may do this"
-            )))
+        judge_owner(caller, room, self.store.get_room(room).await)
+    }
+}
+
+/// Reads an operation needs, made beside the gates (see [`Handler::process`]).
+enum Prefetched {
+    Nothing,
+    Invite {
+        room: Result<super::Room, StoreError>,
+        invitee: Result<super::User, StoreError>,
+    },
+}
+
+/// The owner check on `found`, the room as read: only its owner (or an admin) passes. A
+/// missing room is `forbidden` to non-admins, as a room they cannot see.
+fn judge_owner(
+    caller: &Caller,
+    room: &str,
+    found: Result<super::Room, StoreError>,
+) -> Result<(), CtlError> {
+    let found = match found {
+        Ok(r) => r,
+        Err(StoreError::NotFound { .. }) if !caller.admin => {
+            return Err(CtlError::forbidden(format!("you do not own room {room}")));
         }
+        Err(e) => return Err(e.into()),
+    };
+    if found.owner == caller.key || caller.admin {
+        Ok(())
+    } else {
+        Err(CtlError::forbidden(format!(
+            "only the owner of room {room} may do this"
+        )))
     }
 }
 
