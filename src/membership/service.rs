@@ -20,8 +20,10 @@
 //! nonce is claimed once in the shared ledger ([`super::nonces`]), so the same bytes sent
 //! through another node are a replay too.
 //!
-//! Only then does the store see the request. Ids are validated by the store itself before
-//! they reach SQL or KV, and come back as `invalid`.
+//! Only then does the store see the request for writing. `members.invite`'s two reads
+//! start beside gate 1's nonce claim and gate 2's lookup, to save a round trip, but their
+//! results are judged only after both gates have passed. Ids are validated by the store
+//! itself before they reach SQL or KV, and come back as `invalid`.
 
 use std::sync::Arc;
 use std::time::Duration;
