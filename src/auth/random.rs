@@ -13,7 +13,7 @@
 //! [`super::fill_random`] directly.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{RandomError, fill_random};
 
@@ -23,6 +23,9 @@ pub const POOL_BYTES: usize = 768;
 /// Bumped in the child after every `fork()`: buffered bytes from before it are the
 /// parent's too, so they must not be used.
 static FORKS: AtomicU64 = AtomicU64::new(0);
+/// Set once the fork hook is registered; until then (or if registration failed) nothing
+/// is buffered and every nonce comes straight from the kernel.
+static FORK_SAFE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn forked_child() {
     FORKS.fetch_add(1, Ordering::Relaxed);
@@ -52,13 +55,18 @@ pub fn fill_nonce(out: &mut [u8]) -> Result<(), RandomError> {
     static AT_FORK: std::sync::Once = std::sync::Once::new();
     AT_FORK.call_once(|| {
         // SAFETY: registers a handler that only touches an atomic, which is
-        // async-signal-safe as a fork handler must be. If registration fails, forks go
-        // unnoticed: the buffer is still correct in any process that does not fork.
+        // async-signal-safe as a fork handler must be. If registration fails, forks would
+        // go unnoticed, so the buffer is not used at all.
         let rc = unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-        if rc != 0 {
-            tracing::warn!("pthread_atfork failed ({rc}); nonce buffers ignore forks");
+        if rc == 0 {
+            FORK_SAFE.store(true, Ordering::Release);
+        } else {
+            tracing::warn!("pthread_atfork failed ({rc}); nonces are not buffered");
         }
     });
+    if !FORK_SAFE.load(Ordering::Acquire) {
+        return fill_random(out);
+    }
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let forks = FORKS.load(Ordering::Relaxed);

@@ -19,7 +19,7 @@
 //! moment. Writes are rare next to reads in a control plane, so emptying everything on
 //! each one costs little and keeps the rule simple to check. Memory is bounded by
 //! [`MAX_ITEMS`] (a user, a room, a member record count one each); when full, the cache
-//! starts over.
+//! starts over, and a single answer larger than that is not kept at all.
 //!
 //! The KV store has no such cache: other nodes write its buckets.
 
@@ -147,8 +147,13 @@ impl ReadCache {
         };
         let value = load()?;
         let mut state = self.lock();
-        if began == Some(state.generation) && state.writing == 0 {
-            let weight = value.weight();
+        let weight = value.weight();
+        // `closed` too: a read that began before `close` must not refill the cache.
+        if began == Some(state.generation)
+            && state.writing == 0
+            && !state.closed
+            && weight <= MAX_ITEMS
+        {
             if state.items + weight > MAX_ITEMS {
                 state.clear();
             }
@@ -255,6 +260,33 @@ mod tests {
         let missing = cache.through(rooms, "r", || Err(StoreError::not_found("room r")));
         assert!(matches!(missing, Err(StoreError::NotFound { .. })));
         assert_eq!(cache.items(), 0);
+    }
+
+    #[test]
+    fn nothing_is_kept_after_close_or_beyond_the_bound() {
+        let cache = ReadCache::default();
+        // A read that began before the close and ended after it.
+        cache
+            .through(rooms, "r", || {
+                cache.close();
+                Ok(room("r", "x"))
+            })
+            .unwrap();
+        assert_eq!(cache.items(), 0);
+        let open = ReadCache::default();
+        let huge: Vec<Member> = (0..MAX_ITEMS)
+            .map(|i| Member {
+                room: "r".into(),
+                endpoint: format!("U{i}"),
+                role: crate::membership::Role::Member,
+                state: crate::membership::MemberState::Joined,
+                added_by: "U".into(),
+                added_at: 1,
+            })
+            .collect();
+        open.through(|t| &mut t.members, "r", || Ok(huge.clone()))
+            .unwrap();
+        assert_eq!(open.items(), 0);
     }
 
     #[test]

@@ -818,3 +818,29 @@ pub async fn run(
     service.stop().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn arguments_parse_from_the_body_text_and_a_missing_body_is_empty() {
+        let req: MemberRef = parse(&raw(r#"{"room":"r1","key":"UA"}"#)).unwrap();
+        assert_eq!((req.room.as_str(), req.key.as_str()), ("r1", "UA"));
+        let _: Empty = parse(&raw("null")).unwrap();
+        let _: Empty = parse(&raw("{}")).unwrap();
+    }
+
+    #[test]
+    fn a_body_naming_a_field_twice_is_refused_not_read_either_way() {
+        let err = parse::<MemberRef>(&raw(r#"{"room":"r1","room":"r2","key":"UA"}"#))
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, ErrorKind::Invalid);
+        assert!(err.message.contains("duplicate field"), "{}", err.message);
+    }
+}
