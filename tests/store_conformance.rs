@@ -29,6 +29,17 @@ async fn conformance(store: &Store) {
     bad_input(store).await;
 }
 
+/// `key`'s memberships, as the store lists them.
+async fn rooms_of(store: &Store, key: &str) -> Vec<unibus::membership::Member> {
+    store.list_rooms_for_endpoint(key).await.unwrap()
+}
+
+/// The endpoints of `room`'s members.
+async fn members_of(store: &Store, room: &str) -> Vec<String> {
+    let members = store.list_members(room).await.unwrap();
+    members.into_iter().map(|m| m.endpoint).collect()
+}
+
 /// Each read asked twice around a write that changes its answer sees the write: nothing
 /// between the store and its caller (the SQLite store's read cache) answers from before.
 async fn reads_follow_writes(store: &Store) {
@@ -46,61 +57,37 @@ async fn reads_follow_writes(store: &Store) {
         .unwrap();
     assert_eq!(store.get_room("fresh").await.unwrap().name, "Fresh");
 
-    let endpoints = |members: Vec<unibus::membership::Member>| {
-        members.into_iter().map(|m| m.endpoint).collect::<Vec<_>>()
-    };
     assert_eq!(
-        endpoints(store.list_members("fresh").await.unwrap()),
+        members_of(store, "fresh").await,
         std::slice::from_ref(&owner)
     );
-    assert!(
-        store
-            .list_rooms_for_endpoint(&guest)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(rooms_of(store, &guest).await.is_empty());
     store
         .add_member("fresh", &guest, Role::Member, MemberState::Invited, &owner)
         .await
         .unwrap();
     assert_eq!(store.list_members("fresh").await.unwrap().len(), 2);
-    let rooms = store.list_rooms_for_endpoint(&guest).await.unwrap();
     assert_eq!(
-        rooms
+        rooms_of(store, &guest)
+            .await
             .iter()
             .map(|m| (m.room.as_str(), m.state))
             .collect::<Vec<_>>(),
         [("fresh", MemberState::Invited)]
     );
     store.join("fresh", &guest).await.unwrap();
-    assert_eq!(
-        store.list_rooms_for_endpoint(&guest).await.unwrap()[0].state,
-        MemberState::Joined
-    );
+    assert_eq!(rooms_of(store, &guest).await[0].state, MemberState::Joined);
     store.remove_member("fresh", &guest).await.unwrap();
-    assert!(
-        store
-            .list_rooms_for_endpoint(&guest)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(rooms_of(store, &guest).await.is_empty());
     assert_eq!(
-        endpoints(store.list_members("fresh").await.unwrap()),
+        members_of(store, "fresh").await,
         std::slice::from_ref(&owner)
     );
 
     store.delete_room("fresh").await.unwrap();
     assert!(is_not_found(store.get_room("fresh").await));
     assert!(is_not_found(store.list_members("fresh").await));
-    assert!(
-        store
-            .list_rooms_for_endpoint(&owner)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(rooms_of(store, &owner).await.is_empty());
 }
 
 async fn empty(store: &Store) {

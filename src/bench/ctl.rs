@@ -68,18 +68,10 @@ pub async fn ctl_read(
     let mut bodies = Vec::new();
     let mut replies = Vec::new();
     for (op, body) in &reads {
-        let envelope = crate::auth::envelope::Envelope::bound(op.name(), body, &me)
-            .map_err(|e| e.to_string())?;
-        let payload = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
-        let reply = admin
-            .nats()
-            .request(op.subject(), payload.into())
-            .await
-            .map_err(|e| e.to_string())?;
+        replies.push(admin.call_raw(*op, body).await.map_err(|e| e.to_string())?);
         bodies.push(bytes::Bytes::from(
             serde_json::to_vec(body).map_err(|e| e.to_string())?,
         ));
-        replies.push(reply.payload);
     }
     // The raw pair: bare request/reply as the node's APP identity (no callout, no
     // limits), answered by a process of its own as the node is (see `responder`).

@@ -274,6 +274,20 @@ impl Client {
         op: Op,
         body: &B,
     ) -> Result<T, ClientError> {
+        let payload = self.call_raw(op, body).await?;
+        match serde_json::from_slice::<Reply<T>>(&payload) {
+            Ok(Reply::Ok(value)) => Ok(value),
+            Ok(Reply::Error(e)) => Err(ClientError::Refused(e)),
+            Err(e) => Err(ClientError::Protocol(format!("{}: {e}", op.name()))),
+        }
+    }
+
+    /// [`Client::call`] up to the reply's bytes, undecoded (tools, benchmarks).
+    pub async fn call_raw<B: Serialize>(
+        &self,
+        op: Op,
+        body: &B,
+    ) -> Result<bytes::Bytes, ClientError> {
         let envelope = if op.is_read() {
             Envelope::bound(op.name(), body, &self.inner.public)
         } else {
@@ -307,11 +321,7 @@ impl Client {
                 _ => ClientError::Closed(e.to_string()),
             }
         })?;
-        match serde_json::from_slice::<Reply<T>>(&response.payload) {
-            Ok(Reply::Ok(value)) => Ok(value),
-            Ok(Reply::Error(e)) => Err(ClientError::Refused(e)),
-            Err(e) => Err(ClientError::Protocol(format!("{}: {e}", op.name()))),
-        }
+        Ok(response.payload)
     }
 
     /// Reconnects so the server recomputes this connection's permissions (after a change

@@ -207,28 +207,24 @@ mod tests {
         assert_eq!(loads.get(), 2);
     }
 
+    /// The room `r` through the cache, as `load_name` if the cache asks the file.
+    fn room_name(cache: &ReadCache, load_name: &str) -> String {
+        cache
+            .through(rooms, "r", || Ok(room("r", load_name)))
+            .unwrap()
+            .name
+    }
+
     #[test]
     fn nothing_is_kept_or_served_while_a_write_is_in_flight() {
         let cache = Arc::new(ReadCache::default());
-        cache.through(rooms, "r", || Ok(room("r", "old"))).unwrap();
+        room_name(&cache, "old");
         let writing = cache.begin_write();
         // The write may or may not have committed yet: every read goes to the file.
-        assert_eq!(
-            cache
-                .through(rooms, "r", || Ok(room("r", "new")))
-                .unwrap()
-                .name,
-            "new"
-        );
+        assert_eq!(room_name(&cache, "new"), "new");
         assert_eq!(cache.items(), 0);
         drop(writing);
-        assert_eq!(
-            cache
-                .through(rooms, "r", || Ok(room("r", "newer")))
-                .unwrap()
-                .name,
-            "newer"
-        );
+        assert_eq!(room_name(&cache, "newer"), "newer");
         assert_eq!(cache.items(), 1);
     }
 
@@ -245,13 +241,7 @@ mod tests {
             .unwrap();
         assert_eq!(value.name, "old");
         assert_eq!(cache.items(), 0);
-        assert_eq!(
-            cache
-                .through(rooms, "r", || Ok(room("r", "new")))
-                .unwrap()
-                .name,
-            "new"
-        );
+        assert_eq!(room_name(&cache, "new"), "new");
     }
 
     #[test]
