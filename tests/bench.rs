@@ -1,6 +1,6 @@
 //! `unibus bench` end to end, on its smallest useful slice: the JSON report's shape and a
 //! read workload whose raw twin runs in a child process (`bench-responder`). Speed is never
-//! asserted here; only that both sides were measured.
+//! asserted here; only that both sides were measured, their CPU cost included.
 
 mod common;
 
@@ -17,9 +17,13 @@ fn bench_json_reports_ctl_read_with_both_sides_measured() {
     assert_eq!(workloads.len(), 1, "only ctl_read was asked for: {stdout}");
     let read = &workloads[0];
     assert_eq!(read["name"], "ctl_read");
-    for side in ["unibus", "raw", "ratio"] {
+    for side in ["unibus", "raw", "ratio", "cpu_ms_per_op", "raw_cpu_ms_per_op"] {
         let v = read[side].as_f64().unwrap_or(0.0);
         assert!(v > 0.0, "{side} not measured: {read}");
+    }
+    for share in ["busy", "raw_busy"] {
+        let v = read[share].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&v), "{share} not a share: {read}");
     }
     assert_eq!(read["unit"], "ops/s");
 }

@@ -2,6 +2,12 @@
 //!
 //! Throughput workloads call [`alternate`] so the unibus path and its raw twin take turns
 //! in short rounds: whatever else the machine does hurts both sides alike.
+//!
+//! Each turn also records the machine's CPU use ([`Cpu`]). On a small machine both sides
+//! of most workloads keep every core busy (the clients, three nats-servers and, for
+//! unibus, three nodes share two cores), and then throughput is simply the inverse of the
+//! CPU time an operation costs, summed over every process that takes part: the number
+//! that says where a ratio comes from, which latency alone does not.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,6 +24,77 @@ pub struct Stats {
     pub elapsed: Duration,
     /// Latencies of successful operations, sorted.
     pub latencies: Vec<Duration>,
+    /// The machine's CPU use while this side ran.
+    pub cpu: Cpu,
+}
+
+/// Machine-wide CPU time, busy and in all, over some interval, from `/proc/stat`'s first
+/// line (every process, in clock ticks summed over the cores). Zero where there is no
+/// `/proc/stat`: the derived numbers are then absent, not wrong.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cpu {
+    pub busy_ticks: u64,
+    pub total_ticks: u64,
+    /// The cores the ticks are summed over (the `cpuN` lines).
+    pub cores: usize,
+}
+
+impl Cpu {
+    /// The counters since boot.
+    pub fn now() -> Cpu {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| Cpu::parse(&stat))
+            .unwrap_or_default()
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal …`: idle and iowait are the
+    /// time no process ran; the rest is busy (guest time is already inside user).
+    fn parse(stat: &str) -> Option<Cpu> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|t| t.parse().ok())
+            .collect::<Option<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq + steal;
+        let cores = stat
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count();
+        Some(Cpu {
+            busy_ticks: busy,
+            total_ticks: busy + idle + iowait,
+            cores,
+        })
+    }
+
+    /// What was used between `self` (earlier) and `later`.
+    pub fn until(self, later: Cpu) -> Cpu {
+        Cpu {
+            busy_ticks: later.busy_ticks.saturating_sub(self.busy_ticks),
+            total_ticks: later.total_ticks.saturating_sub(self.total_ticks),
+            cores: later.cores,
+        }
+    }
+
+    pub fn add(&mut self, other: Cpu) {
+        self.busy_ticks += other.busy_ticks;
+        self.total_ticks += other.total_ticks;
+        self.cores = self.cores.max(other.cores);
+    }
+
+    /// The share of the machine's cores that were busy (1.0: all of them, all the time).
+    pub fn busy(&self) -> Option<f64> {
+        (self.total_ticks > 0).then(|| self.busy_ticks as f64 / self.total_ticks as f64)
+    }
 }
 
 impl Stats {
@@ -26,6 +103,15 @@ impl Stats {
             return 0.0;
         }
         self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Busy CPU time, in milliseconds over all cores, per successful operation: the
+    /// machine's busy share × its cores × the wall time, divided out. (Ticks are not
+    /// converted directly, so the kernel's tick rate does not matter.)
+    pub fn cpu_ms_per_op(&self) -> Option<f64> {
+        let busy = self.cpu.busy()?;
+        let cpu_ms = busy * self.cpu.cores as f64 * self.elapsed.as_secs_f64() * 1000.0;
+        (self.ops > 0).then(|| cpu_ms / self.ops as f64)
     }
 
     pub fn percentile_ms(&self, p: f64) -> f64 {
@@ -42,6 +128,7 @@ impl Stats {
         self.elapsed += other.elapsed;
         self.latencies.extend(other.latencies);
         self.latencies.sort();
+        self.cpu.add(other.cpu);
     }
 }
 
@@ -58,6 +145,7 @@ where
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(Mutex::new(None::<String>));
     let started = Instant::now();
+    let cpu_before = Cpu::now();
     let deadline = started + duration;
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
@@ -89,6 +177,7 @@ where
         let _ = w.await;
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_before.until(Cpu::now());
     let mut latencies = std::mem::take(&mut *latencies.lock().await);
     latencies.sort();
     if let Some(e) = first_error.lock().await.take() {
@@ -102,6 +191,7 @@ where
         errors: errors.load(Ordering::Relaxed),
         elapsed,
         latencies,
+        cpu,
     }
 }
 
@@ -142,5 +232,48 @@ mod tests {
         .await;
         assert!(stats.ops > 0 && stats.errors > 0);
         assert!(stats.percentile_ms(0.99) >= stats.percentile_ms(0.5));
+    }
+
+    #[test]
+    fn reads_cpu_ticks_from_proc_stat() {
+        let stat = "cpu  10 1 5 80 4 2 3 0 7 0\ncpu0 5 0 2 40 2 1 1 0 0 0\n\
+                    cpu1 5 1 3 40 2 1 2 0 7 0\nintr 1\n";
+        let cpu = Cpu::parse(stat).unwrap();
+        assert_eq!(
+            cpu,
+            Cpu {
+                busy_ticks: 21,
+                total_ticks: 105,
+                cores: 2,
+            }
+        );
+        assert_eq!(Cpu::parse("cpu  1 2 3\n"), None, "too few fields");
+        assert_eq!(Cpu::parse("cpu  1 2 x 4 5 6 7 8\n"), None);
+        let later = Cpu {
+            busy_ticks: 121,
+            total_ticks: 305,
+            cores: 2,
+        };
+        assert_eq!(cpu.until(later).busy(), Some(0.5));
+        let stats = Stats {
+            ops: 100,
+            elapsed: Duration::from_secs(2),
+            cpu: cpu.until(later),
+            ..Stats::default()
+        };
+        // Half of 2 cores for 2 s is 2000 ms of CPU, over 100 operations.
+        assert_eq!(stats.cpu_ms_per_op(), Some(20.0));
+        assert_eq!(Stats::default().cpu_ms_per_op(), None);
+    }
+
+    #[tokio::test]
+    async fn a_run_records_the_machines_cpu() {
+        let stats = run(Duration::from_millis(100), 1, |_| async {
+            tokio::task::yield_now().await;
+            Ok::<_, String>(())
+        })
+        .await;
+        assert!(stats.cpu.total_ticks > 0, "{:?}", stats.cpu);
+        assert!(stats.cpu_ms_per_op().is_some());
     }
 }

@@ -175,6 +175,18 @@ pub struct Workload {
     /// For value workloads (lower is better).
     pub value: Option<f64>,
     pub unit: String,
+    /// Throughput workloads: the machine's busy CPU time per operation (ms, all cores,
+    /// every process), for unibus and its twin, and the busy share of the cores while
+    /// each ran (see `measure::Cpu`). When both sides keep the machine busy, the ratio
+    /// is about `raw_cpu_ms_per_op / cpu_ms_per_op`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_cpu_ms_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_busy: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -452,6 +464,10 @@ pub fn throughput_workload(
         p99_ms: Some(ours.percentile_ms(0.99)),
         value: None,
         unit: "ops/s".into(),
+        cpu_ms_per_op: ours.cpu_ms_per_op(),
+        raw_cpu_ms_per_op: raw.cpu_ms_per_op(),
+        busy: ours.cpu.busy(),
+        raw_busy: raw.cpu.busy(),
     }
 }
 
@@ -568,6 +584,10 @@ pub fn value_workload(name: &str, value: f64, raw: Option<f64>, unit: &str) -> W
         p99_ms: None,
         value: Some(value),
         unit: unit.into(),
+        cpu_ms_per_op: None,
+        raw_cpu_ms_per_op: None,
+        busy: None,
+        raw_busy: None,
     }
 }
 
@@ -621,14 +641,26 @@ pub fn table(report: &Report) -> String {
         report.wall_s
     );
     out.push_str(&format!(
-        "{:<28} {:>12} {:>12} {:>7} {:>9} {:>9}  {}\n",
-        "WORKLOAD", "UNIBUS", "RAW", "RATIO", "P50_MS", "P99_MS", "UNIT"
+        "{:<28} {:>12} {:>12} {:>7} {:>9} {:>9} {:>15} {:>9}  {}\n",
+        "WORKLOAD",
+        "UNIBUS",
+        "RAW",
+        "RATIO",
+        "P50_MS",
+        "P99_MS",
+        "CPU_MS/OP U|RAW",
+        "BUSY U|R",
+        "UNIT"
     ));
     let num = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
     for w in &report.workloads {
         let ms = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+        let pair = |a: Option<f64>, b: Option<f64>, f: fn(f64) -> String| match (a, b) {
+            (Some(a), Some(b)) => format!("{}|{}", f(a), f(b)),
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<28} {:>12} {:>12} {:>7} {:>9} {:>9}  {}\n",
+            "{:<28} {:>12} {:>12} {:>7} {:>9} {:>9} {:>15} {:>9}  {}\n",
             w.name,
             format!("{:.3}", w.unibus),
             num(w.raw),
@@ -637,6 +669,8 @@ pub fn table(report: &Report) -> String {
                 .unwrap_or_else(|| "-".into()),
             ms(w.p50_ms),
             ms(w.p99_ms),
+            pair(w.cpu_ms_per_op, w.raw_cpu_ms_per_op, |v| format!("{v:.3}")),
+            pair(w.busy, w.raw_busy, |v| format!("{:.0}", v * 100.0)),
             w.unit
         ));
     }

@@ -289,6 +289,7 @@ pub async fn room_publish(
         errors: 0,
         elapsed: side.elapsed,
         latencies: Vec::new(),
+        cpu: side.cpu,
     };
     let ours_stats = measure::Stats {
         latencies,
@@ -307,6 +308,7 @@ pub async fn room_publish(
 struct Side {
     delivered: u64,
     elapsed: Duration,
+    cpu: measure::Cpu,
 }
 
 impl Side {
@@ -325,6 +327,7 @@ impl Side {
         let elapsed = started.elapsed().max(each);
         self.delivered += tally.close();
         self.elapsed += elapsed;
+        self.cpu.add(stats.cpu);
         if stats.errors > 0 {
             eprintln!("bench: {} publish errors in a round", stats.errors);
         }
