@@ -17,7 +17,13 @@ fn bench_json_reports_ctl_read_with_both_sides_measured() {
     assert_eq!(workloads.len(), 1, "only ctl_read was asked for: {stdout}");
     let read = &workloads[0];
     assert_eq!(read["name"], "ctl_read");
-    for side in ["unibus", "raw", "ratio", "cpu_ms_per_op", "raw_cpu_ms_per_op"] {
+    for side in [
+        "unibus",
+        "raw",
+        "ratio",
+        "cpu_ms_per_op",
+        "raw_cpu_ms_per_op",
+    ] {
         let v = read[side].as_f64().unwrap_or(0.0);
         assert!(v > 0.0, "{side} not measured: {read}");
     }
