@@ -26,6 +26,7 @@ async fn conformance(store: &Store) {
     members(store).await;
     room_keys(store).await;
     reads_follow_writes(store).await;
+    an_invite_racing_a_room_taken_again(store).await;
     bad_input(store).await;
 }
 
@@ -38,6 +39,80 @@ async fn rooms_of(store: &Store, key: &str) -> Vec<unibus::membership::Member> {
 async fn members_of(store: &Store, room: &str) -> Vec<String> {
     let members = store.list_members(room).await.unwrap();
     members.into_iter().map(|m| m.endpoint).collect()
+}
+
+/// An invite is checked against the room as read, then written: if in between its owner
+/// deletes the room and someone else creates one under the same id, the invitee must not
+/// land in the new room. SQLite refuses the late write; the KV store may write it, but no
+/// reader takes it for a member of the new room, and a real invite to the new room
+/// replaces it.
+async fn an_invite_racing_a_room_taken_again(store: &Store) {
+    let (old_owner, new_owner, invitee) = (user_key(), user_key(), user_key());
+    for key in [&old_owner, &new_owner, &invitee] {
+        store.add_user(key, "racer", false).await.unwrap();
+    }
+    store
+        .create_room("taken-again", "first", &old_owner, false)
+        .await
+        .unwrap();
+    let (checked, rev) = store.get_room_with_revision("taken-again").await.unwrap();
+    store.delete_room("taken-again").await.unwrap();
+    store
+        .create_room("taken-again", "second", &new_owner, false)
+        .await
+        .unwrap();
+    let late = store
+        .add_member_to_checked_room(
+            &checked,
+            rev,
+            &invitee,
+            Role::Member,
+            MemberState::Invited,
+            &old_owner,
+        )
+        .await;
+    match late {
+        Err(e) => assert!(matches!(e, StoreError::NotFound { .. }), "{e}"),
+        Ok(m) => assert_eq!(
+            m.room_rev, rev,
+            "written, tied to the room it was checked in"
+        ),
+    }
+    assert_eq!(
+        members_of(store, "taken-again").await,
+        vec![new_owner.clone()]
+    );
+    assert!(rooms_of(store, &invitee).await.is_empty());
+    assert!(is_not_found(store.join("taken-again", &invitee).await));
+
+    // Invited to the new room by its owner, the invitee is a member after all.
+    store
+        .add_member(
+            "taken-again",
+            &invitee,
+            Role::Member,
+            MemberState::Invited,
+            &new_owner,
+        )
+        .await
+        .unwrap();
+    let mut expected = vec![new_owner.clone(), invitee.clone()];
+    expected.sort();
+    assert_eq!(members_of(store, "taken-again").await, expected);
+    assert_eq!(rooms_of(store, &invitee).await[0].added_by, new_owner);
+    store.join("taken-again", &invitee).await.unwrap();
+    assert!(is_conflict(
+        store
+            .add_member(
+                "taken-again",
+                &invitee,
+                Role::Member,
+                MemberState::Invited,
+                &new_owner
+            )
+            .await
+    ));
+    store.delete_room("taken-again").await.unwrap();
 }
 
 /// Each read asked twice around a write that changes its answer sees the write: nothing
@@ -475,11 +550,13 @@ async fn sqlite_conformance() {
     let path = dir.path().join("store.db");
     let store = Store::Sqlite(SqliteStore::open(&path).await.unwrap());
     conformance(&store).await;
+    let users = store.list_users().await.unwrap().len();
+    assert!(users > 0);
     store.close().await.unwrap();
 
     // Reopening keeps data and the schema version; a newer schema is refused.
     let store = Store::Sqlite(SqliteStore::open(&path).await.unwrap());
-    assert_eq!(store.list_users().await.unwrap().len(), 3);
+    assert_eq!(store.list_users().await.unwrap().len(), users);
     let someone = store.list_users().await.unwrap()[0].key.clone();
     store.get_user(&someone).await.unwrap();
     store.close().await.unwrap();

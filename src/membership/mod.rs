@@ -165,6 +165,15 @@ pub struct Member {
     pub added_by: String,
     /// Unix milliseconds.
     pub added_at: u64,
+    /// KV store only: the revision of the room record this member was added under. A
+    /// room id deleted and taken again is a new record with a new revision, so a member
+    /// written for the old room (an invite that raced the delete and landed after the new
+    /// room's creation) is told apart and grants nothing ([`Member::belongs_to`]).
+    /// Absent on SQLite, which compares the room inside the member's transaction instead,
+    /// and in records written before the field existed (taken as current, as they always
+    /// were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_rev: Option<u64>,
 }
 
 impl Room {
@@ -196,7 +205,14 @@ impl Member {
             state,
             added_by: ids::user_key("added_by", added_by)?,
             added_at: now_ms(),
+            room_rev: None,
         })
+    }
+
+    /// Whether this member belongs to the room record at revision `room_rev`, rather than
+    /// to an earlier room under the same id (see [`Member::room_rev`]).
+    pub fn belongs_to(&self, room_rev: u64) -> bool {
+        self.room_rev.is_none_or(|rev| rev == room_rev)
     }
 }
 
@@ -424,6 +440,13 @@ impl Store {
         dispatch!(self.get_room(id))
     }
 
+    /// [`Store::get_room`] with the record's revision on the KV store (None on SQLite),
+    /// for a caller that will add a member to the room it read
+    /// ([`Store::add_member_to_checked_room`]).
+    pub async fn get_room_with_revision(&self, id: &str) -> Result<(Room, Option<u64>)> {
+        dispatch!(self.get_room_with_revision(id))
+    }
+
     /// All rooms, ordered by id.
     pub async fn list_rooms(&self) -> Result<Vec<Room>> {
         dispatch!(self.list_rooms())
@@ -446,23 +469,31 @@ impl Store {
         added_by: &str,
     ) -> Result<Member> {
         let member = Member::new(room, endpoint, role, state, added_by)?;
-        dispatch!(self.add_member(member, true))
+        dispatch!(self.add_member(member, None))
     }
 
     /// [`Store::add_member`] for a caller that has just read the room itself (the
-    /// service's owner check). The KV backend skips its own re-read of the room (see
-    /// `KvStore::add_member` for why that keeps every guarantee); SQLite checks inside its
-    /// transaction as always (no round trip to save).
+    /// service's owner check): `checked`, at revision `room_rev`
+    /// ([`Store::get_room_with_revision`]). The member lands in that room only, never in
+    /// a room created under the same id after a delete that raced the caller:
+    /// - the KV backend skips its own re-read of the room (a round trip) and ties the
+    ///   member to the revision; readers ignore a member of another revision (see
+    ///   `KvStore::add_member`);
+    /// - SQLite compares the room with `checked` inside its transaction.
     pub async fn add_member_to_checked_room(
         &self,
-        room: &str,
+        checked: &Room,
+        room_rev: Option<u64>,
         endpoint: &str,
         role: Role,
         state: MemberState,
         added_by: &str,
     ) -> Result<Member> {
-        let member = Member::new(room, endpoint, role, state, added_by)?;
-        dispatch!(self.add_member(member, false))
+        let member = Member {
+            room_rev,
+            ..Member::new(&checked.id, endpoint, role, state, added_by)?
+        };
+        dispatch!(self.add_member(member, Some(checked)))
     }
 
     /// Marks an invited member joined (idempotent for a joined member).

@@ -222,10 +222,10 @@ impl Handler {
             return Prefetched::Nothing;
         };
         let (room, invitee) = tokio::join!(
-            self.store.get_room(&req.room),
+            self.store.get_room_with_revision(&req.room),
             self.store.get_user(&req.key)
         );
-        Prefetched::Invite { room, invitee }
+        Prefetched::Invite(Box::new(InviteReads { room, invitee }))
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -394,12 +394,17 @@ impl Handler {
                 // Two independent reads, made beside the gates (see `process`); the owner
                 // check is judged first.
                 let (room, invitee) = match prefetched {
-                    Prefetched::Invite { room, invitee } => (room, invitee),
-                    Prefetched::Nothing => {
-                        tokio::join!(store.get_room(&req.room), store.get_user(&req.key))
-                    }
+                    Prefetched::Invite(reads) => (reads.room, reads.invitee),
+                    Prefetched::Nothing => tokio::join!(
+                        store.get_room_with_revision(&req.room),
+                        store.get_user(&req.key)
+                    ),
                 };
-                judge_owner(caller, &req.room, room)?;
+                let (room, room_rev) = match room {
+                    Ok((room, rev)) => (Ok(room), rev),
+                    Err(e) => (Err(e), None),
+                };
+                let room = judge_owner(caller, &req.room, room)?;
                 // Only an active user can be invited: a typo'd key fails here, not later.
                 match invitee {
                     Ok(u) if u.revoked_at.is_none() => {}
@@ -411,10 +416,13 @@ impl Handler {
                     }
                     Err(e) => return Err(e.into()),
                 }
-                // `require_owner` has just read the room: the store need not read it again.
+                // The owner check has just read the room: the store need not read it
+                // again, and adds the member to that room only, never to one created
+                // under the id since (`Store::add_member_to_checked_room`).
                 ok(store
                     .add_member_to_checked_room(
-                        &req.room,
+                        &room,
+                        room_rev,
                         &req.key,
                         Role::Member,
                         MemberState::Invited,
@@ -594,17 +602,22 @@ impl Handler {
     }
 
     async fn require_owner(&self, caller: &Caller, room: &str) -> Result<(), CtlError> {
-        judge_owner(caller, room, self.store.get_room(room).await)
+        judge_owner(caller, room, self.store.get_room(room).await).map(|_| ())
     }
 }
 
 /// Reads an operation needs, made beside the gates (see [`Handler::process`]).
 enum Prefetched {
     Nothing,
-    Invite {
-        room: Result<super::Room, StoreError>,
-        invitee: Result<super::User, StoreError>,
-    },
+    /// Boxed: far larger than `Nothing`, and made once per invite.
+    Invite(Box<InviteReads>),
+}
+
+/// `members.invite`'s reads.
+struct InviteReads {
+    /// The room and its revision (KV; see `Member::room_rev`).
+    room: Result<(super::Room, Option<u64>), StoreError>,
+    invitee: Result<super::User, StoreError>,
 }
 
 /// The owner check on `found`, the room as read: only its owner (or an admin) passes. A
@@ -613,7 +626,7 @@ fn judge_owner(
     caller: &Caller,
     room: &str,
     found: Result<super::Room, StoreError>,
-) -> Result<(), CtlError> {
+) -> Result<super::Room, CtlError> {
     let found = match found {
         Ok(r) => r,
         Err(StoreError::NotFound { .. }) if !caller.admin => {
@@ -622,7 +635,7 @@ fn judge_owner(
         Err(e) => return Err(e.into()),
     };
     if found.owner == caller.key || caller.admin {
-        Ok(())
+        Ok(found)
     } else {
         Err(CtlError::forbidden(format!(
             "only the owner of room {room} may do this"

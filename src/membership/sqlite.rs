@@ -154,6 +154,7 @@ fn member_from_row(row: &Row<'_>) -> rusqlite::Result<Member> {
         },
         added_by: row.get(4)?,
         added_at: to_u64(row.get(5)?),
+        room_rev: None,
     })
 }
 
@@ -178,6 +179,28 @@ fn room_exists(tx: &Connection, id: &str) -> Result<()> {
         .optional()
         .map_err(|e| backend("read room", e))?;
     found.ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
+}
+
+/// [`room_exists`], and if the caller read the room before (`checked`: its owner and
+/// creation time), the same room: not one deleted and created again since.
+fn room_as_read(tx: &Connection, id: &str, checked: Option<&(String, u64)>) -> Result<()> {
+    let Some(checked) = checked else {
+        return room_exists(tx, id);
+    };
+    let found: Option<(String, i64)> = tx
+        .prepare_cached("SELECT owner, created_at FROM rooms WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([id], |row| Ok((row.get(0)?, row.get(1)?))))
+        .optional()
+        .map_err(|e| backend("read room", e))?;
+    match found {
+        None => Err(StoreError::not_found(format!("room {id:?}"))),
+        Some((owner, created_at)) if owner == checked.0 && to_u64(created_at) == checked.1 => {
+            Ok(())
+        }
+        Some(_) => Err(StoreError::not_found(format!(
+            "room {id:?} (deleted and created again since it was read)"
+        ))),
+    }
 }
 
 fn get_member(tx: &Connection, room: &str, endpoint: &str) -> Result<Option<Member>> {
@@ -712,6 +735,11 @@ impl SqliteStore {
         .await
     }
 
+    /// The room, and no revision: this store has none to offer (see `Member::room_rev`).
+    pub(crate) async fn get_room_with_revision(&self, id: &str) -> Result<(Room, Option<u64>)> {
+        Ok((self.get_room(id).await?, None))
+    }
+
     pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
         let id = ids::room_id(id)?;
         self.cache.through(
@@ -748,16 +776,23 @@ impl SqliteStore {
         .await
     }
 
-    /// The room check runs inside `add_member`'s transaction anyway.
     /// Inserts `member`. The room is checked inside the transaction whatever the caller
-    /// read before (`_room_checked_by_caller` is the KV store's shortcut; here it is free).
+    /// read before; if the caller read it (`checked`), it must still be that room, not
+    /// one created under the same id after a delete that raced the caller (same owner
+    /// and creation time). So a member never outlives its room here and carries no room
+    /// revision.
     pub(crate) async fn add_member(
         &self,
         member: Member,
-        _room_checked_by_caller: bool,
+        checked: Option<&Room>,
     ) -> Result<Member> {
+        let member = Member {
+            room_rev: None,
+            ..member
+        };
+        let checked = checked.map(|r| (r.owner.clone(), r.created_at));
         self.tx(move |tx| {
-            room_exists(tx, &member.room)?;
+            room_as_read(tx, &member.room, checked.as_ref())?;
             tx.execute(
                 &format!("INSERT INTO members ({MEMBER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
                 params![

@@ -42,6 +42,13 @@
 //! from the leader before it removes anything because the room is missing. Reads ignore
 //! `DEL`/`PURGE` markers everywhere (other KV clients write them too).
 //!
+//! A write that read the room before (an invite: owner check, then member write) can
+//! still land after the room's delete and after a new room's creation under the same id,
+//! past that cleanup. So a member record carries the revision of the room record it was
+//! checked against (`Member::room_rev`; a room record is written once, so its revision
+//! names it), and every reader of members compares it with the room's: a member of an
+//! earlier room under the id grants nothing, and an invite to the new room replaces it.
+//!
 //! # Two-bucket writes
 //!
 //! See the [module docs](super): `members` and index together on add, index first on

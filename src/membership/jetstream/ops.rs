@@ -149,7 +149,7 @@ impl KvStore {
         encrypted: bool,
     ) -> Result<Room> {
         let room = Room::new(id, name, owner, encrypted)?;
-        let reused = match self
+        let (rev, reused) = match self
             .create_noting_reuse(&self.rooms, &room.id, encode(&room)?)
             .await?
         {
@@ -159,8 +159,8 @@ impl KvStore {
                     room.id
                 )));
             }
-            Created::Fresh => false,
-            Created::Reused => true,
+            Created::Fresh(rev) => (rev, false),
+            Created::Reused(rev) => (rev, true),
         };
         let owner = Member {
             room: room.id.clone(),
@@ -169,6 +169,7 @@ impl KvStore {
             state: MemberState::Joined,
             added_by: room.owner.clone(),
             added_at: room.created_at,
+            room_rev: Some(rev),
         };
         let record = encode(&owner)?;
         // The id is ours now: write the owner's member record and index entry (together,
@@ -204,6 +205,12 @@ impl KvStore {
         self.require_room(id).await
     }
 
+    pub(crate) async fn get_room_with_revision(&self, id: &str) -> Result<(Room, Option<u64>)> {
+        let id = ids::room_id(id)?;
+        let (room, rev) = self.require_room_rev(id).await?;
+        Ok((room, Some(rev)))
+    }
+
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
         let mut out = Vec::new();
         for key in self.keys(&self.rooms, ">").await? {
@@ -223,14 +230,24 @@ impl KvStore {
     }
 
     /// Writes `member`, reading the room first unless the caller has just read it
-    /// (`check_room` false: the service's owner check). That re-read never closed the race
-    /// with a room delete anyway (the delete may land between it and the member write); a
-    /// member of a deleted room is an orphan that grants nothing
-    /// (`list_rooms_for_endpoint` requires the room), is removed by [`Self::reconcile`],
-    /// and is purged by `create_room` if the id is taken again first.
-    pub(crate) async fn add_member(&self, member: Member, check_room: bool) -> Result<Member> {
-        if check_room {
-            self.require_room(&member.room).await?;
+    /// (`checked`: the service's owner check, which passes the revision it read in
+    /// `member.room_rev`). Neither read closes the race with a room delete: the delete
+    /// may land between the read and the member write. So the member carries the
+    /// revision of the room it was checked against:
+    /// - if the room is deleted meanwhile, the member is an orphan that grants nothing
+    ///   (readers require the room), and [`Self::reconcile`] removes it;
+    /// - if the id is also taken again before the write lands (after `create_room`'s
+    ///   cleanup of leftovers), the new room is a new record with a new revision, and
+    ///   every reader ([`Self::live_member`], [`Self::list_members`], [`Self::join`])
+    ///   ignores a member of another revision; inviting the endpoint to the new room
+    ///   replaces it ([`Self::replace_leftover_member`]).
+    pub(crate) async fn add_member(
+        &self,
+        mut member: Member,
+        checked: Option<&Room>,
+    ) -> Result<Member> {
+        if checked.is_none() {
+            member.room_rev = Some(self.require_room_rev(&member.room).await?.1);
         }
         let key = format!("{}.{}", member.room, member.endpoint);
         let record = encode(&member)?;
@@ -249,20 +266,63 @@ impl KvStore {
         if created {
             Ok(member)
         } else {
-            Err(StoreError::conflict(format!(
+            self.replace_leftover_member(member).await
+        }
+    }
+
+    /// `member` could not be created because a record is there: a conflict, unless that
+    /// record belongs to an earlier room under the same id, which `member` (checked
+    /// against the room there now) replaces. Only this rare path pays its two reads.
+    async fn replace_leftover_member(&self, member: Member) -> Result<Member> {
+        let key = format!("{}.{}", member.room, member.endpoint);
+        let (room, existing) = futures_util::future::try_join(
+            self.require_room_rev(&member.room),
+            self.get_json::<Member>(&self.members, &key),
+        )
+        .await?;
+        let current = room.1;
+        if member.room_rev.is_some_and(|ours| ours != current) {
+            // The room this member was checked against is gone: deleted, and its id
+            // taken again since.
+            return Err(StoreError::not_found(format!(
+                "room {:?} (deleted and created again since it was read)",
+                member.room
+            )));
+        }
+        match existing {
+            Some((old, rev)) if !old.belongs_to(current) => {
+                let replaced = self
+                    .update(&self.members, &key, encode(&member)?, rev)
+                    .await?;
+                if replaced {
+                    return Ok(member);
+                }
+                Err(StoreError::conflict(format!(
+                    "membership of {} in room {:?} changed meanwhile; try again",
+                    member.endpoint, member.room
+                )))
+            }
+            Some(_) => Err(StoreError::conflict(format!(
                 "{} is already a member of room {:?}",
                 member.endpoint, member.room
-            )))
+            ))),
+            None => Err(StoreError::conflict(format!(
+                "membership of {} in room {:?} changed meanwhile; try again",
+                member.endpoint, member.room
+            ))),
         }
     }
 
     pub(crate) async fn join(&self, room: &str, endpoint: &str) -> Result<Member> {
         let room = ids::room_id(room)?;
         let endpoint = ids::user_key("endpoint", endpoint)?;
-        self.require_room(room).await?;
+        let (_, room_rev) = self.require_room_rev(room).await?;
         let key = format!("{room}.{endpoint}");
         for _ in 0..5 {
-            let Some((mut member, rev)) = self.get_json::<Member>(&self.members, &key).await?
+            let Some((mut member, rev)) = self
+                .get_json::<Member>(&self.members, &key)
+                .await?
+                .filter(|(m, _)| m.belongs_to(room_rev))
             else {
                 return Err(StoreError::not_found(format!(
                     "membership of {endpoint} in room {room:?}"
@@ -303,10 +363,12 @@ impl KvStore {
 
     pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
         let room = ids::room_id(room)?;
-        self.require_room(room).await?;
+        let (_, room_rev) = self.require_room_rev(room).await?;
         let mut out = Vec::new();
         for key in self.keys(&self.members, &format!("{room}.>")).await? {
-            if let Some((m, _)) = self.get_json::<Member>(&self.members, &key).await? {
+            if let Some((m, _)) = self.get_json::<Member>(&self.members, &key).await?
+                && m.belongs_to(room_rev)
+            {
                 out.push(m);
             }
         }
@@ -335,16 +397,17 @@ impl KvStore {
         Ok(out)
     }
 
-    /// `endpoint`'s member record in `room`, if both it and the room exist (an index
+    /// `endpoint`'s member record in `room`, if both it and the room exist and the
+    /// member belongs to that room rather than an earlier one under the id (an index
     /// entry without them is stale and grants nothing).
     pub(super) async fn live_member(&self, room: String, endpoint: &str) -> Result<Option<Member>> {
-        let (member, exists) = futures_util::future::try_join(
+        let (member, room_record) = futures_util::future::try_join(
             self.get_json::<Member>(&self.members, &format!("{room}.{endpoint}")),
             self.get_raw(&self.rooms, &room),
         )
         .await?;
-        match (member, exists) {
-            (Some((m, _)), Some(_)) => Ok(Some(m)),
+        match (member, room_record) {
+            (Some((m, _)), Some((_, room_rev))) if m.belongs_to(room_rev) => Ok(Some(m)),
             _ => {
                 tracing::debug!(room, endpoint, "stale index entry ignored");
                 Ok(None)
