@@ -43,40 +43,62 @@ async fn members_of(store: &Store, room: &str) -> Vec<String> {
 
 /// An invite is checked against the room as read, then written: if in between its owner
 /// deletes the room and someone else creates one under the same id, the invitee must not
-/// land in the new room. SQLite refuses the late write; the KV store may write it, but no
-/// reader takes it for a member of the new room, and a real invite to the new room
-/// replaces it.
+/// land in the new room. SQLite refuses the late write; the KV store writes it (it skips
+/// the re-read), but no reader takes it for a member of the new room, and a real invite
+/// to the new room replaces it.
 async fn an_invite_racing_a_room_taken_again(store: &Store) {
-    let (old_owner, new_owner, invitee) = (user_key(), user_key(), user_key());
-    for key in [&old_owner, &new_owner, &invitee] {
+    let (old_owner, new_owner, invitee, latecomer) =
+        (user_key(), user_key(), user_key(), user_key());
+    for key in [&old_owner, &new_owner, &invitee, &latecomer] {
         store.add_user(key, "racer", false).await.unwrap();
     }
-    store
+    let checked = store
         .create_room("taken-again", "first", &old_owner, false)
         .await
         .unwrap();
-    let (checked, rev) = store.get_room_with_revision("taken-again").await.unwrap();
     store.delete_room("taken-again").await.unwrap();
-    store
-        .create_room("taken-again", "second", &new_owner, false)
-        .await
-        .unwrap();
-    let late = store
-        .add_member_to_checked_room(
-            &checked,
-            rev,
-            &invitee,
-            Role::Member,
-            MemberState::Invited,
-            &old_owner,
-        )
-        .await;
-    match late {
-        Err(e) => assert!(matches!(e, StoreError::NotFound { .. }), "{e}"),
-        Ok(m) => assert_eq!(
-            m.room_rev, rev,
-            "written, tied to the room it was checked in"
-        ),
+    // Rooms are told apart by their creation time, in milliseconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let second = loop {
+        let room = store
+            .create_room("taken-again", "second", &new_owner, false)
+            .await
+            .unwrap();
+        if room.created_at != checked.created_at {
+            break room;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock does not move"
+        );
+        store.delete_room("taken-again").await.unwrap();
+    };
+    assert_eq!(second.owner, new_owner);
+    let late = |who: String| {
+        let checked = checked.clone();
+        let old_owner = old_owner.clone();
+        async move {
+            store
+                .add_member_to_checked_room(
+                    &checked,
+                    &who,
+                    Role::Member,
+                    MemberState::Invited,
+                    &old_owner,
+                )
+                .await
+        }
+    };
+    match (store, late(invitee.clone()).await) {
+        (Store::Sqlite(_), Err(e)) => assert!(matches!(e, StoreError::NotFound { .. }), "{e}"),
+        (Store::JetStream(_), Ok(m)) => {
+            assert_eq!(
+                m.room_created_at,
+                Some(checked.created_at),
+                "tied to the first room"
+            )
+        }
+        (_, other) => panic!("unexpected outcome of the late invite: {other:?}"),
     }
     assert_eq!(
         members_of(store, "taken-again").await,
@@ -86,32 +108,32 @@ async fn an_invite_racing_a_room_taken_again(store: &Store) {
     assert!(is_not_found(store.join("taken-again", &invitee).await));
 
     // Invited to the new room by its owner, the invitee is a member after all.
-    store
-        .add_member(
-            "taken-again",
-            &invitee,
-            Role::Member,
-            MemberState::Invited,
-            &new_owner,
-        )
-        .await
-        .unwrap();
+    let invite = |who: String| {
+        let new_owner = new_owner.clone();
+        async move {
+            store
+                .add_member(
+                    "taken-again",
+                    &who,
+                    Role::Member,
+                    MemberState::Invited,
+                    &new_owner,
+                )
+                .await
+        }
+    };
+    invite(invitee.clone()).await.unwrap();
     let mut expected = vec![new_owner.clone(), invitee.clone()];
     expected.sort();
     assert_eq!(members_of(store, "taken-again").await, expected);
     assert_eq!(rooms_of(store, &invitee).await[0].added_by, new_owner);
     store.join("taken-again", &invitee).await.unwrap();
-    assert!(is_conflict(
-        store
-            .add_member(
-                "taken-again",
-                &invitee,
-                Role::Member,
-                MemberState::Invited,
-                &new_owner
-            )
-            .await
-    ));
+    assert!(is_conflict(invite(invitee.clone()).await));
+
+    // A late invite that finds a member of the new room there changes nothing.
+    invite(latecomer.clone()).await.unwrap();
+    assert!(is_not_found(late(latecomer.clone()).await));
+    assert_eq!(rooms_of(store, &latecomer).await[0].added_by, new_owner);
     store.delete_room("taken-again").await.unwrap();
 }
 

@@ -55,7 +55,7 @@ pub fn synthetic(memberships: usize) -> Snapshot {
                 state: MemberState::Joined,
                 added_by: rooms[room].owner.clone(),
                 added_at: now,
-                room_rev: None,
+                room_created_at: None,
             });
         }
     }

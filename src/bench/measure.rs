@@ -48,8 +48,10 @@ impl Cpu {
             .unwrap_or_default()
     }
 
-    /// `cpu  user nice system idle iowait irq softirq steal …`: idle and iowait are the
-    /// time no process ran; the rest is busy (guest time is already inside user).
+    /// `cpu  user nice system idle iowait irq softirq steal …` (in `USER_HZ` ticks): user,
+    /// nice, system, irq and softirq are this machine's work (guest time is already
+    /// inside user); idle and iowait are time nothing ran; steal is time a hypervisor
+    /// gave to someone else, not our work, so it counts in the total only.
     fn parse(stat: &str) -> Option<Cpu> {
         let line = stat.lines().find(|l| l.starts_with("cpu "))?;
         let ticks: Vec<u64> = line
@@ -61,7 +63,7 @@ impl Cpu {
         let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
             return None;
         };
-        let busy = user + nice + system + irq + softirq + steal;
+        let busy = user + nice + system + irq + softirq;
         let cores = stat
             .lines()
             .filter(|l| {
@@ -71,7 +73,7 @@ impl Cpu {
             .count();
         Some(Cpu {
             busy_ticks: busy,
-            total_ticks: busy + idle + iowait,
+            total_ticks: busy + idle + iowait + steal,
             cores,
         })
     }
@@ -91,9 +93,11 @@ impl Cpu {
         self.cores = self.cores.max(other.cores);
     }
 
-    /// The share of the machine's cores that were busy (1.0: all of them, all the time).
+    /// The share of the machine's cores that were busy (1.0: all of them, all the time);
+    /// None when nothing was read.
     pub fn busy(&self) -> Option<f64> {
-        (self.total_ticks > 0).then(|| self.busy_ticks as f64 / self.total_ticks as f64)
+        (self.total_ticks > 0 && self.cores > 0)
+            .then(|| self.busy_ticks as f64 / self.total_ticks as f64)
     }
 }
 
@@ -106,8 +110,10 @@ impl Stats {
     }
 
     /// Busy CPU time, in milliseconds over all cores, per successful operation: the
-    /// machine's busy share × its cores × the wall time, divided out. (Ticks are not
-    /// converted directly, so the kernel's tick rate does not matter.)
+    /// machine's busy share × its cores × the wall time, divided out. (This way the tick
+    /// length, `USER_HZ`, is never needed.) The turns of `alternate` follow each other
+    /// without a pause, so work one side leaves behind (a replication, an fsync) is
+    /// charged to the next turn: alternation spreads that over both sides alike.
     pub fn cpu_ms_per_op(&self) -> Option<f64> {
         let busy = self.cpu.busy()?;
         let cpu_ms = busy * self.cpu.cores as f64 * self.elapsed.as_secs_f64() * 1000.0;
@@ -236,22 +242,23 @@ mod tests {
 
     #[test]
     fn reads_cpu_ticks_from_proc_stat() {
-        let stat = "cpu  10 1 5 80 4 2 3 0 7 0\ncpu0 5 0 2 40 2 1 1 0 0 0\n\
-                    cpu1 5 1 3 40 2 1 2 0 7 0\nintr 1\n";
+        let stat = "cpu  10 1 5 80 4 2 3 6 7 0\ncpu0 5 0 2 40 2 1 1 3 0 0\n\
+                    cpu1 5 1 3 40 2 1 2 3 7 0\nintr 1\n";
         let cpu = Cpu::parse(stat).unwrap();
         assert_eq!(
             cpu,
             Cpu {
                 busy_ticks: 21,
-                total_ticks: 105,
+                total_ticks: 111,
                 cores: 2,
-            }
+            },
+            "steal is in the total, not in busy"
         );
         assert_eq!(Cpu::parse("cpu  1 2 3\n"), None, "too few fields");
         assert_eq!(Cpu::parse("cpu  1 2 x 4 5 6 7 8\n"), None);
         let later = Cpu {
             busy_ticks: 121,
-            total_ticks: 305,
+            total_ticks: 311,
             cores: 2,
         };
         assert_eq!(cpu.until(later).busy(), Some(0.5));
@@ -264,6 +271,11 @@ mod tests {
         // Half of 2 cores for 2 s is 2000 ms of CPU, over 100 operations.
         assert_eq!(stats.cpu_ms_per_op(), Some(20.0));
         assert_eq!(Stats::default().cpu_ms_per_op(), None);
+        assert_eq!(
+            Cpu::parse("cpu  1 2 3 4 5 6 7 8\n").and_then(|c| c.busy()),
+            None,
+            "no cores"
+        );
     }
 
     #[tokio::test]

@@ -178,7 +178,8 @@ pub struct Workload {
     /// Throughput workloads: the machine's busy CPU time per operation (ms, all cores,
     /// every process), for unibus and its twin, and the busy share of the cores while
     /// each ran (see `measure::Cpu`). When both sides keep the machine busy, the ratio
-    /// is about `raw_cpu_ms_per_op / cpu_ms_per_op`.
+    /// is about `per_op × raw_cpu_ms_per_op / cpu_ms_per_op`, `per_op` being what one
+    /// unibus operation counts for (5 KV writes for `ctl_write_*`, else 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_ms_per_op: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -165,15 +165,17 @@ pub struct Member {
     pub added_by: String,
     /// Unix milliseconds.
     pub added_at: u64,
-    /// KV store only: the revision of the room record this member was added under. A
-    /// room id deleted and taken again is a new record with a new revision, so a member
+    /// KV store only: the creation time of the room this member was added to. A room
+    /// id deleted and taken again is another room, created at another time, so a member
     /// written for the old room (an invite that raced the delete and landed after the new
     /// room's creation) is told apart and grants nothing ([`Member::belongs_to`]).
     /// Absent on SQLite, which compares the room inside the member's transaction instead,
-    /// and in records written before the field existed (taken as current, as they always
-    /// were).
+    /// and in records written before the field existed or copied by `unibus migrate`
+    /// (taken as current, as they always were). Nodes from before the field neither
+    /// write nor check it (and an old node's `join` rewrites a record without it), so in
+    /// a cluster the protection holds once every node runs a version that has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub room_rev: Option<u64>,
+    pub room_created_at: Option<u64>,
 }
 
 impl Room {
@@ -205,14 +207,16 @@ impl Member {
             state,
             added_by: ids::user_key("added_by", added_by)?,
             added_at: now_ms(),
-            room_rev: None,
+            room_created_at: None,
         })
     }
 
-    /// Whether this member belongs to the room record at revision `room_rev`, rather than
-    /// to an earlier room under the same id (see [`Member::room_rev`]).
-    pub fn belongs_to(&self, room_rev: u64) -> bool {
-        self.room_rev.is_none_or(|rev| rev == room_rev)
+    /// Whether this member belongs to `room`, rather than to an earlier room under the
+    /// same id (see [`Member::room_created_at`]). Two rooms under one id could only be
+    /// confused if the second were created in the very millisecond of the first.
+    pub fn belongs_to(&self, room: &Room) -> bool {
+        self.room_created_at
+            .is_none_or(|created_at| created_at == room.created_at)
     }
 }
 
@@ -307,6 +311,13 @@ impl StoreError {
 
     pub(crate) fn conflict(what: impl Into<String>) -> Self {
         StoreError::Conflict { what: what.into() }
+    }
+
+    /// The room a caller read is gone: deleted, and its id taken by a new room since.
+    pub(crate) fn room_taken_again(id: &str) -> Self {
+        StoreError::not_found(format!(
+            "room {id:?} (deleted and created again since it was read)"
+        ))
     }
 }
 
@@ -440,13 +451,6 @@ impl Store {
         dispatch!(self.get_room(id))
     }
 
-    /// [`Store::get_room`] with the record's revision on the KV store (None on SQLite),
-    /// for a caller that will add a member to the room it read
-    /// ([`Store::add_member_to_checked_room`]).
-    pub async fn get_room_with_revision(&self, id: &str) -> Result<(Room, Option<u64>)> {
-        dispatch!(self.get_room_with_revision(id))
-    }
-
     /// All rooms, ordered by id.
     pub async fn list_rooms(&self) -> Result<Vec<Room>> {
         dispatch!(self.list_rooms())
@@ -472,27 +476,22 @@ impl Store {
         dispatch!(self.add_member(member, None))
     }
 
-    /// [`Store::add_member`] for a caller that has just read the room itself (the
-    /// service's owner check): `checked`, at revision `room_rev`
-    /// ([`Store::get_room_with_revision`]). The member lands in that room only, never in
+    /// [`Store::add_member`] for a caller that has just read the room itself, as
+    /// `checked` (the service's owner check). The member lands in that room only, never in
     /// a room created under the same id after a delete that raced the caller:
     /// - the KV backend skips its own re-read of the room (a round trip) and ties the
-    ///   member to the revision; readers ignore a member of another revision (see
+    ///   member to the room's creation time; readers ignore a member of another room (see
     ///   `KvStore::add_member`);
     /// - SQLite compares the room with `checked` inside its transaction.
     pub async fn add_member_to_checked_room(
         &self,
         checked: &Room,
-        room_rev: Option<u64>,
         endpoint: &str,
         role: Role,
         state: MemberState,
         added_by: &str,
     ) -> Result<Member> {
-        let member = Member {
-            room_rev,
-            ..Member::new(&checked.id, endpoint, role, state, added_by)?
-        };
+        let member = Member::new(&checked.id, endpoint, role, state, added_by)?;
         dispatch!(self.add_member(member, Some(checked)))
     }
 

@@ -272,7 +272,7 @@ mod tests {
                 state: crate::membership::MemberState::Joined,
                 added_by: "U".into(),
                 added_at: 1,
-                room_rev: None,
+                room_created_at: None,
             })
             .collect();
         open.through(|t| &mut t.members, "r", || Ok(huge.clone()))

@@ -222,10 +222,10 @@ impl Handler {
             return Prefetched::Nothing;
         };
         let (room, invitee) = tokio::join!(
-            self.store.get_room_with_revision(&req.room),
+            self.store.get_room(&req.room),
             self.store.get_user(&req.key)
         );
-        Prefetched::Invite(Box::new(InviteReads { room, invitee }))
+        Prefetched::Invite { room, invitee }
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
@@ -394,15 +394,10 @@ impl Handler {
                 // Two independent reads, made beside the gates (see `process`); the owner
                 // check is judged first.
                 let (room, invitee) = match prefetched {
-                    Prefetched::Invite(reads) => (reads.room, reads.invitee),
-                    Prefetched::Nothing => tokio::join!(
-                        store.get_room_with_revision(&req.room),
-                        store.get_user(&req.key)
-                    ),
-                };
-                let (room, room_rev) = match room {
-                    Ok((room, rev)) => (Ok(room), rev),
-                    Err(e) => (Err(e), None),
+                    Prefetched::Invite { room, invitee } => (room, invitee),
+                    Prefetched::Nothing => {
+                        tokio::join!(store.get_room(&req.room), store.get_user(&req.key))
+                    }
                 };
                 let room = judge_owner(caller, &req.room, room)?;
                 // Only an active user can be invited: a typo'd key fails here, not later.
@@ -422,7 +417,6 @@ impl Handler {
                 ok(store
                     .add_member_to_checked_room(
                         &room,
-                        room_rev,
                         &req.key,
                         Role::Member,
                         MemberState::Invited,
@@ -609,15 +603,10 @@ impl Handler {
 /// Reads an operation needs, made beside the gates (see [`Handler::process`]).
 enum Prefetched {
     Nothing,
-    /// Boxed: far larger than `Nothing`, and made once per invite.
-    Invite(Box<InviteReads>),
-}
-
-/// `members.invite`'s reads.
-struct InviteReads {
-    /// The room and its revision (KV; see `Member::room_rev`).
-    room: Result<(super::Room, Option<u64>), StoreError>,
-    invitee: Result<super::User, StoreError>,
+    Invite {
+        room: Result<super::Room, StoreError>,
+        invitee: Result<super::User, StoreError>,
+    },
 }
 
 /// The owner check on `found`, the room as read: only its owner (or an admin) passes. A

@@ -154,7 +154,7 @@ fn member_from_row(row: &Row<'_>) -> rusqlite::Result<Member> {
         },
         added_by: row.get(4)?,
         added_at: to_u64(row.get(5)?),
-        room_rev: None,
+        room_created_at: None,
     })
 }
 
@@ -197,9 +197,7 @@ fn room_as_read(tx: &Connection, id: &str, checked: Option<&(String, u64)>) -> R
         Some((owner, created_at)) if owner == checked.0 && to_u64(created_at) == checked.1 => {
             Ok(())
         }
-        Some(_) => Err(StoreError::not_found(format!(
-            "room {id:?} (deleted and created again since it was read)"
-        ))),
+        Some(_) => Err(StoreError::room_taken_again(id)),
     }
 }
 
@@ -735,11 +733,6 @@ impl SqliteStore {
         .await
     }
 
-    /// The room, and no revision: this store has none to offer (see `Member::room_rev`).
-    pub(crate) async fn get_room_with_revision(&self, id: &str) -> Result<(Room, Option<u64>)> {
-        Ok((self.get_room(id).await?, None))
-    }
-
     pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
         let id = ids::room_id(id)?;
         self.cache.through(
@@ -779,15 +772,15 @@ impl SqliteStore {
     /// Inserts `member`. The room is checked inside the transaction whatever the caller
     /// read before; if the caller read it (`checked`), it must still be that room, not
     /// one created under the same id after a delete that raced the caller (same owner
-    /// and creation time). So a member never outlives its room here and carries no room
-    /// revision.
+    /// and creation time). So a member never outlives its room here, and needs no
+    /// `room_created_at`.
     pub(crate) async fn add_member(
         &self,
         member: Member,
         checked: Option<&Room>,
     ) -> Result<Member> {
         let member = Member {
-            room_rev: None,
+            room_created_at: None,
             ..member
         };
         let checked = checked.map(|r| (r.owner.clone(), r.created_at));

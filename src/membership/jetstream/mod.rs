@@ -44,10 +44,10 @@
 //!
 //! A write that read the room before (an invite: owner check, then member write) can
 //! still land after the room's delete and after a new room's creation under the same id,
-//! past that cleanup. So a member record carries the revision of the room record it was
-//! checked against (`Member::room_rev`; a room record is written once, so its revision
-//! names it), and every reader of members compares it with the room's: a member of an
-//! earlier room under the id grants nothing, and an invite to the new room replaces it.
+//! past that cleanup. So a member record carries the creation time of the room it was
+//! checked against (`Member::room_created_at`), and every reader of members compares it
+//! with the room's: a member of an earlier room under the id grants nothing, an invite to
+//! the new room replaces it, and the new room's delete removes it.
 //!
 //! # Two-bucket writes
 //!

@@ -149,7 +149,7 @@ impl KvStore {
         encrypted: bool,
     ) -> Result<Room> {
         let room = Room::new(id, name, owner, encrypted)?;
-        let (rev, reused) = match self
+        let reused = match self
             .create_noting_reuse(&self.rooms, &room.id, encode(&room)?)
             .await?
         {
@@ -159,8 +159,8 @@ impl KvStore {
                     room.id
                 )));
             }
-            Created::Fresh(rev) => (rev, false),
-            Created::Reused(rev) => (rev, true),
+            Created::Fresh => false,
+            Created::Reused => true,
         };
         let owner = Member {
             room: room.id.clone(),
@@ -169,7 +169,7 @@ impl KvStore {
             state: MemberState::Joined,
             added_by: room.owner.clone(),
             added_at: room.created_at,
-            room_rev: Some(rev),
+            room_created_at: Some(room.created_at),
         };
         let record = encode(&owner)?;
         // The id is ours now: write the owner's member record and index entry (together,
@@ -205,12 +205,6 @@ impl KvStore {
         self.require_room(id).await
     }
 
-    pub(crate) async fn get_room_with_revision(&self, id: &str) -> Result<(Room, Option<u64>)> {
-        let id = ids::room_id(id)?;
-        let (room, rev) = self.require_room_rev(id).await?;
-        Ok((room, Some(rev)))
-    }
-
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
         let mut out = Vec::new();
         for key in self.keys(&self.rooms, ">").await? {
@@ -230,25 +224,26 @@ impl KvStore {
     }
 
     /// Writes `member`, reading the room first unless the caller has just read it
-    /// (`checked`: the service's owner check, which passes the revision it read in
-    /// `member.room_rev`). Neither read closes the race with a room delete: the delete
-    /// may land between the read and the member write. So the member carries the
-    /// revision of the room it was checked against:
+    /// (`checked`: the service's owner check). Neither read closes the race with a room
+    /// delete: the delete may land between the read and the member write. So the member
+    /// carries the creation time of the room it was checked against:
     /// - if the room is deleted meanwhile, the member is an orphan that grants nothing
     ///   (readers require the room), and [`Self::reconcile`] removes it;
     /// - if the id is also taken again before the write lands (after `create_room`'s
-    ///   cleanup of leftovers), the new room is a new record with a new revision, and
-    ///   every reader ([`Self::live_member`], [`Self::list_members`], [`Self::join`])
-    ///   ignores a member of another revision; inviting the endpoint to the new room
-    ///   replaces it ([`Self::replace_leftover_member`]).
+    ///   cleanup of leftovers), the new room was created at another time, and every
+    ///   reader ([`Self::live_member`], [`Self::list_members`], [`Self::join`]) ignores a
+    ///   member of another room; inviting the endpoint to the new room replaces it
+    ///   ([`Self::replace_leftover_member`]), and deleting the new room removes it.
     pub(crate) async fn add_member(
         &self,
         mut member: Member,
         checked: Option<&Room>,
     ) -> Result<Member> {
-        if checked.is_none() {
-            member.room_rev = Some(self.require_room_rev(&member.room).await?.1);
-        }
+        let created_at = match checked {
+            Some(room) => room.created_at,
+            None => self.require_room(&member.room).await?.created_at,
+        };
+        member.room_created_at = Some(created_at);
         let key = format!("{}.{}", member.room, member.endpoint);
         let record = encode(&member)?;
         // Authoritative record and index together, one round trip instead of two. The
@@ -276,53 +271,44 @@ impl KvStore {
     async fn replace_leftover_member(&self, member: Member) -> Result<Member> {
         let key = format!("{}.{}", member.room, member.endpoint);
         let (room, existing) = futures_util::future::try_join(
-            self.require_room_rev(&member.room),
+            self.require_room(&member.room),
             self.get_json::<Member>(&self.members, &key),
         )
         .await?;
-        let current = room.1;
-        if member.room_rev.is_some_and(|ours| ours != current) {
-            // The room this member was checked against is gone: deleted, and its id
-            // taken again since.
-            return Err(StoreError::not_found(format!(
-                "room {:?} (deleted and created again since it was read)",
-                member.room
-            )));
+        if !member.belongs_to(&room) {
+            return Err(StoreError::room_taken_again(&member.room));
         }
+        let changed = || {
+            StoreError::conflict(format!(
+                "membership of {} in room {:?} changed meanwhile; try again",
+                member.endpoint, member.room
+            ))
+        };
         match existing {
-            Some((old, rev)) if !old.belongs_to(current) => {
+            Some((old, rev)) if !old.belongs_to(&room) => {
                 let replaced = self
                     .update(&self.members, &key, encode(&member)?, rev)
                     .await?;
-                if replaced {
-                    return Ok(member);
-                }
-                Err(StoreError::conflict(format!(
-                    "membership of {} in room {:?} changed meanwhile; try again",
-                    member.endpoint, member.room
-                )))
+                if replaced { Ok(member) } else { Err(changed()) }
             }
             Some(_) => Err(StoreError::conflict(format!(
                 "{} is already a member of room {:?}",
                 member.endpoint, member.room
             ))),
-            None => Err(StoreError::conflict(format!(
-                "membership of {} in room {:?} changed meanwhile; try again",
-                member.endpoint, member.room
-            ))),
+            None => Err(changed()),
         }
     }
 
     pub(crate) async fn join(&self, room: &str, endpoint: &str) -> Result<Member> {
         let room = ids::room_id(room)?;
         let endpoint = ids::user_key("endpoint", endpoint)?;
-        let (_, room_rev) = self.require_room_rev(room).await?;
+        let found = self.require_room(room).await?;
         let key = format!("{room}.{endpoint}");
         for _ in 0..5 {
             let Some((mut member, rev)) = self
                 .get_json::<Member>(&self.members, &key)
                 .await?
-                .filter(|(m, _)| m.belongs_to(room_rev))
+                .filter(|(m, _)| m.belongs_to(&found))
             else {
                 return Err(StoreError::not_found(format!(
                     "membership of {endpoint} in room {room:?}"
@@ -363,11 +349,11 @@ impl KvStore {
 
     pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
         let room = ids::room_id(room)?;
-        let (_, room_rev) = self.require_room_rev(room).await?;
+        let found = self.require_room(room).await?;
         let mut out = Vec::new();
         for key in self.keys(&self.members, &format!("{room}.>")).await? {
             if let Some((m, _)) = self.get_json::<Member>(&self.members, &key).await?
-                && m.belongs_to(room_rev)
+                && m.belongs_to(&found)
             {
                 out.push(m);
             }
@@ -403,11 +389,11 @@ impl KvStore {
     pub(super) async fn live_member(&self, room: String, endpoint: &str) -> Result<Option<Member>> {
         let (member, room_record) = futures_util::future::try_join(
             self.get_json::<Member>(&self.members, &format!("{room}.{endpoint}")),
-            self.get_raw(&self.rooms, &room),
+            self.get_json::<Room>(&self.rooms, &room),
         )
         .await?;
         match (member, room_record) {
-            (Some((m, _)), Some((_, room_rev))) if m.belongs_to(room_rev) => Ok(Some(m)),
+            (Some((m, _)), Some((r, _))) if m.belongs_to(&r) => Ok(Some(m)),
             _ => {
                 tracing::debug!(room, endpoint, "stale index entry ignored");
                 Ok(None)

@@ -5,12 +5,11 @@ use super::*;
 
 /// How a create-if-absent write ended.
 pub(super) enum Created {
-    /// Written, at this revision; the key had never held anything (as far as the stream
-    /// remembers).
-    Fresh(u64),
-    /// Written, at this revision, over a delete marker, or after something under the key
-    /// was purged while we tried: the key was used before.
-    Reused(u64),
+    /// Written; the key had never held anything (as far as the stream remembers).
+    Fresh,
+    /// Written over a delete marker, or after something under the key was purged while
+    /// we tried: the key was used before.
+    Reused,
     /// Refused: the key holds a value.
     Taken,
 }
@@ -80,8 +79,8 @@ impl KvStore {
         // read-back is free again. A key that keeps changing under us is a conflict.
         for _ in 0..3 {
             match self.cas(kv, key, value.clone(), expected).await? {
-                Cas::Written(rev) if reused => return Ok(Created::Reused(rev)),
-                Cas::Written(rev) => return Ok(Created::Fresh(rev)),
+                Cas::Written(_) if reused => return Ok(Created::Reused),
+                Cas::Written(_) => return Ok(Created::Fresh),
                 Cas::Moved(Some(last)) if is_delete_marker(&last.headers) => {
                     expected = last.sequence;
                     reused = true;
@@ -215,16 +214,10 @@ impl KvStore {
     }
 
     pub(super) async fn require_room(&self, id: &str) -> Result<Room> {
-        Ok(self.require_room_rev(id).await?.0)
-    }
-
-    /// The room and its record's revision, which no later write changes: a room record
-    /// is written once, and a room deleted and created again is a new record (see
-    /// `Member::room_rev`).
-    pub(super) async fn require_room_rev(&self, id: &str) -> Result<(Room, u64)> {
-        self.get_json::<Room>(&self.rooms, id)
-            .await?
-            .ok_or_else(|| StoreError::not_found(format!("room {id:?}")))
+        match self.get_json::<Room>(&self.rooms, id).await? {
+            Some((room, _)) => Ok(room),
+            None => Err(StoreError::not_found(format!("room {id:?}"))),
+        }
     }
 
     pub(in crate::membership) async fn write_index(
