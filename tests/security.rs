@@ -150,6 +150,20 @@ impl Conn {
         self.ctl_raw(op, envelope.to_vec()).await
     }
 
+    /// The member endpoints of `room`, listed as `key` (which must be allowed to).
+    async fn endpoints_of(&self, key: &KeyPair, room: &str) -> Vec<String> {
+        let members = ok(
+            self.ctl(key, "members.list", json!({ "room": room })).await,
+            &format!("members.list {room}"),
+        );
+        members
+            .as_array()
+            .unwrap_or_else(|| panic!("members.list {room}: not a list: {members}"))
+            .iter()
+            .filter_map(|m| m["endpoint"].as_str().map(String::from))
+            .collect()
+    }
+
     async fn ctl_raw(&self, op: &str, payload: Vec<u8>) -> (Value, Option<u16>) {
         let reply = tokio::time::timeout(
             WAIT,
@@ -510,17 +524,10 @@ async fn control_plane_refuses_bad_requests_with_typed_errors(
         401,
         "a replayed remove",
     );
-    let members = ok(
-        alice.ctl(a, "members.list", json!({ "room": "rp" })).await,
-        "members.list rp",
-    );
+    let members = alice.endpoints_of(a, "rp").await;
     assert!(
-        members
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["endpoint"] == guest.as_str()),
-        "the replayed remove took the guest out: {members}"
+        members.contains(&guest),
+        "the replayed remove took the guest out: {members:?}"
     );
     // Likewise a replayed invite: its reads (room, invitee) start beside the nonce claim,
     // its write waits for the verdict.
@@ -545,17 +552,10 @@ async fn control_plane_refuses_bad_requests_with_typed_errors(
         401,
         "a replayed invite",
     );
-    let members = ok(
-        alice.ctl(a, "members.list", json!({ "room": "rp" })).await,
-        "members.list rp after the replayed invite",
-    );
+    let members = alice.endpoints_of(a, "rp").await;
     assert!(
-        members
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|m| m["endpoint"] != guest.as_str()),
-        "the replayed invite brought the guest back: {members}"
+        !members.contains(&guest),
+        "the replayed invite brought the guest back: {members:?}"
     );
 
     let skewed = Envelope::sign_at(

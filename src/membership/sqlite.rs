@@ -107,6 +107,16 @@ fn is_constraint(err: &rusqlite::Error) -> bool {
     matches!(err, rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::ConstraintViolation)
 }
 
+/// A failed insert: `Conflict` (with `taken` saying what already exists) when a key
+/// constraint refused it, a backend error for `what` otherwise.
+fn insert_error(err: rusqlite::Error, what: &str, taken: impl FnOnce() -> String) -> StoreError {
+    if is_constraint(&err) {
+        StoreError::conflict(taken())
+    } else {
+        backend(what, err)
+    }
+}
+
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -212,14 +222,12 @@ fn insert_key(tx: &Transaction<'_>, key: &RoomKey) -> Result<()> {
         params![key.room, key.epoch, key.material, to_i64(key.created_at)],
     )
     .map_err(|e| {
-        if is_constraint(&e) {
-            StoreError::conflict(format!(
+        insert_error(e, "insert room key", || {
+            format!(
                 "room {:?} already has a key for epoch {}",
                 key.room, key.epoch
-            ))
-        } else {
-            backend("insert room key", e)
-        }
+            )
+        })
     })?;
     Ok(())
 }
@@ -580,11 +588,9 @@ impl SqliteStore {
                 params![user.key, user.name, user.admin, to_i64(user.created_at)],
             )
             .map_err(|e| {
-                if is_constraint(&e) {
-                    StoreError::conflict(format!("user {} already exists", user.key))
-                } else {
-                    backend("insert user", e)
-                }
+                insert_error(e, "insert user", || {
+                    format!("user {} already exists", user.key)
+                })
             })?;
             Ok(user)
         })
@@ -715,11 +721,9 @@ impl SqliteStore {
                 ],
             )
             .map_err(|e| {
-                if is_constraint(&e) {
-                    StoreError::conflict(format!("room {:?} already exists", room.id))
-                } else {
-                    backend("insert room", e)
-                }
+                insert_error(e, "insert room", || {
+                    format!("room {:?} already exists", room.id)
+                })
             })?;
             tx.execute(
                 &format!(
@@ -798,14 +802,12 @@ impl SqliteStore {
                 ],
             )
             .map_err(|e| {
-                if is_constraint(&e) {
-                    StoreError::conflict(format!(
+                insert_error(e, "insert member", || {
+                    format!(
                         "{} is already a member of room {:?}",
                         member.endpoint, member.room
-                    ))
-                } else {
-                    backend("insert member", e)
-                }
+                    )
+                })
             })?;
             Ok(member)
         })
