@@ -830,3 +830,78 @@ async fn listener_survives(mut cluster: LocalCluster, failure: Failure) {
     let extra = tokio::time::timeout(Duration::from_secs(3), feed.next()).await;
     assert!(extra.is_err(), "unexpected extra item: {extra:?}");
 }
+
+/// Where a write goes when nodes do not serve every subject (a stopping node, nodes from
+/// before own subjects): the node the connection is on, else any node, else the public
+/// subject, each signed for where it is sent. A plain nats-server (no auth: the subjects'
+/// permissions are not what is tested here) and raw responders standing in for the nodes
+/// of each kind; each signature is checked by `auth::envelope`, as a node checks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
+    use unibus::auth::envelope::{self, Limits, ReplayCache};
+    use unibus::membership::api::Op;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start("s1", dir.path(), server_ports(), "");
+    let key = nkeys::KeyPair::new_user();
+    let seed = dir.path().join("user.seed");
+    keys::write_seed(&seed, &key).unwrap();
+    let client = Client::connect(ClientOptions::new([server.url()], &seed))
+        .await
+        .unwrap();
+    let me = key.public_key();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    // What the responders were sent: (subject, envelope).
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    // Answers on `subject` (`{"ok": {}}`) until aborted, reporting what came.
+    let serve = |subject: String| {
+        let (raw, seen_tx) = (raw.clone(), seen_tx.clone());
+        async move {
+            let mut sub = raw.subscribe(subject).await.unwrap();
+            raw.flush().await.unwrap();
+            let task = tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let _ = seen_tx.send((msg.subject.to_string(), msg.payload.clone()));
+                    if let Some(reply) = msg.reply {
+                        let _ = raw.publish(reply, "{\"ok\":{}}".into()).await;
+                        let _ = raw.flush().await;
+                    }
+                }
+            });
+            task.abort_handle()
+        }
+    };
+    let body = serde_json::json!({ "room": "r1" });
+    let (replay, limits) = (ReplayCache::default(), Limits::default());
+    let now = envelope::unix_ms_now;
+
+    // Only the public subject is served (nodes from before own subjects): the write ends
+    // there, signed for it.
+    let public = serve(Op::RoomsCreate.subject()).await;
+    client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+    let (subject, payload) = seen.recv().await.unwrap();
+    assert_eq!(subject, "unibus.ctl.rooms.create");
+    envelope::verify(&payload, "rooms.create", now(), &replay, &limits).unwrap();
+
+    // Own subjects at any node, but not at this one (it is stopping, say): there.
+    let any = serve(Op::RoomsCreate.own_subject(&me)).await;
+    client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+    let (subject, payload) = seen.recv().await.unwrap();
+    assert_eq!(subject, format!("unibus.ctl.rooms.create.{me}"));
+    envelope::verify_on_own_subject(&payload, "rooms.create", &me, now(), &replay, &limits)
+        .unwrap();
+
+    // The connection's own node serves it: there, and nowhere else.
+    let node = client.nats().server_info().server_name;
+    assert_eq!(node, "s1");
+    let here = serve(Op::RoomsCreate.own_subject_at(&me, &node)).await;
+    client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+    let (subject, payload) = seen.recv().await.unwrap();
+    assert_eq!(subject, format!("unibus.ctl.rooms.create.{me}.s1"));
+    envelope::verify_on_own_subject(&payload, "rooms.create", &me, now(), &replay, &limits)
+        .unwrap();
+    assert!(seen.try_recv().is_err(), "one write, one request");
+    for task in [public, any, here] {
+        task.abort();
+    }
+}

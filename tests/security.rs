@@ -22,7 +22,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use common::*;
 use unibus::auth::ClusterSecrets;
-use unibus::auth::envelope::{Envelope, unix_ms_now};
+use unibus::auth::envelope::{Envelope, Sent, unix_ms_now};
 
 const READY: Duration = Duration::from_secs(120);
 const WAIT: Duration = Duration::from_secs(15);
@@ -72,7 +72,8 @@ impl Conn {
     async fn admission(&mut self) -> Result<(), String> {
         let answer = tokio::time::timeout(
             WAIT,
-            self.client.request("unibus.ctl.probe", bytes::Bytes::new()),
+            self.client
+                .request("unibus.ctl.probe.none", bytes::Bytes::new()),
         )
         .await;
         while let Ok((_, event)) = self.events.try_recv() {
@@ -165,14 +166,18 @@ impl Conn {
     }
 
     async fn ctl_raw(&self, op: &str, payload: Vec<u8>) -> (Value, Option<u16>) {
+        self.ctl_on(&format!("unibus.ctl.{op}"), payload).await
+    }
+
+    /// A raw request to any control-plane subject (a public one, or a key's own).
+    async fn ctl_on(&self, subject: &str, payload: Vec<u8>) -> (Value, Option<u16>) {
         let reply = tokio::time::timeout(
             WAIT,
-            self.client
-                .request(format!("unibus.ctl.{op}"), payload.into()),
+            self.client.request(subject.to_string(), payload.into()),
         )
         .await
-        .unwrap_or_else(|_| panic!("no reply to {op}"))
-        .unwrap_or_else(|e| panic!("{op}: {e}"));
+        .unwrap_or_else(|_| panic!("no reply on {subject}"))
+        .unwrap_or_else(|e| panic!("{subject}: {e}"));
         let code = reply
             .headers
             .as_ref()
@@ -288,6 +293,7 @@ async fn three_node_cluster_enforce_tls_acceptance() {
     control_plane_refuses_bad_requests_with_typed_errors(&bus, &alice, &a).await;
     let mut bob = bus.connect(2, &b).await.expect("bob connects through n3");
     control_plane_enforces_its_authorization_rules(&bus, &alice, &a, &mut bob, &b, &c).await;
+    own_subjects_carry_only_their_keys_writes(&bus, &alice, &a, &mut bob, &b).await;
     // What revocation looks for (nats-server 2.15.1): a callout-admitted connection shows
     // the key it presented (and the callout verified) as `authorized_user`; `name_tag` is the
     // account's name, not the user JWT's.
@@ -693,6 +699,79 @@ async fn control_plane_enforces_its_authorization_rules(
     }
 }
 
+/// A write on a key's own subject (`unibus.ctl.<op>.<key>`) skips the replay ledger, so
+/// the server must let nobody else publish there, and its signature must not serve
+/// anywhere else.
+async fn own_subjects_carry_only_their_keys_writes(
+    bus: &Bus,
+    alice: &Conn,
+    a: &KeyPair,
+    bob: &mut Conn,
+    b: &KeyPair,
+) {
+    let create = |room: &str| json!({ "room": room });
+    let on_own = |key: &KeyPair, room: &str| {
+        Envelope::sign_for(Sent::OwnSubject, "rooms.create", &create(room), key)
+            .unwrap()
+            .to_vec()
+    };
+    let alices = format!("unibus.ctl.rooms.create.{}", a.public_key());
+    ok(
+        alice.ctl_on(&alices, on_own(a, "own-a")).await,
+        "rooms.create on alice's own subject",
+    );
+    // ... and as served by the node her connection is on (no route hops).
+    let node = alice.client.server_info().server_name;
+    let alices_here = format!("{alices}.{node}");
+    ok(
+        alice.ctl_on(&alices_here, on_own(a, "own-a-here")).await,
+        "rooms.create on alice's own subject at her node",
+    );
+
+    // Bob holds an envelope Alice signed for her own subject and sends it there: the
+    // server refuses the publish, and the room is never made.
+    let admin = bus.connect(0, &bus.admin).await.unwrap();
+    for (subject, room) in [(&alices, "stolen"), (&alices_here, "stolen-here")] {
+        bob.client
+            .publish(subject.clone(), on_own(a, room).into())
+            .await
+            .unwrap();
+        bob.violation(subject).await;
+        refused_with(
+            admin.ctl(&bus.admin, "rooms.get", create(room)).await,
+            "not_found",
+            404,
+            &format!("the room bob tried to create as alice on {subject}"),
+        );
+    }
+    // On his own subject, an envelope signed by someone else is refused.
+    let bobs = format!("unibus.ctl.rooms.create.{}", b.public_key());
+    refused_with(
+        bob.ctl_on(&bobs, on_own(a, "swapped")).await,
+        "unauthenticated",
+        401,
+        "alice's envelope on bob's own subject",
+    );
+    // An own-subject envelope does not verify on the public subject (where its nonce,
+    // never claimed, would be news to the ledger), through this node or another.
+    let copied = on_own(a, "copied");
+    let elsewhere = bus.connect(1, a).await.unwrap();
+    for (conn, what) in [(alice, "this node"), (&elsewhere, "another node")] {
+        refused_with(
+            conn.ctl_raw("rooms.create", copied.clone()).await,
+            "unauthenticated",
+            401,
+            &format!("an own-subject envelope on the public subject through {what}"),
+        );
+    }
+    refused_with(
+        admin.ctl(&bus.admin, "rooms.get", create("copied")).await,
+        "not_found",
+        404,
+        "the room of the copied envelope",
+    );
+}
+
 /// Bob, subscribed to rv through n3, is removed by Alice through n1: his connection is
 /// closed within 2 s of the reply, and after reconnecting he has lost the room.
 async fn a_removed_member_loses_the_room_on_another_node_within_2s(
@@ -792,6 +871,25 @@ async fn a_revoked_user_is_disconnected_everywhere_and_refused(
     for node in 0..3 {
         assert_refused(bus.connect(node, c).await, "a revoked key");
     }
+    // Requests signed with the revoked key, sent over a live connection (the admin's):
+    // nodes may trust a recent read of carol's record for a moment (`membership::callers`),
+    // but from 2 s after the reply on, every node refuses her. Requests go round the
+    // nodes (a queue group), so keep asking past that point.
+    let whoami = json!({ "key": c.public_key() });
+    let mut after_bound = 0;
+    while replied.elapsed() < REVOCATION + Duration::from_millis(500) {
+        let sent = replied.elapsed();
+        let (body, code) = admin.ctl(c, "users.get", whoami.clone()).await;
+        if sent >= REVOCATION {
+            after_bound += 1;
+            assert_eq!(
+                (code, body["error"]["kind"].as_str()),
+                (Some(401), Some("unauthenticated")),
+                "a request signed by the revoked key, {sent:?} after the revocation: {body}"
+            );
+        }
+    }
+    assert!(after_bound > 0, "no request went out after the bound");
 }
 
 /// A single node started with `flags`, ready, with its dev secrets.

@@ -255,11 +255,13 @@ pub fn is_room_id(id: &str) -> bool {
 
 /// The subjects of DESIGN §3 for user `key`, a joined member of `rooms`.
 ///
-/// Everyone admitted: publish `unibus.ctl.>` (the control plane) and micro discovery
-/// (`$SRV.PING|INFO|STATS` and their `.>`), subscribe `_INBOX.<key>.>` (replies,
-/// JetStream publish acks) and no other inbox: a reply sent there reaches only this key's
-/// connections, which is what lets reads go unsigned (`membership::api::inbox_prefix`).
-/// For each room:
+/// Everyone admitted: publish the control plane's public subjects `unibus.ctl.*.*` (every
+/// operation is two tokens) and micro discovery (`$SRV.PING|INFO|STATS` and their `.>`);
+/// subscribe `_INBOX.<key>.>` (replies, JetStream publish acks) and no other inbox: a reply
+/// sent there reaches only this key's connections, which is what lets reads go unsigned
+/// (`membership::api::inbox_prefix`). A user key also publishes its own control subjects,
+/// `unibus.ctl.*.*.<key>` and, naming a node, `unibus.ctl.*.*.<key>.*`, and nobody else's:
+/// a write sent there needs no replay ledger (`auth::envelope`). For each room:
 ///
 /// - publish only `unibus.room.<room>.<key>`: a message's subject names its sender, and
 ///   the server, not the publisher, vouches for it (see `membership::history`);
@@ -278,7 +280,7 @@ pub fn is_room_id(id: &str) -> bool {
 pub fn permissions_for(key: &str, rooms: &[String], is_admin: bool) -> Permissions {
     let _ = is_admin;
     let mut pub_allow: Vec<String> = [
-        "unibus.ctl.>",
+        "unibus.ctl.*.*",
         "$SRV.PING",
         "$SRV.PING.>",
         "$SRV.INFO",
@@ -292,6 +294,8 @@ pub fn permissions_for(key: &str, rooms: &[String], is_admin: bool) -> Permissio
     let mut sub_allow = Vec::new();
     if is_key(key, KeyPairType::User) {
         sub_allow.push(format!("{}.>", inbox_prefix(key)));
+        pub_allow.push(format!("unibus.ctl.*.*.{key}"));
+        pub_allow.push(format!("unibus.ctl.*.*.{key}.*"));
         for room in rooms.iter().filter(|r| is_room_id(r)) {
             pub_allow.push(format!("unibus.room.{room}.{key}"));
             sub_allow.push(format!("unibus.room.{room}.>"));
@@ -567,7 +571,8 @@ mod tests {
             ]
         );
         for s in [
-            "unibus.ctl.>",
+            "unibus.ctl.*.*",
+            &format!("unibus.ctl.*.*.{key}"),
             "$SRV.PING",
             "$SRV.INFO.>",
             "$SRV.STATS",
@@ -575,6 +580,20 @@ mod tests {
         ] {
             assert!(p.pub_allow.iter().any(|x| x == s), "{s}");
         }
+        // Nobody else's own control subjects: no `unibus.ctl.>`, no other key's.
+        assert!(!p.pub_allow.iter().any(|s| s == "unibus.ctl.>"));
+        let own: Vec<&String> = p
+            .pub_allow
+            .iter()
+            .filter(|s| s.starts_with("unibus.ctl.") && s.split('.').count() > 4)
+            .collect();
+        assert_eq!(
+            own,
+            vec![
+                &format!("unibus.ctl.*.*.{key}"),
+                &format!("unibus.ctl.*.*.{key}.*")
+            ]
+        );
         // A member publishes only as itself (the subject names the sender), and nobody
         // reaches the JetStream API.
         assert!(!p.pub_allow.iter().any(|s| s == "unibus.room.r1.>"));
@@ -607,6 +626,10 @@ mod tests {
         for bad_key in ["*", ">", "U.X", "", &KeyPair::new_account().public_key()] {
             let p = permissions_for(bad_key, &["r1".into()], false);
             assert!(p.sub_allow.is_empty(), "{bad_key:?}");
+            assert!(
+                !p.pub_allow.iter().any(|s| s.starts_with("unibus.ctl.*.*.")),
+                "{bad_key:?}"
+            );
         }
         assert!(is_room_id(&"x".repeat(63)));
     }

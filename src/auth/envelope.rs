@@ -37,6 +37,17 @@
 //! nothing, so a replay or a forged claim gains nothing. That takes the two ed25519
 //! operations off every read, most of its cost. Writes stay signed.
 //!
+//! **Writes may go on the signer's own subject.** A write is signed either way. Sent to
+//! the public `unibus.ctl.<op>`, its nonce is claimed in the cluster-wide replay ledger (a
+//! replicated write). Sent to `unibus.ctl.<op>.<key>` instead, the caller's *own subject*,
+//! which the authenticator lets only connections of `<key>` publish to, the server vouches
+//! for the publisher as it does for room messages: nobody else can send those bytes there,
+//! and the key's holder can sign any request it likes, so a replay gains it nothing and
+//! the ledger's write is saved ([`verify_on_own_subject`]). Such an envelope is signed
+//! under its own tag ([`OWN_SUBJECT_SIGNING_TAG`]), so it never verifies on the public
+//! subject, where a copy (seen by a `bus-auth=soft` connection, say) would find its nonce
+//! unclaimed.
+//!
 //! [`verify`] checks, in order: size (before parsing anything), JSON shape (unknown or
 //! duplicate fields are refused, so two parsers cannot read two different envelopes),
 //! presence of a signature, the signature, the operation, the clock skew, and last the
@@ -55,6 +66,8 @@ use serde_json::value::RawValue;
 
 /// Domain-separation tag at the start of the signing input.
 pub const SIGNING_TAG: &[u8] = b"unibus-envelope-v1\0";
+/// The tag instead, for a request sent on the signer's own subject (see the module doc).
+pub const OWN_SUBJECT_SIGNING_TAG: &[u8] = b"unibus-envelope-v1-own-subject\0";
 /// Default maximum body size.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// Default clock-skew window (and so how long nonces are remembered).
@@ -80,6 +93,10 @@ pub enum EnvelopeError {
     Unbound { reply: String },
     #[error("signature does not verify for the given key")]
     BadSignature,
+    #[error(
+        "request signed by {key} was sent on {subject_key}'s own subject; send it on the signer's"
+    )]
+    NotOwnSubject { key: String, subject_key: String },
     #[error("envelope is for operation {got:?}, sent to {expected:?}")]
     OpMismatch { expected: String, got: String },
     #[error(
@@ -102,6 +119,7 @@ impl EnvelopeError {
             EnvelopeError::Unsigned
             | EnvelopeError::Unbound { .. }
             | EnvelopeError::BadSignature
+            | EnvelopeError::NotOwnSubject { .. }
             | EnvelopeError::Skewed { .. }
             | EnvelopeError::Replayed => "unauthenticated",
             EnvelopeError::Sign(_) => "unavailable",
@@ -169,14 +187,40 @@ pub fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a signed request is sent: the tag its signature is made under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// `unibus.ctl.<op>`: anyone admitted may publish there, so the nonce is claimed.
+    Public,
+    /// `unibus.ctl.<op>.<key>`: only the key's own connections may publish there.
+    OwnSubject,
+}
+
+impl Sent {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Sent::Public => SIGNING_TAG,
+            Sent::OwnSubject => OWN_SUBJECT_SIGNING_TAG,
+        }
+    }
+}
+
 /// The bytes that are signed; see the module doc.
-pub fn signing_input(op: &str, body: &[u8], ts: u64, nonce: &str, key: &str) -> Vec<u8> {
+pub fn signing_input(
+    sent: Sent,
+    op: &str,
+    body: &[u8],
+    ts: u64,
+    nonce: &str,
+    key: &str,
+) -> Vec<u8> {
     fn field(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
         out.extend_from_slice(bytes);
     }
-    let mut out = Vec::with_capacity(SIGNING_TAG.len() + op.len() + nonce.len() + key.len() + 52);
-    out.extend_from_slice(SIGNING_TAG);
+    let tag = sent.tag();
+    let mut out = Vec::with_capacity(tag.len() + op.len() + nonce.len() + key.len() + 52);
+    out.extend_from_slice(tag);
     field(&mut out, op.as_bytes());
     out.extend_from_slice(digest(&SHA256, body).as_ref());
     out.extend_from_slice(&ts.to_be_bytes());
@@ -186,11 +230,23 @@ pub fn signing_input(op: &str, body: &[u8], ts: u64, nonce: &str, key: &str) -> 
 }
 
 impl Envelope {
-    /// Signs `body` for operation `op` with the caller's user key, now, with a fresh nonce.
+    /// Signs `body` for operation `op` with the caller's user key, now, with a fresh nonce,
+    /// to be sent on the public subject.
     pub fn sign(op: &str, body: &impl Serialize, key: &KeyPair) -> Result<Envelope, EnvelopeError> {
+        Envelope::sign_for(Sent::Public, op, body, key)
+    }
+
+    /// [`Envelope::sign`] for where the request will be sent.
+    pub fn sign_for(
+        sent: Sent,
+        op: &str,
+        body: &impl Serialize,
+        key: &KeyPair,
+    ) -> Result<Envelope, EnvelopeError> {
         let mut nonce = [0u8; NONCE_BYTES];
         super::random::fill_nonce(&mut nonce).map_err(|e| EnvelopeError::Sign(e.to_string()))?;
-        Envelope::sign_at(op, body, key, unix_ms_now(), &URL_SAFE_NO_PAD.encode(nonce))
+        let nonce = URL_SAFE_NO_PAD.encode(nonce);
+        Envelope::sign_with(sent, op, body, key, unix_ms_now(), &nonce)
     }
 
     /// An unsigned, *connection-bound* envelope for a read by `key` (see [`verify_read`]):
@@ -219,10 +275,21 @@ impl Envelope {
         ts: u64,
         nonce: &str,
     ) -> Result<Envelope, EnvelopeError> {
+        Envelope::sign_with(Sent::Public, op, body, key, ts, nonce)
+    }
+
+    fn sign_with(
+        sent: Sent,
+        op: &str,
+        body: &impl Serialize,
+        key: &KeyPair,
+        ts: u64,
+        nonce: &str,
+    ) -> Result<Envelope, EnvelopeError> {
         let body = serde_json::value::to_raw_value(body)
             .map_err(|e| EnvelopeError::Sign(format!("body does not serialize: {e}")))?;
         let public = key.public_key();
-        let input = signing_input(op, body.get().as_bytes(), ts, nonce, &public);
+        let input = signing_input(sent, op, body.get().as_bytes(), ts, nonce, &public);
         let sig = key
             .sign(&input)
             .map_err(|e| EnvelopeError::Sign(e.to_string()))?;
@@ -303,7 +370,44 @@ pub fn verify(
     replay: &ReplayCache,
     limits: &Limits,
 ) -> Result<Verified, EnvelopeError> {
-    verify_signed(parse(raw, limits)?, expected_op, now_ms, replay, limits)
+    verify_signed(
+        Sent::Public,
+        parse(raw, limits)?,
+        expected_op,
+        now_ms,
+        replay,
+        limits,
+    )
+}
+
+/// Verifies a request that arrived on `subject_key`'s own subject,
+/// `unibus.ctl.<op>.<subject_key>` (see the module doc): as [`verify`], under the
+/// own-subject tag, and only if the signer is `subject_key`. The nonce is remembered in
+/// `replay` as usual; it needs no claim beyond this process only where the server enforces
+/// the subject's permission (`bus-auth=enforce`), which is the caller's to know.
+pub fn verify_on_own_subject(
+    raw: &[u8],
+    expected_op: &str,
+    subject_key: &str,
+    now_ms: u64,
+    replay: &ReplayCache,
+    limits: &Limits,
+) -> Result<Verified, EnvelopeError> {
+    let envelope = parse(raw, limits)?;
+    if let Some(key) = envelope.key.as_deref().filter(|k| *k != subject_key) {
+        return Err(EnvelopeError::NotOwnSubject {
+            key: key.to_string(),
+            subject_key: subject_key.to_string(),
+        });
+    }
+    verify_signed(
+        Sent::OwnSubject,
+        envelope,
+        expected_op,
+        now_ms,
+        replay,
+        limits,
+    )
 }
 
 /// Verifies a request for a read operation (`Op::is_read`) that came with reply subject
@@ -323,7 +427,7 @@ pub fn verify_read(
 ) -> Result<Verified, EnvelopeError> {
     let envelope = parse(raw, limits)?;
     if envelope.sig.is_some() {
-        return verify_signed(envelope, expected_op, now_ms, replay, limits);
+        return verify_signed(Sent::Public, envelope, expected_op, now_ms, replay, limits);
     }
     let Some(key) = envelope.key else {
         return Err(EnvelopeError::Unsigned);
@@ -347,6 +451,7 @@ pub fn verify_read(
 }
 
 fn verify_signed(
+    sent: Sent,
     envelope: Envelope,
     expected_op: &str,
     now_ms: u64,
@@ -361,6 +466,7 @@ fn verify_signed(
         .map_err(|_| EnvelopeError::BadSignature)?;
     let public = KeyPair::from_public_key(&key).map_err(|_| EnvelopeError::BadSignature)?;
     let input = signing_input(
+        sent,
         &envelope.op,
         envelope.body.get().as_bytes(),
         envelope.ts,
@@ -583,6 +689,67 @@ mod tests {
     }
 
     #[test]
+    fn an_own_subject_envelope_verifies_only_there_and_only_for_its_signer() {
+        let (me, other) = (KeyPair::new_user(), KeyPair::new_user());
+        let (cache, limits, now) = (ReplayCache::default(), Limits::default(), unix_ms_now());
+        let body = json!({"room": "r1"});
+        let raw = Envelope::sign_for(Sent::OwnSubject, "rooms.create", &body, &me)
+            .unwrap()
+            .to_vec();
+        let mine = me.public_key();
+        // On someone else's subject: refused before the signature is even looked at.
+        assert_eq!(
+            verify_on_own_subject(
+                &raw,
+                "rooms.create",
+                &other.public_key(),
+                now,
+                &cache,
+                &limits
+            )
+            .unwrap_err(),
+            EnvelopeError::NotOwnSubject {
+                key: mine.clone(),
+                subject_key: other.public_key()
+            }
+        );
+        // On the public subject its signature does not verify: a copy cannot get there
+        // and find its nonce unclaimed.
+        assert_eq!(
+            verify(&raw, "rooms.create", now, &cache, &limits).unwrap_err(),
+            EnvelopeError::BadSignature
+        );
+        // Nor does a public envelope on the own subject.
+        let public = Envelope::sign("rooms.create", &body, &me).unwrap().to_vec();
+        assert_eq!(
+            verify_on_own_subject(&public, "rooms.create", &mine, now, &cache, &limits)
+                .unwrap_err(),
+            EnvelopeError::BadSignature
+        );
+        // On its own subject it verifies, once.
+        let ok = verify_on_own_subject(&raw, "rooms.create", &mine, now, &cache, &limits).unwrap();
+        assert_eq!(ok.key, mine);
+        assert_eq!(
+            verify_on_own_subject(&raw, "rooms.create", &mine, now, &cache, &limits).unwrap_err(),
+            EnvelopeError::Replayed
+        );
+        // A key swapped in to match another subject breaks the signature.
+        let swapped = edited(&raw, |v| v["key"] = json!(other.public_key()));
+        assert_eq!(
+            verify_on_own_subject(
+                &swapped,
+                "rooms.create",
+                &other.public_key(),
+                now,
+                &cache,
+                &limits
+            )
+            .unwrap_err(),
+            EnvelopeError::BadSignature
+        );
+    }
+
+    #[test]
     fn tampering_with_any_signed_field_breaks_the_signature() {
         let key = KeyPair::new_user();
         let raw = signed(&key, "rooms.create", NOW, NONCE);
@@ -634,9 +801,9 @@ mod tests {
     #[test]
     fn the_signing_input_is_unambiguous() {
         // Moving bytes between fields changes the input.
-        let a = signing_input("ab", b"{}", 1, "c", "d");
-        let b = signing_input("a", b"{}", 1, "bc", "d");
-        let c = signing_input("a", b"{}", 1, "b", "cd");
+        let a = signing_input(Sent::Public, "ab", b"{}", 1, "c", "d");
+        let b = signing_input(Sent::Public, "a", b"{}", 1, "bc", "d");
+        let c = signing_input(Sent::Public, "a", b"{}", 1, "b", "cd");
         assert_ne!(a, b);
         assert_ne!(b, c);
         assert!(a.starts_with(SIGNING_TAG));

@@ -23,8 +23,9 @@
 //!
 //! - **Connects** to several servers with the user's nkey (the auth callout admits it) and a
 //!   pinned CA, and reconnects forever: a node in lame duck or killed is a hiccup.
-//! - **Signs** every control-plane request ([`crate::auth::envelope`]) and decodes the
-//!   [`Reply`] into `Result<T, ClientError>`, keeping the server's typed [`ErrorKind`].
+//! - **Signs** every control-plane write and sends it on the key's own subject, binds every
+//!   read to its own inbox ([`crate::auth::envelope`]), and decodes the [`Reply`] into
+//!   `Result<T, ClientError>`, keeping the server's typed [`ErrorKind`].
 //! - **Refreshes its permissions** after a call that changes them (creating or joining a
 //!   room): the server computes a connection's permissions when it connects, so the client
 //!   reconnects once to pick up the new ones.
@@ -56,7 +57,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::auth::envelope::Envelope;
+use crate::auth::envelope::{Envelope, EnvelopeError, Sent};
 use crate::auth::keys;
 use crate::membership::api::{self, ErrorKind, Op, Reply};
 
@@ -283,20 +284,49 @@ impl Client {
     }
 
     /// [`Client::call`] up to the reply's bytes, undecoded (tools, benchmarks).
+    ///
+    /// A write goes to this key's own subject, which spares the node a replicated replay
+    /// claim (see `auth::envelope`), first as served by the node this connection is on
+    /// (no route hops; `Op::own_subject_at`), then by any node. Where nobody serves it (a
+    /// node stopping, nodes too old) the server answers "no responders" at once, and the
+    /// next subject is tried; last, the write is signed again for the public subject.
     pub async fn call_raw<B: Serialize>(
         &self,
         op: Op,
         body: &B,
     ) -> Result<bytes::Bytes, ClientError> {
-        let envelope = if op.is_read() {
-            Envelope::bound(op.name(), body, &self.inner.public)
-        } else {
-            Envelope::sign(op.name(), body, &self.inner.key)
+        if op.is_read() {
+            let envelope = Envelope::bound(op.name(), body, &self.inner.public);
+            return self.ctl_request(op, op.subject(), envelope).await;
         }
-        .map_err(|e| ClientError::Local(e.to_string()))?;
+        let key = &self.inner.public;
+        let node = self.inner.nats.server_info().server_name;
+        let mut subjects = Vec::with_capacity(2);
+        if api::is_token(&node) {
+            subjects.push(op.own_subject_at(key, &node));
+        }
+        subjects.push(op.own_subject(key));
+        for subject in subjects {
+            let own = Envelope::sign_for(Sent::OwnSubject, op.name(), body, &self.inner.key);
+            match self.ctl_request(op, subject, own).await {
+                Err(ClientError::NoResponders { .. }) => continue,
+                answer => return answer,
+            }
+        }
+        let public = Envelope::sign(op.name(), body, &self.inner.key);
+        self.ctl_request(op, op.subject(), public).await
+    }
+
+    /// One envelope to one control-plane subject, and its reply's bytes.
+    async fn ctl_request(
+        &self,
+        op: Op,
+        subject: String,
+        envelope: Result<Envelope, EnvelopeError>,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let envelope = envelope.map_err(|e| ClientError::Local(e.to_string()))?;
         let payload = serde_json::to_vec(&envelope)
             .map_err(|e| ClientError::Local(format!("encoding the request: {e}")))?;
-        let subject = op.subject();
         // A request whose connection drops (a node in lame duck closing it, a node killed)
         // would otherwise wait out the whole request timeout for a reply that went to the
         // old connection; fail it at once as transient, so the caller retries through the

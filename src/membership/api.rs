@@ -2,7 +2,9 @@
 //!
 //! The service (`service.rs`) and the client library both use these types, so the two
 //! sides cannot disagree about a field name. Every operation is one NATS micro endpoint,
-//! `unibus.ctl.<op>`; the request is a signed envelope whose `body` is the operation's
+//! `unibus.ctl.<op>`, and every write a second one, `unibus.ctl.<op>.<key>`, where only
+//! `<key>`'s connections may publish (so no replay ledger is needed there; see
+//! `auth::envelope`); the request is a signed envelope whose `body` is the operation's
 //! request struct; the reply is `{"ok": …}` or `{"error": {"kind", "message"}}`, and an
 //! error also sets the micro error headers (`Nats-Service-Error`, `Nats-Service-Error-Code`)
 //! so generic NATS tooling sees the failure.
@@ -120,6 +122,43 @@ impl Op {
     pub fn subject(self) -> String {
         format!("{CTL_PREFIX}.{}", self.name())
     }
+
+    /// `unibus.ctl.<op>.<key>`: the write's subject that only `key`'s connections may
+    /// publish to (writes only; reads are bound to the caller by their reply subject).
+    pub fn own_subject(self, key: &str) -> String {
+        format!("{CTL_PREFIX}.{}.{key}", self.name())
+    }
+
+    /// `unibus.ctl.<op>.<key>.<node>`: `key`'s own subject as served by node `node` alone.
+    /// A client sends there first, naming the node its connection is on, so the request
+    /// and its reply do not cross a route (nats-server spreads a queue group's messages
+    /// over the whole cluster, and two in three would).
+    pub fn own_subject_at(self, key: &str, node: &str) -> String {
+        format!("{CTL_PREFIX}.{}.{key}.{node}", self.name())
+    }
+
+    /// The key whose own subject `subject` is (at any node, or at a named one), if it is
+    /// one of this operation's.
+    pub fn own_subject_key(self, subject: &str) -> Option<&str> {
+        let rest = subject
+            .strip_prefix(CTL_PREFIX)?
+            .strip_prefix('.')?
+            .strip_prefix(self.name())?
+            .strip_prefix('.')?;
+        let key = match rest.split_once('.') {
+            Some((key, node)) if is_token(node) => key,
+            Some(_) => return None,
+            None => rest,
+        };
+        is_token(key).then_some(key)
+    }
+}
+
+/// Whether `s` is one plain subject token: not empty, no `.`, no wildcard, no whitespace.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| !matches!(b, b'.' | b'*' | b'>') && !b.is_ascii_whitespace())
 }
 
 /// `users.add`
@@ -460,8 +499,38 @@ mod tests {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c == '.')
             );
+            // Two tokens each: the authenticator grants `unibus.ctl.*.*` (public) and
+            // `unibus.ctl.*.*.<key>` (own subjects) on that count.
+            assert_eq!(op.name().split('.').count(), 2, "{}", op.name());
         }
         assert_eq!(Op::RoomsCreate.subject(), "unibus.ctl.rooms.create");
+        assert_eq!(
+            Op::RoomsCreate.own_subject("UA"),
+            "unibus.ctl.rooms.create.UA"
+        );
+        assert_eq!(
+            Op::RoomsCreate.own_subject_key("unibus.ctl.rooms.create.UA"),
+            Some("UA")
+        );
+        assert_eq!(
+            Op::RoomsCreate.own_subject_at("UA", "n1"),
+            "unibus.ctl.rooms.create.UA.n1"
+        );
+        assert_eq!(
+            Op::RoomsCreate.own_subject_key("unibus.ctl.rooms.create.UA.n1"),
+            Some("UA")
+        );
+        for not_own in [
+            "unibus.ctl.rooms.create",
+            "unibus.ctl.rooms.create.",
+            "unibus.ctl.rooms.create.UA.",
+            "unibus.ctl.rooms.create.UA.n1.x",
+            "unibus.ctl.rooms.create.*",
+            "unibus.ctl.rooms.createUA",
+            "unibus.ctl.rooms.delete.UA",
+        ] {
+            assert_eq!(Op::RoomsCreate.own_subject_key(not_own), None, "{not_own}");
+        }
         assert_eq!(Op::from_name("rooms.*"), None);
     }
 

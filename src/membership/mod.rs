@@ -61,6 +61,7 @@
 //! [`StoreError::Unavailable`].
 
 pub mod api;
+pub mod callers;
 pub mod cas;
 pub mod history;
 pub mod ids;

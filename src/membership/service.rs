@@ -10,15 +10,20 @@
 //!    decides what a failure does: `enforce` refuses (`unauthenticated`), `soft` logs and
 //!    counts the would-be denial and goes on with the claimed key, `off` skips the checks.
 //!    Reads may instead be connection-bound (unsigned, answered only to the caller's own
-//!    `_INBOX.<key>`; see `auth::envelope`'s module doc);
-//! 2. **identity** — the signer must be an active (not revoked) user in the store;
+//!    `_INBOX.<key>`), and writes may come on the caller's own subject
+//!    (`unibus.ctl.<op>.<key>`; see `auth::envelope`'s module doc);
+//! 2. **identity** — the signer must be an active (not revoked) user in the store (on KV,
+//!    as read within the last second: [`super::callers`]);
 //! 3. **rules** — admins manage users; any admitted user creates rooms and owns them;
 //!    owners invite, remove and rekey; members read their room, its members and keys, open
 //!    feeds of its messages (`rooms.subscribe`, see [`super::history`]), and may leave.
 //!
 //! Gate 1's replay check is cluster-wide with the KV store: besides this node's cache, each
 //! nonce is claimed once in the shared ledger ([`super::nonces`]), so the same bytes sent
-//! through another node are a replay too.
+//! through another node are a replay too. A write on the caller's own subject skips that
+//! claim under `bus-auth=enforce`: the server lets nobody but the key's own connections
+//! publish there, and the key's holder gains nothing by replaying what it could sign anew.
+//! The claim is a replicated write, the dearest part of gate 1.
 //!
 //! Only then does the store see the request for writing. `members.invite`'s two reads
 //! start beside gate 1's nonce claim and gate 2's lookup, to save a round trip, but their
@@ -37,6 +42,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 use super::api::*;
+use super::callers::Callers;
 use super::history::History;
 use super::nonces::NonceLedger;
 use super::{MemberState, Role, Store, StoreError};
@@ -78,6 +84,8 @@ pub struct Handler {
     replay: ReplayCache,
     /// Cluster-wide replay record (KV store only: a SQLite node is alone).
     ledger: Option<NonceLedger>,
+    /// Users read lately (KV store only: SQLite keeps its users exactly).
+    callers: Option<Callers>,
     on_revoke: Option<OnRevoke>,
     history: Option<History>,
 }
@@ -99,11 +107,13 @@ impl Handler {
             )),
             _ => None,
         };
+        let callers = matches!(&*store, Store::JetStream(_)).then(Callers::default);
         Handler {
             store,
             config,
             replay,
             ledger,
+            callers,
             on_revoke,
             history: None,
         }
@@ -130,14 +140,18 @@ impl Handler {
     /// [`Handler::revoke`]) only after the reply is out: the caller itself may be among
     /// them (a deleted room's owner, a member who leaves), and a kick that overtook the
     /// reply would leave it without an answer.
+    ///
+    /// `own_key` is the key whose own subject (`unibus.ctl.<op>.<key>`) the request came
+    /// on, `None` for the public subject.
     pub async fn handle(
         &self,
         op: Op,
         raw: &[u8],
         reply: Option<&str>,
+        own_key: Option<&str>,
     ) -> (Vec<u8>, Option<ErrorKind>, Vec<String>) {
         let mut revoke = Vec::new();
-        match self.process(op, raw, reply, &mut revoke).await {
+        match self.process(op, raw, reply, own_key, &mut revoke).await {
             Ok(encoded) => (encoded, None, revoke),
             Err(e) => {
                 tracing::debug!(
@@ -157,9 +171,10 @@ impl Handler {
         op: Op,
         raw: &[u8],
         reply: Option<&str>,
+        own_key: Option<&str>,
         revoke: &mut Vec<String>,
     ) -> Result<Vec<u8>, CtlError> {
-        let (claimed_key, body, nonce) = self.authenticate(op, raw, reply)?;
+        let (claimed_key, body, nonce) = self.authenticate(op, raw, reply, own_key)?;
         // An unsigned (or unclaimed) read commits nothing, so nothing else would notice a
         // store leader that lost its quorum and answers from a stale copy: a barrier does
         // (`membership::quorum`; free on SQLite, shared across requests on KV).
@@ -221,22 +236,21 @@ impl Handler {
         let Ok(req) = parse::<MemberRef>(body) else {
             return Prefetched::Nothing;
         };
-        let (room, invitee) = tokio::join!(
-            self.store.get_room(&req.room),
-            self.store.get_user(&req.key)
-        );
+        let (room, invitee) = tokio::join!(self.store.get_room(&req.room), self.active(&req.key));
         Prefetched::Invite { room, invitee }
     }
 
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
     /// signature verified, the nonce (for the cluster-wide replay check). A read may come
-    /// connection-bound instead of signed (`envelope::verify_read`): then there is no
-    /// nonce to claim.
+    /// connection-bound instead of signed (`envelope::verify_read`), and under `enforce` a
+    /// write on its signer's own subject (`envelope::verify_on_own_subject`): then there is
+    /// no nonce to claim.
     fn authenticate(
         &self,
         op: Op,
         raw: &[u8],
         reply: Option<&str>,
+        own_key: Option<&str>,
     ) -> Result<(String, Box<RawValue>, Option<String>), CtlError> {
         let limits = envelope::Limits {
             max_body: self.config.max_body,
@@ -247,10 +261,25 @@ impl Handler {
             (key, body, None)
         } else {
             let now = envelope::unix_ms_now();
-            let verified = if op.is_read() {
-                envelope::verify_read(raw, op.name(), reply, now, &self.replay, &limits)
-            } else {
-                envelope::verify(raw, op.name(), now, &self.replay, &limits)
+            let verified = match own_key {
+                Some(subject_key) => envelope::verify_on_own_subject(
+                    raw,
+                    op.name(),
+                    subject_key,
+                    now,
+                    &self.replay,
+                    &limits,
+                )
+                .map(|v| envelope::Verified {
+                    // Only where the server enforces who publishes there does the subject
+                    // stand in for the ledger; `soft` grants everyone everything.
+                    nonce: v.nonce.filter(|_| self.config.bus_auth != BusAuth::Enforce),
+                    ..v
+                }),
+                None if op.is_read() => {
+                    envelope::verify_read(raw, op.name(), reply, now, &self.replay, &limits)
+                }
+                None => envelope::verify(raw, op.name(), now, &self.replay, &limits),
             };
             match verified {
                 Ok(v) => (v.key, v.body, v.nonce),
@@ -269,26 +298,40 @@ impl Handler {
 
     /// Gate 2: the signer is an active user.
     async fn identify(&self, key: &str) -> Result<Caller, CtlError> {
-        let user = match self.store.get_user(key).await {
-            Ok(u) => u,
-            Err(StoreError::NotFound { .. }) | Err(StoreError::Invalid { .. }) => {
-                return Err(CtlError::new(
-                    ErrorKind::Unauthenticated,
-                    format!("{key} is not a known user"),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if user.revoked_at.is_some() {
-            return Err(CtlError::new(
+        match self.active(key).await {
+            Ok(Active::Yes { admin }) => Ok(Caller {
+                key: key.to_string(),
+                admin,
+            }),
+            Ok(Active::Revoked) => Err(CtlError::new(
                 ErrorKind::Unauthenticated,
                 format!("{key} is revoked"),
-            ));
+            )),
+            Err(StoreError::NotFound { .. }) | Err(StoreError::Invalid { .. }) => {
+                Err(CtlError::new(
+                    ErrorKind::Unauthenticated,
+                    format!("{key} is not a known user"),
+                ))
+            }
+            Err(e) => Err(e.into()),
         }
-        Ok(Caller {
-            key: user.key,
-            admin: user.admin,
-        })
+    }
+
+    /// Whether `key` is an active user: from [`Callers`] when read within its window,
+    /// otherwise from the store (and then remembered).
+    async fn active(&self, key: &str) -> Result<Active, StoreError> {
+        if let Some(admin) = self.callers.as_ref().and_then(|c| c.active(key)) {
+            return Ok(Active::Yes { admin });
+        }
+        let read_at = std::time::Instant::now();
+        let user = self.store.get_user(key).await?;
+        if user.revoked_at.is_some() {
+            return Ok(Active::Revoked);
+        }
+        if let Some(callers) = &self.callers {
+            callers.remember(&user.key, user.admin, read_at);
+        }
+        Ok(Active::Yes { admin: user.admin })
     }
 
     /// Gate 3 and the store call.
@@ -329,6 +372,9 @@ impl Handler {
                 let req: UserRef = parse(body)?;
                 require_admin(caller)?;
                 let user = store.revoke_user(&req.key).await?;
+                if let Some(callers) = &self.callers {
+                    callers.forget(&user.key);
+                }
                 if let Some(history) = &self.history {
                     self.closed(Box::pin(history.close_feeds_of(&user.key)).await);
                 }
@@ -396,20 +442,16 @@ impl Handler {
                 let (room, invitee) = match prefetched {
                     Prefetched::Invite { room, invitee } => (room, invitee),
                     Prefetched::Nothing => {
-                        tokio::join!(store.get_room(&req.room), store.get_user(&req.key))
+                        tokio::join!(store.get_room(&req.room), self.active(&req.key))
                     }
                 };
                 let room = judge_owner(caller, &req.room, room)?;
                 // Only an active user can be invited: a typo'd key fails here, not later.
-                match invitee {
-                    Ok(u) if u.revoked_at.is_none() => {}
-                    Ok(_) => {
-                        return Err(CtlError::new(
-                            ErrorKind::Conflict,
-                            format!("{} is revoked", req.key),
-                        ));
-                    }
-                    Err(e) => return Err(e.into()),
+                if let Active::Revoked = invitee? {
+                    return Err(CtlError::new(
+                        ErrorKind::Conflict,
+                        format!("{} is revoked", req.key),
+                    ));
                 }
                 // The owner check has just read the room: the store need not read it
                 // again, and adds the member to that room only, never to one created
@@ -605,8 +647,14 @@ enum Prefetched {
     Nothing,
     Invite {
         room: Result<super::Room, StoreError>,
-        invitee: Result<super::User, StoreError>,
+        invitee: Result<Active, StoreError>,
     },
+}
+
+/// What gate 2 (and the invitee check) need of a user record.
+enum Active {
+    Yes { admin: bool },
+    Revoked,
 }
 
 /// The owner check on `found`, the room as read: only its owner (or an admin) passes. A
@@ -720,10 +768,30 @@ pub async fn run(
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
     let group = service.group(CTL_PREFIX);
-    let mut endpoints = Vec::with_capacity(Op::ALL.len());
+    // The server this node's connection is on is the node's own (its `server_name` is the
+    // node's name): clients connected there address it to be served here.
+    let here = Some(listen.server_info().server_name).filter(|name| is_token(name));
+    let mut endpoints = Vec::with_capacity(3 * Op::ALL.len());
     for op in Op::ALL {
         let endpoint = group.endpoint(op.name()).await?;
         endpoints.push(endpoint.map(move |request| (op, request)).boxed());
+        if op.is_read() {
+            continue;
+        }
+        // Every caller's own subject for this write (see `auth::envelope`), at any node
+        // and at this one (`Op::own_subject_at`).
+        let name = op.name().replace('.', "-");
+        let mut subjects = vec![(format!("{name}-own"), format!("{}.*", op.name()))];
+        if let Some(here) = &here {
+            subjects.push((
+                format!("{name}-own-here"),
+                format!("{}.*.{here}", op.name()),
+            ));
+        }
+        for (name, subject) in subjects {
+            let endpoint = group.endpoint_builder().name(name).add(subject).await?;
+            endpoints.push(endpoint.map(move |request| (op, request)).boxed());
+        }
     }
     let mut requests = futures_util::stream::select_all(endpoints);
     listen.flush().await?;
@@ -763,8 +831,9 @@ pub async fn run(
         in_flight.push(async move {
             let started = std::time::Instant::now();
             let to = request.message.reply.clone();
+            let own_key = op.own_subject_key(&request.message.subject);
             let (body, kind, revoke) = handler
-                .handle(op, &request.message.payload, to.as_deref())
+                .handle(op, &request.message.payload, to.as_deref(), own_key)
                 .await;
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
             crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());

@@ -374,9 +374,9 @@ async fn probe_loop(
     (admitted, denied)
 }
 
-/// The subject a probe asks: allowed to every admitted user (`unibus.ctl.>`) and served by
+/// The subject a probe asks: allowed to every admitted user (`unibus.ctl.*.*`) and served by
 /// no one, so the server itself answers "no responders" — a round trip that needs no store.
-const PROBE_SUBJECT: &str = "unibus.ctl.probe";
+const PROBE_SUBJECT: &str = "unibus.ctl.probe.none";
 
 /// One new connection to one server, proven by a round trip, then closed.
 ///
