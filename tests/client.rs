@@ -846,15 +846,15 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     let key = nkeys::KeyPair::new_user();
     let seed = dir.path().join("user.seed");
     keys::write_seed(&seed, &key).unwrap();
-    let client = Client::connect(ClientOptions::new([server.url()], &seed))
-        .await
-        .unwrap();
+    let mut options = ClientOptions::new([server.url()], &seed);
+    options.request_timeout = Duration::from_secs(1);
+    let client = Client::connect(options).await.unwrap();
     let me = key.public_key();
     let raw = async_nats::connect(server.url()).await.unwrap();
     // What the responders were sent: (subject, envelope).
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    // Answers on `subject` (`{"ok": {}}`) until aborted, reporting what came.
-    let serve = |subject: String| {
+    // Answers `answer` on `subject` (none if `None`) until aborted, reporting what came.
+    let serve_with = |subject: String, answer: Option<&'static str>| {
         let (raw, seen_tx) = (raw.clone(), seen_tx.clone());
         async move {
             let mut sub = raw.subscribe(subject).await.unwrap();
@@ -862,8 +862,8 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
             let task = tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
                     let _ = seen_tx.send((msg.subject.to_string(), msg.payload.clone()));
-                    if let Some(reply) = msg.reply {
-                        let _ = raw.publish(reply, "{\"ok\":{}}".into()).await;
+                    if let (Some(reply), Some(answer)) = (msg.reply, answer) {
+                        let _ = raw.publish(reply, answer.into()).await;
                         let _ = raw.flush().await;
                     }
                 }
@@ -871,6 +871,7 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
             task.abort_handle()
         }
     };
+    let serve = |subject: String| serve_with(subject, Some("{\"ok\":{}}"));
     let body = serde_json::json!({ "room": "r1" });
     let (replay, limits) = (ReplayCache::default(), Limits::default());
     let now = envelope::unix_ms_now;
@@ -901,7 +902,30 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     envelope::verify_on_own_subject(&payload, "rooms.create", &me, now(), &replay, &limits)
         .unwrap();
     assert!(seen.try_recv().is_err(), "one write, one request");
-    for task in [public, any, here] {
+
+    // A refusal or a timeout where the write went is the answer: the write is never sent
+    // on to another subject, where it could take effect a second time.
+    here.abort();
+    let refusing = serve_with(
+        Op::RoomsCreate.own_subject_at(&me, &node),
+        Some(r#"{"error":{"kind":"conflict","message":"no"}}"#),
+    )
+    .await;
+    let refused = client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+    assert!(String::from_utf8_lossy(&refused).contains("conflict"));
+    refusing.abort();
+    let silent = serve_with(Op::RoomsCreate.own_subject_at(&me, &node), None).await;
+    assert!(matches!(
+        client.call_raw(Op::RoomsCreate, &body).await,
+        Err(ClientError::Timeout { .. })
+    ));
+    let mut subjects = Vec::new();
+    while let Ok((subject, _)) = seen.try_recv() {
+        subjects.push(subject);
+    }
+    let at_node = format!("unibus.ctl.rooms.create.{me}.s1");
+    assert_eq!(subjects, vec![at_node.clone(), at_node]);
+    for task in [public, any, silent] {
         task.abort();
     }
 }

@@ -311,10 +311,15 @@ enum Forwarded {
     Nobody,
 }
 
+/// What `bus-auth=soft` grants: everything, except listening to the control plane's
+/// requests. Nobody but the nodes needs those, and an envelope sent on its signer's own
+/// subject skips the replay ledger on `enforce` nodes (`auth::envelope`), which is sound
+/// only while no user can copy one: a cluster rolling from `soft` to `enforce` runs both.
 fn open_permissions() -> Permissions {
     Permissions {
         pub_allow: vec![">".into()],
         sub_allow: vec![">".into()],
+        sub_deny: vec![format!("{}.>", crate::membership::api::CTL_PREFIX)],
     }
 }
 

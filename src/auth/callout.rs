@@ -238,11 +238,13 @@ pub fn verify_client_nonce(request: &AuthRequest) -> Result<String, CalloutError
     Ok(key.public_key())
 }
 
-/// A connection's allow lists (everything else is denied).
+/// A connection's allow lists (everything else is denied), and subjects denied to it
+/// although allowed (a deny wins).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Permissions {
     pub pub_allow: Vec<String>,
     pub sub_allow: Vec<String>,
+    pub sub_deny: Vec<String>,
 }
 
 /// DESIGN §2's room id: `^[a-z0-9][a-z0-9_-]{0,62}$`, so it is one subject token.
@@ -311,6 +313,7 @@ pub fn permissions_for(key: &str, rooms: &[String], is_admin: bool) -> Permissio
     Permissions {
         pub_allow,
         sub_allow,
+        sub_deny: Vec::new(),
     }
 }
 
@@ -360,7 +363,11 @@ pub fn allow_response(
         "nats".into(),
         json!({
             "pub": { "allow": permissions.pub_allow },
-            "sub": { "allow": permissions.sub_allow },
+            "sub": if permissions.sub_deny.is_empty() {
+                json!({ "allow": permissions.sub_allow })
+            } else {
+                json!({ "allow": permissions.sub_allow, "deny": permissions.sub_deny })
+            },
             "subs": -1,
             "data": -1,
             "payload": -1,
@@ -541,7 +548,21 @@ mod tests {
         assert_eq!(user.claims["nats"]["type"], "user");
         assert_eq!(user.claims["nats"]["version"], 2);
         assert_eq!(user.claims["nats"]["pub"]["allow"], json!(perms.pub_allow));
+        assert!(user.claims["nats"]["sub"].get("deny").is_none());
         assert!(user.claims["exp"].as_u64().unwrap() > jwt::now_secs());
+        // A deny list, when there is one, travels beside the allow list.
+        let open = Permissions {
+            pub_allow: vec![">".into()],
+            sub_allow: vec![">".into()],
+            sub_deny: vec!["unibus.ctl.>".into()],
+        };
+        let raw = allow_response(&req, &open, &issuer, None).unwrap();
+        let resp = jwt::decode(raw.as_bytes()).unwrap();
+        let user = jwt::decode(resp.claims["nats"]["jwt"].as_str().unwrap().as_bytes()).unwrap();
+        assert_eq!(
+            user.claims["nats"]["sub"],
+            json!({ "allow": [">"], "deny": ["unibus.ctl.>"] })
+        );
 
         let deny = jwt::decode(deny_response(&req, "", &issuer).unwrap().as_bytes()).unwrap();
         assert_eq!(deny.claims["nats"]["error"], "not authorized");

@@ -12,7 +12,7 @@
 //! **signing input**, a byte string no JSON parser is involved in:
 //!
 //! ```text
-//! "unibus-envelope-v1" 0x00
+//! "unibus-envelope-v1" 0x00         (or "unibus-envelope-v1-own-subject" 0x00: see below)
 //! u32be(len(op))    op              (UTF-8)
 //! sha256(body)                      (32 bytes: the body's bytes exactly as sent)
 //! u64be(ts)
@@ -168,7 +168,8 @@ pub struct Verified {
     /// The body, as the exact JSON that was signed.
     pub body: Box<RawValue>,
     /// The request's nonce, for a replay record shared beyond this process; `None` for a
-    /// connection-bound read, which needs no replay protection.
+    /// connection-bound read, which needs no replay protection. (The service also drops it
+    /// for a write on its signer's own subject under `bus-auth=enforce`.)
     pub nonce: Option<String>,
 }
 

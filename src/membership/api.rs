@@ -2,9 +2,10 @@
 //!
 //! The service (`service.rs`) and the client library both use these types, so the two
 //! sides cannot disagree about a field name. Every operation is one NATS micro endpoint,
-//! `unibus.ctl.<op>`, and every write a second one, `unibus.ctl.<op>.<key>`, where only
-//! `<key>`'s connections may publish (so no replay ledger is needed there; see
-//! `auth::envelope`); the request is a signed envelope whose `body` is the operation's
+//! `unibus.ctl.<op>`, and every write two more, `unibus.ctl.<op>.<key>` and
+//! `unibus.ctl.<op>.<key>.<node>`, where only `<key>`'s connections may publish (so no
+//! replay ledger is needed there; see `auth::envelope`); the request is a signed envelope
+//! (for a read, a connection-bound one) whose `body` is the operation's
 //! request struct; the reply is `{"ok": …}` or `{"error": {"kind", "message"}}`, and an
 //! error also sets the micro error headers (`Nats-Service-Error`, `Nats-Service-Error-Code`)
 //! so generic NATS tooling sees the failure.

@@ -15,8 +15,10 @@
 //! design already sets, and holds it even when the live kick is lost.
 //!
 //! Only positive answers are kept: an unknown or revoked key is read every time, so a user
-//! added a moment ago is served at once. Memory is bounded ([`MAX_ENTRIES`]); when full,
-//! stale entries go first, then everything (a burst of new callers costs reads, never
+//! added a moment ago is served at once. A key forgotten on revocation stays marked for the
+//! window, so a read that started before the revocation and ends after it cannot put the
+//! key back. Memory is bounded ([`MAX_ENTRIES`]); when full, stale entries go first, and
+//! if that frees too little, everything (a burst of new callers costs reads, never
 //! freshness). SQLite does not use this: its store already keeps users exactly (one
 //! writer).
 
@@ -33,7 +35,24 @@ pub const MAX_ENTRIES: usize = 10_000;
 pub struct Callers {
     fresh: Duration,
     max_entries: usize,
-    seen: Mutex<HashMap<String, (bool, Instant)>>,
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Seen {
+    /// Read as an active user by a read that started at `read_at`.
+    Active { admin: bool, read_at: Instant },
+    /// Revoked through this node at `at`: reads started before then are not remembered.
+    Forgotten { at: Instant },
+}
+
+impl Seen {
+    fn since(self) -> Instant {
+        match self {
+            Seen::Active { read_at, .. } => read_at,
+            Seen::Forgotten { at } => at,
+        }
+    }
 }
 
 impl Default for Callers {
@@ -51,7 +70,7 @@ impl Callers {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (bool, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
         // A panic elsewhere cannot leave the map half-written (every change is one call).
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -62,28 +81,49 @@ impl Callers {
     }
 
     fn active_at(&self, key: &str, now: Instant) -> Option<bool> {
-        let seen = self.lock();
-        let (admin, read_at) = seen.get(key)?;
-        (now.saturating_duration_since(*read_at) < self.fresh).then_some(*admin)
+        match self.lock().get(key)? {
+            Seen::Active { admin, read_at }
+                if now.saturating_duration_since(*read_at) < self.fresh =>
+            {
+                Some(*admin)
+            }
+            _ => None,
+        }
     }
 
     /// Records that `key` was just read as an active user. Call it with the time the read
     /// *started*, so the window never outlasts what the read could have seen.
     pub fn remember(&self, key: &str, admin: bool, read_at: Instant) {
         let mut seen = self.lock();
-        if seen.len() >= self.max_entries && !seen.contains_key(key) {
-            let fresh = self.fresh;
-            seen.retain(|_, (_, at)| read_at.saturating_duration_since(*at) < fresh);
-            if seen.len() >= self.max_entries {
-                seen.clear();
-            }
+        if let Some(Seen::Forgotten { at }) = seen.get(key)
+            && read_at <= *at
+        {
+            return; // the read may have seen the user before its revocation
         }
-        seen.insert(key.to_string(), (admin, read_at));
+        self.make_room(&mut seen, key, read_at);
+        seen.insert(key.to_string(), Seen::Active { admin, read_at });
     }
 
-    /// Forgets `key` (it was just revoked through this node).
+    /// Forgets `key`: it was just revoked through this node.
     pub fn forget(&self, key: &str) {
-        self.lock().remove(key);
+        let at = Instant::now();
+        let mut seen = self.lock();
+        self.make_room(&mut seen, key, at);
+        seen.insert(key.to_string(), Seen::Forgotten { at });
+    }
+
+    /// Keeps the map under `max_entries` before `key` goes in: stale entries go, and if
+    /// that leaves it more than three quarters full, all of them (so a map full of fresh
+    /// entries is not scanned again for every newcomer).
+    fn make_room(&self, seen: &mut HashMap<String, Seen>, key: &str, now: Instant) {
+        if seen.len() < self.max_entries || seen.contains_key(key) {
+            return;
+        }
+        let fresh = self.fresh;
+        seen.retain(|_, entry| now.saturating_duration_since(entry.since()) < fresh);
+        if seen.len() > self.max_entries * 3 / 4 {
+            seen.clear();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -120,34 +160,46 @@ mod tests {
     }
 
     #[test]
-    fn a_forgotten_key_is_read_again() {
+    fn a_forgotten_key_is_read_again_and_a_read_from_before_cannot_bring_it_back() {
         let callers = Callers::default();
-        callers.remember("UA", false, Instant::now());
+        let before = Instant::now();
+        callers.remember("UA", false, before);
         callers.forget("UA");
         assert_eq!(callers.active("UA"), None);
+        // A read that started before the revocation and ended after it.
+        callers.remember("UA", false, before);
+        assert_eq!(callers.active("UA"), None);
+        // A read that started after it is news.
+        callers.remember("UA", true, Instant::now());
+        assert_eq!(callers.active("UA"), Some(true));
     }
 
     #[test]
     fn memory_stays_bounded_and_stale_entries_go_first() {
-        let callers = Callers::new(Duration::from_secs(1), 3);
+        let callers = Callers::new(Duration::from_secs(1), 4);
         let t0 = Instant::now();
         callers.remember("old", false, t0);
         let t1 = t0 + Duration::from_secs(5);
-        callers.remember("a", false, t1);
-        callers.remember("b", false, t1);
-        // Full: the stale entry makes room.
-        callers.remember("c", false, t1);
-        assert_eq!(callers.len(), 3);
-        assert_eq!(callers.active_at("old", t1), None);
         for key in ["a", "b", "c"] {
+            callers.remember(key, false, t1);
+        }
+        // Full: the stale entry makes room.
+        callers.remember("d", false, t1);
+        assert_eq!(callers.len(), 4);
+        assert_eq!(callers.active_at("old", t1), None);
+        for key in ["a", "b", "c", "d"] {
             assert_eq!(callers.active_at(key, t1), Some(false), "{key}");
         }
-        // Full of fresh entries: all go, the newcomer stays; nothing is ever kept longer.
-        callers.remember("d", true, t1);
-        assert_eq!(callers.len(), 1);
-        assert_eq!(callers.active_at("d", t1), Some(true));
         // Refreshing a present key never evicts.
-        callers.remember("d", false, t1);
+        callers.remember("d", true, t1);
+        assert_eq!(callers.len(), 4);
+        // Full of fresh entries: all go, the newcomer stays; nothing is ever kept longer.
+        callers.remember("e", true, t1);
         assert_eq!(callers.len(), 1);
+        assert_eq!(callers.active_at("e", t1), Some(true));
+        // A forgotten key is an entry too.
+        callers.forget("f");
+        assert_eq!(callers.len(), 2);
+        assert_eq!(callers.active_at("f", t1), None);
     }
 }

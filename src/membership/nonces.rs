@@ -1,10 +1,12 @@
-//! The cluster-wide nonce ledger: a signed control-plane request is accepted once per
-//! cluster, not once per node.
+//! The cluster-wide nonce ledger: a signed control-plane request sent on a public subject
+//! (`unibus.ctl.<op>`) is accepted once per cluster, not once per node.
 //!
 //! Each node's membership service keeps a replay cache in memory (`auth::envelope`), but
-//! every node answers `unibus.ctl.>` (one queue group) and a client's request goes to the
-//! node it is connected to — so without a shared record the same bytes, replayed through
-//! another node, would be accepted again. With the KV store, every nonce that passes the
+//! every node answers the public subjects (one queue group), and a request goes to any of
+//! them — so without a shared record the same bytes, replayed through another node, would
+//! be accepted again. (A write on its signer's own subject, `unibus.ctl.<op>.<key>`, is
+//! not claimed here under `bus-auth=enforce`: only the key's connections can publish
+//! there; see `auth::envelope`.) With the KV store, every nonce that passes the
 //! local checks is also *claimed* here: a publish to `unibus.nonces.<key>.<nonce>` in the
 //! stream `UNIBUS_NONCES` with `Nats-Expected-Last-Subject-Sequence: 0`, which JetStream
 //! accepts for exactly one publisher (the stream's leader orders them). A second claim gets

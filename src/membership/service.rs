@@ -1,8 +1,10 @@
 //! The membership service: the control-plane API as a NATS micro service.
 //!
-//! One endpoint per store operation under `unibus.ctl.` (see [`super::api`]), all in one
-//! micro service named `unibus-membership`, so `$SRV.PING/INFO/STATS` work with any NATS
-//! tool. Every node runs it in the same queue group; a request goes to one of them.
+//! One endpoint per store operation under `unibus.ctl.` (see [`super::api`]), and for each
+//! write two more, the caller's own subject at any node and at this one, all in one micro
+//! service named `unibus-membership`, so `$SRV.PING/INFO/STATS` work with any NATS tool.
+//! Every node runs it in the same queue group; a request goes to one of them (or, on a
+//! node's own subject, to that node).
 //!
 //! A request passes three gates, in order, each with its own typed error:
 //! 1. **authentication** — the signed envelope (`auth::envelope`): size, JSON shape,
@@ -175,10 +177,12 @@ impl Handler {
         revoke: &mut Vec<String>,
     ) -> Result<Vec<u8>, CtlError> {
         let (claimed_key, body, nonce) = self.authenticate(op, raw, reply, own_key)?;
-        // An unsigned (or unclaimed) read commits nothing, so nothing else would notice a
-        // store leader that lost its quorum and answers from a stale copy: a barrier does
+        // A request that commits nothing to the store (a read, or `rooms.subscribe`, which
+        // only opens a feed) and claims no nonce either would not notice a store leader that
+        // lost its quorum and answers from a stale copy: a barrier does
         // (`membership::quorum`; free on SQLite, shared across requests on KV).
-        let needs_barrier = op.is_read() && (nonce.is_none() || self.ledger.is_none());
+        let commits_nothing = op.is_read() || op == Op::RoomsSubscribe;
+        let needs_barrier = commits_nothing && (nonce.is_none() || self.ledger.is_none());
         let quorum = async {
             if needs_barrier {
                 self.store.confirm_quorum().await
@@ -904,6 +908,43 @@ mod tests {
         assert_eq!((req.room.as_str(), req.key.as_str()), ("r1", "UA"));
         let _: Empty = parse(&raw("null")).unwrap();
         let _: Empty = parse(&raw("{}")).unwrap();
+    }
+
+    /// Which signed writes skip the cluster-wide nonce claim: only those on their signer's
+    /// own subject, and only where the server enforces who may publish there.
+    #[tokio::test]
+    async fn only_enforce_lets_an_own_subject_stand_in_for_the_ledger() {
+        use crate::auth::envelope::{Envelope, Sent};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::Sqlite(
+            crate::membership::sqlite::SqliteStore::open(dir.path().join("s.db"))
+                .await
+                .unwrap(),
+        ));
+        let key = nkeys::KeyPair::new_user();
+        let me = key.public_key();
+        let body = serde_json::json!({ "room": "r1" });
+        for (mode, sent, claims) in [
+            (BusAuth::Enforce, Sent::OwnSubject, false),
+            (BusAuth::Enforce, Sent::Public, true),
+            (BusAuth::Soft, Sent::OwnSubject, true),
+            (BusAuth::Soft, Sent::Public, true),
+        ] {
+            let config = ServiceConfig {
+                bus_auth: mode,
+                ..ServiceConfig::default()
+            };
+            let handler = Handler::new(store.clone(), config, None);
+            let raw = Envelope::sign_for(sent, "rooms.create", &body, &key)
+                .unwrap()
+                .to_vec();
+            let own_key = (sent == Sent::OwnSubject).then_some(me.as_str());
+            let (signer, _, nonce) = handler
+                .authenticate(Op::RoomsCreate, &raw, None, own_key)
+                .unwrap_or_else(|e| panic!("{mode:?} {sent:?}: {}", e.message));
+            assert_eq!(signer, me);
+            assert_eq!(nonce.is_some(), claims, "{mode:?} {sent:?}");
+        }
     }
 
     #[test]

@@ -191,9 +191,9 @@ pub async fn run(ctx: Context) {
             _ = shutdown.wait() => break 'start,
         };
         let detail = if on_revoke.is_none() && security.bus_auth != BusAuth::Off {
-            "unibus.ctl.>; live revocation off (see the log)"
+            "unibus.ctl.*.* (and own subjects); live revocation off (see the log)"
         } else {
-            "unibus.ctl.>"
+            "unibus.ctl.*.* (and own subjects)"
         };
         let replicas = if config.clustered() {
             config.replicas
