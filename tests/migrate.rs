@@ -126,6 +126,10 @@ async fn open(cluster: &Cluster, create: bool) -> Result<KvStore, StoreError> {
     let opts = KvOptions {
         replicas: 1,
         create,
+        // Each step of a scan is bounded by this. The default (2 s) is a node's budget
+        // for one request; on a loaded 2-core CI machine, one step of the 10,000-record
+        // scan below once stalled past it, which says nothing about the migration.
+        op_timeout: std::time::Duration::from_secs(10),
         ..KvOptions::default()
     };
     KvStore::open(client, opts).await
