@@ -698,20 +698,16 @@ mod tests {
             .unwrap()
             .to_vec();
         let mine = me.public_key();
+        let theirs = other.public_key();
+        let on = |raw: &[u8], subject_key: &str| {
+            verify_on_own_subject(raw, "rooms.create", subject_key, now, &cache, &limits)
+        };
         // On someone else's subject: refused before the signature is even looked at.
         assert_eq!(
-            verify_on_own_subject(
-                &raw,
-                "rooms.create",
-                &other.public_key(),
-                now,
-                &cache,
-                &limits
-            )
-            .unwrap_err(),
+            on(&raw, &theirs).unwrap_err(),
             EnvelopeError::NotOwnSubject {
                 key: mine.clone(),
-                subject_key: other.public_key()
+                subject_key: theirs.clone()
             }
         );
         // On the public subject its signature does not verify: a copy cannot get there
@@ -722,30 +718,14 @@ mod tests {
         );
         // Nor does a public envelope on the own subject.
         let public = Envelope::sign("rooms.create", &body, &me).unwrap().to_vec();
-        assert_eq!(
-            verify_on_own_subject(&public, "rooms.create", &mine, now, &cache, &limits)
-                .unwrap_err(),
-            EnvelopeError::BadSignature
-        );
+        assert_eq!(on(&public, &mine).unwrap_err(), EnvelopeError::BadSignature);
         // On its own subject it verifies, once.
-        let ok = verify_on_own_subject(&raw, "rooms.create", &mine, now, &cache, &limits).unwrap();
-        assert_eq!(ok.key, mine);
-        assert_eq!(
-            verify_on_own_subject(&raw, "rooms.create", &mine, now, &cache, &limits).unwrap_err(),
-            EnvelopeError::Replayed
-        );
+        assert_eq!(on(&raw, &mine).unwrap().key, mine);
+        assert_eq!(on(&raw, &mine).unwrap_err(), EnvelopeError::Replayed);
         // A key swapped in to match another subject breaks the signature.
-        let swapped = edited(&raw, |v| v["key"] = json!(other.public_key()));
+        let swapped = edited(&raw, |v| v["key"] = json!(theirs));
         assert_eq!(
-            verify_on_own_subject(
-                &swapped,
-                "rooms.create",
-                &other.public_key(),
-                now,
-                &cache,
-                &limits
-            )
-            .unwrap_err(),
+            on(&swapped, &theirs).unwrap_err(),
             EnvelopeError::BadSignature
         );
     }
