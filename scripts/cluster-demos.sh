@@ -197,6 +197,13 @@ upgrade_demo() {
     row "R1→R3 current (s):" "$R3_SECS"
     row "rolling restart (s):" "$ROLL_SECS"
     row "verdict:" "$([ "$rc" = 0 ] && echo PASS || echo FAIL)"
+    # A refused valid user is rare (and the work dir may be gone by the time anyone
+    # looks): the nodes' own account of each refusal goes into the report.
+    if ! grep -qE '^valid users denied: +0$' "$WORK/report.txt"; then
+      echo "-- the nodes' refusals and store warnings (from their logs):"
+      dcompose logs --no-color --timestamps 2>&1 |
+        grep -E 'connection denied|auth callout|store unavailable|quorum' | tail -n 30 || true
+    fi
   } | tee "$WORK/demo-report.txt"
   return "$rc"
 }

@@ -435,6 +435,17 @@ fn cli_refuses_bad_sources_with_exit_2_before_connecting() {
         "6",
     ]);
     assert_eq!(code, 2, "{err}");
+
+    // A store request bound of zero would fail every request: refused as usage.
+    let (code, _, err) = unibus(&[
+        "migrate",
+        "--from",
+        other.to_str().unwrap(),
+        "--op-timeout-secs",
+        "0",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--op-timeout-secs"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,8 +486,17 @@ async fn cli_dry_run_writes_nothing_then_migrates_and_verifies() {
         "a dry run created buckets"
     );
 
-    // The real run, as JSON.
-    let (code, out, err) = unibus(&["migrate", "--from", &from, "--server", &servers, "--json"]);
+    // The real run, as JSON, with a store request bound of its own.
+    let (code, out, err) = unibus(&[
+        "migrate",
+        "--from",
+        &from,
+        "--server",
+        &servers,
+        "--json",
+        "--op-timeout-secs",
+        "30",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["verified"], true);

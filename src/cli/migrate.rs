@@ -49,6 +49,11 @@ pub struct MigrateArgs {
     /// stopped node): also copy its room history into the cluster, after the records.
     #[arg(long, value_name = "DIR")]
     history: Option<PathBuf>,
+    /// Bound on each store request, in seconds (a node's own default is 2). A copy makes
+    /// thousands of requests back to back; on a busy cluster one of them can stall past
+    /// 2 s, and a migration should wait for it rather than stop half way.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    op_timeout_secs: u64,
 }
 
 /// What `migrate` prints: the records' report and, with `--history`, the history's.
@@ -127,6 +132,7 @@ async fn run_migrate(args: &MigrateArgs) -> Result<Report, Failure> {
     let kv_opts = KvOptions {
         replicas: usize::from(args.replicas),
         create: !args.dry_run,
+        op_timeout: std::time::Duration::from_secs(args.op_timeout_secs),
         ..KvOptions::default()
     };
     let view = ProgressView::new();
