@@ -848,6 +848,7 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     keys::write_seed(&seed, &key).unwrap();
     let mut options = ClientOptions::new([server.url()], &seed);
     options.request_timeout = Duration::from_secs(1);
+    options.own_subjects_retry = Duration::from_millis(300);
     let client = Client::connect(options).await.unwrap();
     let me = key.public_key();
     let raw = async_nats::connect(server.url()).await.unwrap();
@@ -884,10 +885,24 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     assert_eq!(subject, "unibus.ctl.rooms.create");
     envelope::verify(&payload, "rooms.create", now(), &replay, &limits).unwrap();
 
-    // Own subjects at any node, but not at this one (it is stopping, say): there.
+    // The client remembers that nobody serves own subjects: while it does, writes go
+    // straight to the public subject, even once a node serves them (an upgrade)...
     let any = serve(Op::RoomsCreate.own_subject(&me)).await;
     client.call_raw(Op::RoomsCreate, &body).await.unwrap();
-    let (subject, payload) = seen.recv().await.unwrap();
+    let (subject, _) = seen.recv().await.unwrap();
+    assert_eq!(subject, "unibus.ctl.rooms.create");
+
+    // ...and after `own_subjects_retry` tries them again. Own subjects at any node, but not
+    // at this one (it is stopping, say): there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (subject, payload) = loop {
+        client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+        let (subject, payload) = seen.recv().await.unwrap();
+        if subject != "unibus.ctl.rooms.create" || tokio::time::Instant::now() > deadline {
+            break (subject, payload);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(subject, format!("unibus.ctl.rooms.create.{me}"));
     envelope::verify_on_own_subject(&payload, "rooms.create", &me, now(), &replay, &limits)
         .unwrap();

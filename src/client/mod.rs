@@ -84,6 +84,9 @@ pub struct ClientOptions {
     /// Try `servers` in the given order (a preferred local node first) instead of a random
     /// order that spreads clients over the cluster.
     pub retain_order: bool,
+    /// Once no node serves this key's own subjects (a cluster from before them), how long
+    /// writes go straight to the public subject before own subjects are tried again.
+    pub own_subjects_retry: Duration,
 }
 
 impl ClientOptions {
@@ -99,6 +102,7 @@ impl ClientOptions {
             request_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(30),
             retain_order: false,
+            own_subjects_retry: Duration::from_secs(10),
         }
     }
 
@@ -135,6 +139,8 @@ struct Inner {
     /// Held while the send epoch is re-checked, so concurrent sends that find it stale do
     /// the check (three control-plane calls) once, not once each.
     epoch_check: tokio::sync::Mutex<()>,
+    /// Until when writes skip own subjects (see [`ClientOptions::own_subjects_retry`]).
+    own_subjects_unserved_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// Connect options that authenticate as the key of `seed` (which signs the server's nonce),
@@ -249,6 +255,7 @@ impl Client {
                 room_keys: Mutex::new(HashMap::new()),
                 send_epochs: Mutex::new(HashMap::new()),
                 epoch_check: tokio::sync::Mutex::new(()),
+                own_subjects_unserved_until: Mutex::new(None),
             }),
         })
     }
@@ -289,7 +296,10 @@ impl Client {
     /// claim (see `auth::envelope`), first as served by the node this connection is on
     /// (no route hops; `Op::own_subject_at`), then by any node. Where nobody serves it (a
     /// node stopping, nodes too old) the server answers "no responders" at once, and the
-    /// next subject is tried; last, the write is signed again for the public subject.
+    /// next subject is tried; last, the write is signed again for the public subject. When
+    /// no node serves own subjects at all and the public subject answers, the cluster is
+    /// one from before them: writes then go straight to the public subject for
+    /// [`ClientOptions::own_subjects_retry`] instead of paying two such round trips each.
     pub async fn call_raw<B: Serialize>(
         &self,
         op: Op,
@@ -299,22 +309,37 @@ impl Client {
             let envelope = Envelope::bound(op.name(), body, &self.inner.public);
             return self.ctl_request(op, op.subject(), envelope).await;
         }
-        let key = &self.inner.public;
-        let node = self.inner.nats.server_info().server_name;
-        let mut subjects = Vec::with_capacity(2);
-        if api::is_token(&node) {
-            subjects.push(op.own_subject_at(key, &node));
-        }
-        subjects.push(op.own_subject(key));
-        for subject in subjects {
-            let own = Envelope::sign_for(Sent::OwnSubject, op.name(), body, &self.inner.key);
-            match self.ctl_request(op, subject, own).await {
-                Err(ClientError::NoResponders { .. }) => continue,
-                answer => return answer,
+        let unserved = &self.inner.own_subjects_unserved_until;
+        let skip_own = unserved
+            .lock()
+            .ok()
+            .and_then(|until| *until)
+            .is_some_and(|until| std::time::Instant::now() < until);
+        if !skip_own {
+            let key = &self.inner.public;
+            let node = self.inner.nats.server_info().server_name;
+            let mut subjects = Vec::with_capacity(2);
+            if api::is_token(&node) {
+                subjects.push(op.own_subject_at(key, &node));
+            }
+            subjects.push(op.own_subject(key));
+            for subject in subjects {
+                let own = Envelope::sign_for(Sent::OwnSubject, op.name(), body, &self.inner.key);
+                match self.ctl_request(op, subject, own).await {
+                    Err(ClientError::NoResponders { .. }) => continue,
+                    answer => return answer,
+                }
             }
         }
         let public = Envelope::sign(op.name(), body, &self.inner.key);
-        self.ctl_request(op, op.subject(), public).await
+        let answer = self.ctl_request(op, op.subject(), public).await;
+        if !skip_own
+            && !matches!(answer, Err(ClientError::NoResponders { .. }))
+            && let Ok(mut until) = unserved.lock()
+        {
+            *until = Some(std::time::Instant::now() + self.inner.options.own_subjects_retry);
+        }
+        answer
     }
 
     /// One envelope to one control-plane subject, and its reply's bytes.
