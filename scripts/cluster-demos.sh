@@ -173,6 +173,8 @@ upgrade_demo() {
   for i in 1 2 3; do
     step "   n$i: stop (lame duck, up to 60 s)"
     dcompose stop -t 60 "n$i" 2>&1 | sed 's/^/   /' >&2
+    # Recreating the container on the new image drops its logs: keep them for the report.
+    dcompose logs --no-color --timestamps "n$i" >"$WORK/n$i-before-upgrade.log" 2>&1 || true
     step "   n$i: start on unibus:$next"
     DTAG="$next" dcompose up -d --no-deps "n$i" 2>&1 | sed 's/^/   /' >&2
     wait_healthy "n$i" 120
@@ -200,9 +202,14 @@ upgrade_demo() {
     # A refused valid user is rare (and the work dir may be gone by the time anyone
     # looks): the nodes' own account of each refusal goes into the report.
     if ! grep -qE '^valid users denied: +0$' "$WORK/report.txt"; then
-      echo "-- the nodes' refusals and store warnings (from their logs):"
-      dcompose logs --no-color --timestamps 2>&1 |
-        grep -E 'connection denied|auth callout|store unavailable|quorum' | tail -n 30 || true
+      dcompose logs --no-color --timestamps >"$WORK/nodes-after-upgrade.log" 2>&1 || true
+      # In time order across nodes (the third field is the line's timestamp).
+      echo "-- the nodes' refusals (their authenticators', and nats-server's own):"
+      cat "$WORK"/n?-before-upgrade.log "$WORK/nodes-after-upgrade.log" |
+        grep -E 'connection denied|authentication error|authorization' | sort -k3 || true
+      echo "-- the nodes' store and callout warnings (last 30):"
+      cat "$WORK"/n?-before-upgrade.log "$WORK/nodes-after-upgrade.log" |
+        grep -E 'auth callout|store unavailable|quorum' | sort -k3 | tail -n 30 || true
     fi
   } | tee "$WORK/demo-report.txt"
   return "$rc"

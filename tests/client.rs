@@ -848,7 +848,7 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     keys::write_seed(&seed, &key).unwrap();
     let mut options = ClientOptions::new([server.url()], &seed);
     options.request_timeout = Duration::from_secs(1);
-    options.own_subjects_retry = Duration::from_millis(300);
+    options.own_subjects_retry = Duration::from_secs(3);
     let client = Client::connect(options).await.unwrap();
     let me = key.public_key();
     let raw = async_nats::connect(server.url()).await.unwrap();
@@ -894,7 +894,7 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
 
     // ...and after `own_subjects_retry` tries them again. Own subjects at any node, but not
     // at this one (it is stopping, say): there.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let (subject, payload) = loop {
         client.call_raw(Op::RoomsCreate, &body).await.unwrap();
         let (subject, payload) = seen.recv().await.unwrap();

@@ -312,8 +312,7 @@ impl Client {
         let unserved = &self.inner.own_subjects_unserved_until;
         let skip_own = unserved
             .lock()
-            .ok()
-            .and_then(|until| *until)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_some_and(|until| std::time::Instant::now() < until);
         if !skip_own {
             let key = &self.inner.public;
@@ -333,11 +332,19 @@ impl Client {
         }
         let public = Envelope::sign(op.name(), body, &self.inner.key);
         let answer = self.ctl_request(op, op.subject(), public).await;
-        if !skip_own
-            && !matches!(answer, Err(ClientError::NoResponders { .. }))
-            && let Ok(mut until) = unserved.lock()
-        {
-            *until = Some(std::time::Instant::now() + self.inner.options.own_subjects_retry);
+        // Only a reply (a refusal is one too) shows that a node serves the public subject
+        // while none serves own subjects; a dropped connection shows nothing.
+        if !skip_own && answer.is_ok() {
+            let now = std::time::Instant::now();
+            // A retry too long to add to a clock reading stands for "a year".
+            let until = now
+                .checked_add(self.inner.options.own_subjects_retry)
+                .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)));
+            if until.is_some() {
+                *unserved
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+            }
         }
         answer
     }

@@ -63,14 +63,18 @@ pub async fn run(ctx: Context) {
                     return;
                 }
             };
-            // Retried from 10 ms, not 200: until this connection subscribes, a client
-            // that reaches the new server before its routes are up gets no answer.
-            let Some(client) = retry_from(
-                Duration::from_millis(10),
+            // Retried every 10 ms, without backing off: from the moment nats-server
+            // listens until this connection subscribes, a client that reaches it has its
+            // callout published to nobody, waits out the callout timeout (4 s) and is
+            // refused. With the usual doubling, a server slow to start (JetStream
+            // recovering its streams) was found listening up to a whole pause late, a
+            // few hundred ms in which a reconnecting client could be refused.
+            let Some(client) = retry_with(
+                Backoff::constant(Duration::from_millis(10)),
                 &readiness,
                 &mut shutdown,
                 |z, s| z.stages.authenticator = s,
-                || store::connect_local(&config, &security, "auth"),
+                || store::connect_authenticator(&config, &security),
             )
             .await
             else {
@@ -256,8 +260,8 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    retry_from(
-        Duration::from_millis(200),
+    retry_with(
+        Backoff::doubling(Duration::from_millis(200), Duration::from_secs(5)),
         readiness,
         shutdown,
         field,
@@ -266,9 +270,40 @@ where
     .await
 }
 
-/// [`retry`], with the first pause `first`.
-async fn retry_from<T, E, F, Fut>(
-    first: Duration,
+/// Pauses between the attempts of [`retry_with`].
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn doubling(first: Duration, max: Duration) -> Self {
+        Backoff { next: first, max }
+    }
+
+    fn constant(every: Duration) -> Self {
+        Backoff {
+            next: every,
+            max: every,
+        }
+    }
+
+    /// The pause to take now; the next one doubles, up to `max`.
+    fn pause(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        now
+    }
+}
+
+/// How often a failure that keeps repeating is logged: a constant 10 ms retry would
+/// otherwise write a hundred warnings a second while nats-server starts.
+const REPEAT_WARNING_EVERY: Duration = Duration::from_secs(1);
+
+/// [`retry`], with the pauses of `backoff`.
+async fn retry_with<T, E, F, Fut>(
+    mut backoff: Backoff,
     readiness: &Readiness,
     shutdown: &mut Shutdown,
     field: fn(&mut Readyz, Stage),
@@ -279,23 +314,43 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut backoff = first;
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let result = tokio::select! {
             r = attempt() => r,
             _ = shutdown.wait() => return None,
         };
+        let pause = backoff.pause();
         match result {
             Ok(v) => return Some(v),
             Err(e) => {
-                tracing::warn!("{e}; retrying in {backoff:?}");
+                if warned.is_none_or(|at| at.elapsed() >= REPEAT_WARNING_EVERY) {
+                    tracing::warn!("{e}; retrying in {pause:?}");
+                    warned = Some(tokio::time::Instant::now());
+                }
                 readiness.update(|z| field(z, Stage::with_detail(StageState::Down, e.to_string())));
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.wait() => return None,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_constant_backoff_never_grows_and_a_doubling_one_stops_at_its_cap() {
+        let ms = Duration::from_millis;
+        let mut constant = Backoff::constant(ms(10));
+        let pauses: Vec<Duration> = (0..50).map(|_| constant.pause()).collect();
+        assert!(pauses.iter().all(|p| *p == ms(10)), "{pauses:?}");
+
+        let mut doubling = Backoff::doubling(ms(200), Duration::from_secs(5));
+        let pauses: Vec<u128> = (0..8).map(|_| doubling.pause().as_millis()).collect();
+        assert_eq!(pauses, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
     }
 }
