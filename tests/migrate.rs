@@ -389,27 +389,20 @@ async fn conflicts_are_reported_and_kept_unless_overwrite_and_a_lost_index_is_re
 fn cli_refuses_bad_sources_with_exit_2_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let dead = format!("nats://127.0.0.1:{}", free_port());
-    let missing = dir.path().join("missing.db");
-    let (code, _, err) = unibus(&[
-        "migrate",
-        "--from",
-        missing.to_str().unwrap(),
-        "--server",
-        &dead,
-    ]);
-    assert_eq!(code, 2, "{err}");
+    // `unibus migrate --from FROM ARGS…` must exit 2; its stderr, for the reason.
+    let refused = |from: &std::path::Path, args: &[&str]| {
+        let mut all = vec!["migrate", "--from", from.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let (code, _, err) = unibus(&all);
+        assert_eq!(code, 2, "{err}");
+        err
+    };
+    let err = refused(&dir.path().join("missing.db"), &["--server", &dead]);
     assert!(err.contains("no such file"), "{err}");
 
     let garbage = dir.path().join("garbage.db");
     std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
-    let (code, _, err) = unibus(&[
-        "migrate",
-        "--from",
-        garbage.to_str().unwrap(),
-        "--server",
-        &dead,
-    ]);
-    assert_eq!(code, 2, "{err}");
+    let err = refused(&garbage, &["--server", &dead]);
     assert!(err.contains("not a SQLite database"), "{err}");
 
     let other = dir.path().join("other.db");
@@ -417,34 +410,13 @@ fn cli_refuses_bad_sources_with_exit_2_before_connecting() {
         .unwrap()
         .execute_batch("CREATE TABLE t (x INTEGER);")
         .unwrap();
-    let (code, _, err) = unibus(&[
-        "migrate",
-        "--from",
-        other.to_str().unwrap(),
-        "--server",
-        &dead,
-    ]);
-    assert_eq!(code, 2, "{err}");
+    let err = refused(&other, &["--server", &dead]);
     assert!(err.contains("not a unibus database"), "{err}");
 
-    let (code, _, err) = unibus(&[
-        "migrate",
-        "--from",
-        other.to_str().unwrap(),
-        "--replicas",
-        "6",
-    ]);
-    assert_eq!(code, 2, "{err}");
+    refused(&other, &["--replicas", "6"]);
 
     // A store request bound of zero would fail every request: refused as usage.
-    let (code, _, err) = unibus(&[
-        "migrate",
-        "--from",
-        other.to_str().unwrap(),
-        "--op-timeout-secs",
-        "0",
-    ]);
-    assert_eq!(code, 2, "{err}");
+    let err = refused(&other, &["--op-timeout-secs", "0"]);
     assert!(err.contains("--op-timeout-secs"), "{err}");
 }
 
