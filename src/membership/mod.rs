@@ -61,7 +61,6 @@
 //! [`StoreError::Unavailable`].
 
 pub mod api;
-pub mod callers;
 pub mod cas;
 pub mod history;
 pub mod ids;
@@ -71,6 +70,7 @@ pub mod migrate_history;
 pub mod nonces;
 pub mod quorum;
 mod read_cache;
+pub mod recent;
 pub mod service;
 pub mod sqlite;
 

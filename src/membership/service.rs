@@ -15,7 +15,7 @@
 //!    `_INBOX.<key>`), and writes may come on the caller's own subject
 //!    (`unibus.ctl.<op>.<key>`; see `auth::envelope`'s module doc);
 //! 2. **identity** — the signer must be an active (not revoked) user in the store (on KV,
-//!    as read within the last second: [`super::callers`]);
+//!    as read within the last second: [`super::recent`]);
 //! 3. **rules** — admins manage users; any admitted user creates rooms and owns them;
 //!    owners invite, remove and rekey; members read their room, its members and keys, open
 //!    feeds of its messages (`rooms.subscribe`, see [`super::history`]), and may leave.
@@ -29,7 +29,9 @@
 //!
 //! Only then does the store see the request for writing. `members.invite`'s two reads
 //! start beside gate 1's nonce claim and gate 2's lookup, to save a round trip, but their
-//! results are judged only after both gates have passed. Ids are validated by the store
+//! results are judged only after both gates have passed. On KV, the room for its owner
+//! check is the one created or read through this node within the last second, if any
+//! ([`super::recent`]): creating a room and inviting its members then reads nothing. Ids are validated by the store
 //! itself before they reach SQL or KV, and come back as `invalid`.
 
 use std::sync::Arc;
@@ -44,9 +46,9 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 use super::api::*;
-use super::callers::Callers;
 use super::history::History;
 use super::nonces::NonceLedger;
+use super::recent::{Callers, Rooms};
 use super::{MemberState, Role, Store, StoreError};
 use crate::auth::envelope::{self, ReplayCache};
 use crate::config::BusAuth;
@@ -88,6 +90,8 @@ pub struct Handler {
     ledger: Option<NonceLedger>,
     /// Users read lately (KV store only: SQLite keeps its users exactly).
     callers: Option<Callers>,
+    /// Rooms created or read lately, for `members.invite`'s owner check (KV store only).
+    rooms: Option<Rooms>,
     on_revoke: Option<OnRevoke>,
     history: Option<History>,
 }
@@ -109,13 +113,15 @@ impl Handler {
             )),
             _ => None,
         };
-        let callers = matches!(&*store, Store::JetStream(_)).then(Callers::default);
+        let kv = matches!(&*store, Store::JetStream(_));
+        let (callers, rooms) = (kv.then(Callers::default), kv.then(Rooms::default));
         Handler {
             store,
             config,
             replay,
             ledger,
             callers,
+            rooms,
             on_revoke,
             history: None,
         }
@@ -240,7 +246,8 @@ impl Handler {
         let Ok(req) = parse::<MemberRef>(body) else {
             return Prefetched::Nothing;
         };
-        let (room, invitee) = tokio::join!(self.store.get_room(&req.room), self.active(&req.key));
+        let (room, invitee) =
+            tokio::join!(self.room_to_invite_into(&req.room), self.active(&req.key));
         Prefetched::Invite { room, invitee }
     }
 
@@ -321,10 +328,25 @@ impl Handler {
         }
     }
 
+    /// The room `members.invite` checks the caller owns: from [`Rooms`] when created or
+    /// read through this node within its window, otherwise from the store (and then
+    /// remembered).
+    async fn room_to_invite_into(&self, id: &str) -> Result<super::Room, StoreError> {
+        if let Some(room) = self.rooms.as_ref().and_then(|r| r.get(id)) {
+            return Ok(room);
+        }
+        let read_at = std::time::Instant::now();
+        let room = self.store.get_room(id).await?;
+        if let Some(rooms) = &self.rooms {
+            rooms.remember(&room.id, room.clone(), read_at);
+        }
+        Ok(room)
+    }
+
     /// Whether `key` is an active user: from [`Callers`] when read within its window,
     /// otherwise from the store (and then remembered).
     async fn active(&self, key: &str) -> Result<Active, StoreError> {
-        if let Some(admin) = self.callers.as_ref().and_then(|c| c.active(key)) {
+        if let Some(admin) = self.callers.as_ref().and_then(|c| c.get(key)) {
             return Ok(Active::Yes { admin });
         }
         let read_at = std::time::Instant::now();
@@ -392,9 +414,14 @@ impl Handler {
                 } else {
                     &req.name
                 };
-                ok(store
+                let started = std::time::Instant::now();
+                let room = store
                     .create_room(&req.room, name, &caller.key, req.encrypted)
-                    .await?)
+                    .await?;
+                if let Some(rooms) = &self.rooms {
+                    rooms.remember(&room.id, room.clone(), started);
+                }
+                ok(room)
             }
             Op::RoomsGet => {
                 let req: RoomRef = parse(body)?;
@@ -429,7 +456,12 @@ impl Handler {
                 if let Some(history) = &self.history {
                     Box::pin(history.purge_room(&req.room)).await?;
                 }
-                store.delete_room(&req.room).await?;
+                let deleted = store.delete_room(&req.room).await;
+                // Whatever the outcome: an invite through this node reads the room again.
+                if let Some(rooms) = &self.rooms {
+                    rooms.forget(&req.room);
+                }
+                deleted?;
                 if let Some(history) = &self.history {
                     if let Err(e) = Box::pin(history.purge_room(&req.room)).await {
                         tracing::warn!(room = req.room, "second purge of a deleted room: {e}");
@@ -446,7 +478,7 @@ impl Handler {
                 let (room, invitee) = match prefetched {
                     Prefetched::Invite { room, invitee } => (room, invitee),
                     Prefetched::Nothing => {
-                        tokio::join!(store.get_room(&req.room), self.active(&req.key))
+                        tokio::join!(self.room_to_invite_into(&req.room), self.active(&req.key))
                     }
                 };
                 let room = judge_owner(caller, &req.room, room)?;
@@ -457,9 +489,9 @@ impl Handler {
                         format!("{} is revoked", req.key),
                     ));
                 }
-                // The owner check has just read the room: the store need not read it
-                // again, and adds the member to that room only, never to one created
-                // under the id since (`Store::add_member_to_checked_room`).
+                // The owner check has the room (read, or remembered: `Rooms`): the store
+                // need not read it again, and adds the member to that room only, never to
+                // one created under the id since (`Store::add_member_to_checked_room`).
                 ok(store
                     .add_member_to_checked_room(
                         &room,
