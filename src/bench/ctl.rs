@@ -8,12 +8,14 @@
 //!   the cost of moving the data;
 //! - `ctl_write_r1|r3[_nofsync]`: signed `rooms.create` + `members.invite` on a
 //!   decentralized three-node cluster vs raw KV puts at the same replicas into as many
-//!   buckets as the pair writes (rooms, members, index; 1:2:2), compared per KV write the
-//!   operation needs (so the ratio is unibus's overhead per write, not the store's write
-//!   amplification).
+//!   buckets as the pair writes (rooms, members, index; 1:2:2), at R1 each on the server
+//!   holding the bucket it stands for, compared per KV write the operation needs (so the
+//!   ratio is unibus's overhead per write, not the store's write amplification or where
+//!   its buckets happened to land).
 
 use std::time::Duration;
 
+use async_nats::jetstream::stream::Placement;
 use nkeys::KeyPair;
 
 use super::measure::{self, Stats};
@@ -166,13 +168,32 @@ pub async fn ctl_write(
         // group-committed (one Raft append and one fsync for many) at 2.4× the rate of
         // the same puts spread over five buckets (BENCHMARKS.md, sixth session): that is
         // where writes go, not unibus's overhead per write.
+        //
+        // At R1 each twin bucket is also placed on the server holding the bucket it stands
+        // for: a put into a bucket on another server than the writer's costs a routed
+        // message each way on both servers, and where a bucket lands is chance (a run with
+        // unibus's buckets remote and the twin's local measured that, not unibus).
+        let leaders = kv_store.bucket_status().await.map_err(|e| e.to_string())?;
         let mut raw_buckets = Vec::new();
-        for bucket in ["rooms", "members", "index"] {
+        for (bucket, ours) in [
+            ("rooms", "rooms"),
+            ("members", "members"),
+            ("index", "rooms_by_member"),
+        ] {
+            let beside = leaders
+                .iter()
+                .find(|b| b.bucket == ours)
+                .and_then(|b| b.leader.clone())
+                .filter(|_| replicas == 1);
             raw_buckets.push(
                 js.create_key_value(async_nats::jetstream::kv::Config {
                     bucket: format!("bench_raw_r{replicas}_{bucket}"),
                     num_replicas: replicas,
                     history: 1,
+                    placement: beside.map(|server| Placement {
+                        cluster: None,
+                        tags: vec![crate::node::nats_config::server_tag(&server)],
+                    }),
                     ..Default::default()
                 })
                 .await

@@ -23,6 +23,11 @@ fn quote(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
+/// The placement tag of the server named `name` (in its config's `server_tags`).
+pub fn server_tag(name: &str) -> String {
+    format!("node:{name}")
+}
+
 /// The nats-server config for this node. `data_dir` should be absolute so the server does
 /// not depend on its working directory.
 pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
@@ -36,6 +41,13 @@ pub fn render(config: &Config, data_dir: &Path, security: &Security) -> String {
         "# Written by unibus on every start; edits are overwritten.".into(),
     );
     line(&mut out, format!("server_name: {}", quote(&config.name)));
+    // A tag naming the server, so a stream can be placed on it (`placement.tags`): an
+    // operator pinning a stream, or `unibus bench` putting its raw twin's buckets on the
+    // servers that hold unibus's own.
+    line(
+        &mut out,
+        format!("server_tags: [{}]", quote(&server_tag(&config.name))),
+    );
     line(&mut out, format!("listen: {}", quote(&config.listen)));
     line(&mut out, format!("http: {}", quote(&config.nats_http)));
     line(
@@ -140,6 +152,7 @@ mod tests {
         };
         let text = render(&config, Path::new("/d"), &open());
         assert!(text.contains("server_name: \"n1\""));
+        assert!(text.contains("server_tags: [\"node:n1\"]"));
         assert!(text.contains("sync_interval: always"));
         assert!(text.contains("store_dir: \"/d\""));
         assert!(!text.contains("cluster {"));
