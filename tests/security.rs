@@ -852,7 +852,7 @@ async fn a_revoked_user_is_disconnected_everywhere_and_refused(
 ) {
     let mut carol = bus.connect(1, c).await.expect("carol connects through n2");
     // Every node has just read carol as an active user (a write on her own subject at
-    // each node), so each may trust that read for a moment (`membership::callers`).
+    // each node), so each may trust that read for a moment (`membership::recent`).
     for node in 0..3 {
         let at = bus.connect(node, c).await.unwrap();
         let here = at.client.server_info().server_name;

@@ -173,18 +173,27 @@ pub async fn ctl_write(
         // for: a put into a bucket on another server than the writer's costs a routed
         // message each way on both servers, and where a bucket lands is chance (a run with
         // unibus's buckets remote and the twin's local measured that, not unibus).
-        let leaders = kv_store.bucket_status().await.map_err(|e| e.to_string())?;
+        let leaders = kv_store
+            .bucket_status()
+            .await
+            .map_err(|e| format!("reading where unibus's buckets are: {e}"))?;
         let mut raw_buckets = Vec::new();
         for (bucket, ours) in [
             ("rooms", "rooms"),
             ("members", "members"),
             ("index", "rooms_by_member"),
         ] {
-            let beside = leaders
-                .iter()
-                .find(|b| b.bucket == ours)
-                .and_then(|b| b.leader.clone())
-                .filter(|_| replicas == 1);
+            let beside = if replicas == 1 {
+                let leader = leaders
+                    .iter()
+                    .find(|b| b.bucket == ours)
+                    .and_then(|b| b.leader.clone());
+                Some(leader.ok_or_else(|| {
+                    format!("bucket {ours} has no leader at R1 to place the raw twin beside")
+                })?)
+            } else {
+                None
+            };
             raw_buckets.push(
                 js.create_key_value(async_nats::jetstream::kv::Config {
                     bucket: format!("bench_raw_r{replicas}_{bucket}"),
@@ -197,7 +206,9 @@ pub async fn ctl_write(
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| {
+                    format!("creating the raw twin's bucket bench_raw_r{replicas}_{bucket}: {e}")
+                })?,
             );
         }
         let raw_buckets = std::sync::Arc::new(raw_buckets);

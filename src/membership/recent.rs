@@ -16,23 +16,29 @@
 //!   refuses it). So the window stays inside the bound the design already sets, and holds
 //!   it even when the live kick is lost.
 //! - **rooms**: the room `members.invite`'s owner check reads, as created through this node
-//!   or read by an earlier invite. A room's owner and creation time never change, so the
-//!   only thing a copy can miss is a delete through another node: an invite within the
-//!   window is then answered ok and writes a member record that grants nothing, because it
-//!   carries the creation time of the room it was checked against and every reader
-//!   requires that room (the reconciler removes it). The same happens today when the
-//!   delete lands between the owner check's read and the member write; the window only
-//!   widens that race from milliseconds to a second. The node that deletes forgets the
-//!   room at once. Only the invite's check uses the copy: deletes, key rotation and
+//!   or read by an earlier invite, used only when the caller owns it (so a copy can let the
+//!   check pass, never fail). A room's owner and creation time never change, so the only
+//!   thing a copy can miss is a delete through another node: an invite then is answered
+//!   ok and writes a member record that grants nothing, because it carries the creation
+//!   time of the room it was checked against and every reader requires that room. The
+//!   reconciler removes it if the room is missing; under an id taken again it stays,
+//!   granting nothing, until the new room's owner invites or removes that user or
+//!   deletes the room. The same happens when the delete lands between the owner check's
+//!   read and the member write; the copy widens that race from milliseconds to its
+//!   window (1 s, plus the time the request then spends in its gates). It relies on every
+//!   node comparing creation times, as nodes do since the seventh session: an older node
+//!   would take such a record for a member of the new room. The node that deletes forgets
+//!   the room at once. Only the invite's check uses the copy: deletes, key rotation and
 //!   reads still read the leader.
 //!
 //! Only positive answers are kept: an unknown user or room is read every time, so one
 //! created a moment ago is served at once. A key forgotten here stays marked for the
 //! window, so a read that started before the forgetting and ends after it cannot put the
 //! key back. Memory is bounded ([`MAX_ENTRIES`]); when full, stale entries go first, and
-//! if that frees too little, everything (a burst of new keys costs reads, never
-//! freshness). SQLite does not use this: its store is local and keeps users and rooms
-//! exactly (one writer).
+//! if that frees too little, every value read (a burst of new keys costs reads, never
+//! freshness; marks of changes within the window stay, so only a burst of more changes
+//! than that within one window grows the map past its bound). SQLite does not use this:
+//! its store is local and keeps users and rooms exactly (one writer).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -140,7 +146,9 @@ impl<V: Clone> Recent<V> {
         let fresh = self.fresh;
         seen.retain(|_, entry| now.saturating_duration_since(entry.since()) < fresh);
         if seen.len() > self.max_entries * 3 / 4 {
-            seen.clear();
+            // Fresh marks of a change stay: dropping one would let a read from before the
+            // change put the old value back.
+            seen.retain(|_, entry| matches!(entry, Seen::Forgotten { .. }));
         }
     }
 
@@ -215,9 +223,23 @@ mod tests {
         callers.remember("e", true, t1);
         assert_eq!(callers.len(), 1);
         assert_eq!(callers.get_at("e", t1), Some(true));
-        // A forgotten key is an entry too.
+        // A forgotten key is an entry too...
         callers.forget("f");
         assert_eq!(callers.len(), 2);
         assert_eq!(callers.get_at("f", t1), None);
+        // ...and one that outlives a clearing: a read from before it still cannot bring
+        // the key back.
+        let before = Instant::now();
+        callers.forget("g");
+        for key in ["h", "i"] {
+            callers.remember(key, true, Instant::now());
+        }
+        assert_eq!(
+            callers.len(),
+            3,
+            "cleared but for the two marks and the newcomer"
+        );
+        callers.remember("g", true, before);
+        assert_eq!(callers.get("g"), None);
     }
 }

@@ -30,8 +30,9 @@
 //! Only then does the store see the request for writing. `members.invite`'s two reads
 //! start beside gate 1's nonce claim and gate 2's lookup, to save a round trip, but their
 //! results are judged only after both gates have passed. On KV, the room for its owner
-//! check is the one created or read through this node within the last second, if any
-//! ([`super::recent`]): creating a room and inviting its members then reads nothing. Ids are validated by the store
+//! check is the one created or read through this node within the last second, if the
+//! caller owns it ([`super::recent`]): creating a room and inviting its members then
+//! reads nothing. Ids are validated by the store
 //! itself before they reach SQL or KV, and come back as `invalid`.
 
 use std::sync::Arc;
@@ -214,7 +215,7 @@ impl Handler {
         // two reads, next to the claim and lookup it already costs.
         let prefetch = async {
             match op {
-                Op::MembersInvite => Box::pin(self.prefetch_invite(&body)).await,
+                Op::MembersInvite => Box::pin(self.prefetch_invite(&body, &claimed_key)).await,
                 _ => Prefetched::Nothing,
             }
         };
@@ -241,13 +242,15 @@ impl Handler {
     }
 
     /// `members.invite`'s reads, for [`Handler::process`] to start beside the gates.
-    async fn prefetch_invite(&self, body: &RawValue) -> Prefetched {
+    async fn prefetch_invite(&self, body: &RawValue, inviter: &str) -> Prefetched {
         // A body that does not parse is refused in `dispatch`, with its message.
         let Ok(req) = parse::<MemberRef>(body) else {
             return Prefetched::Nothing;
         };
-        let (room, invitee) =
-            tokio::join!(self.room_to_invite_into(&req.room), self.active(&req.key));
+        let (room, invitee) = tokio::join!(
+            self.room_to_invite_into(&req.room, inviter),
+            self.active(&req.key)
+        );
         Prefetched::Invite { room, invitee }
     }
 
@@ -328,17 +331,26 @@ impl Handler {
         }
     }
 
-    /// The room `members.invite` checks the caller owns: from [`Rooms`] when created or
-    /// read through this node within its window, otherwise from the store (and then
-    /// remembered).
-    async fn room_to_invite_into(&self, id: &str) -> Result<super::Room, StoreError> {
-        if let Some(room) = self.rooms.as_ref().and_then(|r| r.get(id)) {
+    /// The room `members.invite` checks `inviter` owns: from [`Rooms`] when created or
+    /// read through this node within its window *and* owned by `inviter`, otherwise from
+    /// the store (and then remembered). A copy only ever lets the owner check pass: one
+    /// naming another owner may be of a room deleted since, and the id's new owner must
+    /// not be refused on its account.
+    async fn room_to_invite_into(
+        &self,
+        id: &str,
+        inviter: &str,
+    ) -> Result<super::Room, StoreError> {
+        let cached = self.rooms.as_ref().and_then(|r| r.get(id));
+        if let Some(room) = cached.filter(|room| room.owner == inviter) {
             return Ok(room);
         }
         let read_at = std::time::Instant::now();
         let room = self.store.get_room(id).await?;
-        if let Some(rooms) = &self.rooms {
-            rooms.remember(&room.id, room.clone(), read_at);
+        // Keyed by the id asked for, which the store has just validated; a record whose
+        // id differs from its key (hand-edited, corrupt) is not remembered.
+        if let Some(rooms) = self.rooms.as_ref().filter(|_| room.id == id) {
+            rooms.remember(id, room.clone(), read_at);
         }
         Ok(room)
     }
@@ -478,7 +490,10 @@ impl Handler {
                 let (room, invitee) = match prefetched {
                     Prefetched::Invite { room, invitee } => (room, invitee),
                     Prefetched::Nothing => {
-                        tokio::join!(self.room_to_invite_into(&req.room), self.active(&req.key))
+                        tokio::join!(
+                            self.room_to_invite_into(&req.room, &caller.key),
+                            self.active(&req.key)
+                        )
                     }
                 };
                 let room = judge_owner(caller, &req.room, room)?;

@@ -23,9 +23,10 @@ fn quote(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
 
-/// The placement tag of the server named `name` (in its config's `server_tags`).
+/// The placement tag of the server named `name` (in its config's `server_tags`). Lower
+/// case, as nats-server compares tags.
 pub fn server_tag(name: &str) -> String {
-    format!("node:{name}")
+    format!("node:{}", name.to_lowercase())
 }
 
 /// The nats-server config for this node. `data_dir` should be absolute so the server does
