@@ -104,6 +104,12 @@ async fn an_invite_racing_a_room_taken_again(store: &Store) {
         members_of(store, "taken-again").await,
         vec![new_owner.clone()]
     );
+    if let Store::JetStream(kv) = store {
+        // The listing passed over the late record and removed it.
+        let members = kv.bucket("members").unwrap();
+        let late_key = format!("taken-again.{invitee}");
+        assert_eq!(members.get(&late_key).await.unwrap(), None, "left over");
+    }
     assert!(rooms_of(store, &invitee).await.is_empty());
     assert!(is_not_found(store.join("taken-again", &invitee).await));
 

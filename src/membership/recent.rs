@@ -21,11 +21,11 @@
 //!   thing a copy can miss is a delete through another node: an invite then is answered
 //!   ok and writes a member record that grants nothing, because it carries the creation
 //!   time of the room it was checked against and every reader requires that room. The
-//!   reconciler removes it if the room is missing; under an id taken again it stays,
-//!   granting nothing, until the new room's owner invites or removes that user or
-//!   deletes the room. The same happens when the delete lands between the owner check's
-//!   read and the member write; the copy widens that race from milliseconds to its
-//!   window (1 s, plus the time the request then spends in its gates). It relies on every
+//!   reconciler removes it if the room is missing; under an id taken again, the next
+//!   listing of the new room's members does (or an invite of that user replaces it).
+//!   The same happens when the delete lands between the owner check's read and the
+//!   member write; the copy widens that race from milliseconds to its window (1 s, plus
+//!   the time the request then spends in its gates). It relies on every
 //!   node comparing creation times, as nodes do since the seventh session: an older node
 //!   would take such a record for a member of the new room. The node that deletes forgets
 //!   the room at once. Only the invite's check uses the copy: deletes, key rotation and

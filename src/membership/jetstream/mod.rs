@@ -47,7 +47,8 @@
 //! past that cleanup. So a member record carries the creation time of the room it was
 //! checked against (`Member::room_created_at`), and every reader of members compares it
 //! with the room's: a member of an earlier room under the id grants nothing, an invite to
-//! the new room replaces it, and the new room's delete removes it.
+//! the new room replaces it, and a listing of the new room's members removes it (only it,
+//! through its sequence: `KvStore::purge_through`), as does the new room's delete.
 //!
 //! # Two-bucket writes
 //!

@@ -352,10 +352,19 @@ impl KvStore {
         let found = self.require_room(room).await?;
         let mut out = Vec::new();
         for key in self.keys(&self.members, &format!("{room}.>")).await? {
-            if let Some((m, _)) = self.get_json::<Member>(&self.members, &key).await?
-                && m.belongs_to(&found)
-            {
-                out.push(m);
+            match self.get_json::<Member>(&self.members, &key).await? {
+                Some((m, _)) if m.belongs_to(&found) => out.push(m),
+                // A member of an earlier room under this id (an invite that raced that
+                // room's delete): it grants nothing, and nothing else would remove it
+                // while this room lives. Remove it here, and only it: a write after it (an
+                // invite into this room replacing it) survives. Its index entry is then
+                // one without a member, which the reconciler removes.
+                Some((_, seq)) => {
+                    if let Err(e) = self.purge_through(&self.members, &key, seq).await {
+                        tracing::debug!(key, "leftover member of an earlier room left: {e}");
+                    }
+                }
+                None => {}
             }
         }
         out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));

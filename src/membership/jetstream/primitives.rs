@@ -161,6 +161,23 @@ impl KvStore {
         .await
     }
 
+    /// Removes `key`'s messages up to and including sequence `seq`, keeping any written
+    /// after it: a delete that cannot take a later write with it. Idempotent.
+    pub(super) async fn purge_through(&self, kv: &kv::Store, key: &str, seq: u64) -> Result<()> {
+        let what = format!("delete {}/{key} through {seq}", kv.name);
+        let subject = format!("{}{key}", kv.prefix);
+        bounded_retry(self.op_timeout, &what, || async {
+            kv.stream
+                .purge()
+                .filter(subject.clone())
+                .sequence(seq.saturating_add(1))
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable(&what, e))
+        })
+        .await
+    }
+
     /// Replaces `key`'s value by a delete marker (see "Deletes" in the [`jetstream`](super) module doc).
     /// Idempotent.
     pub(super) async fn mark_deleted(&self, kv: &kv::Store, key: &str) -> Result<()> {
