@@ -32,8 +32,8 @@
 //! results are judged only after both gates have passed. On KV, the room for its owner
 //! check is the one created or read through this node within the last second, if the
 //! caller owns it ([`super::recent`]): creating a room and inviting its members then
-//! reads nothing. Ids are validated by the store
-//! itself before they reach SQL or KV, and come back as `invalid`.
+//! reads nothing. Ids are validated by the store itself before they reach SQL or KV, and
+//! come back as `invalid`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -148,32 +148,30 @@ impl KvStore {
 
     /// Removes every message of `key` (a key or a `prefix.>` wildcard). Idempotent.
     pub(super) async fn purge(&self, kv: &kv::Store, key: &str) -> Result<()> {
-        let what = format!("delete {}/{key}", kv.name);
-        let subject = format!("{}{key}", kv.prefix);
-        bounded_retry(self.op_timeout, &what, || async {
-            kv.stream
-                .purge()
-                .filter(subject.clone())
-                .await
-                .map(|_| ())
-                .map_err(|e| unavailable(&what, e))
-        })
-        .await
+        self.purge_up_to(kv, key, None).await
     }
 
     /// Removes `key`'s messages up to and including sequence `seq`, keeping any written
     /// after it: a delete that cannot take a later write with it. Idempotent.
     pub(super) async fn purge_through(&self, kv: &kv::Store, key: &str, seq: u64) -> Result<()> {
-        let what = format!("delete {}/{key} through {seq}", kv.name);
+        self.purge_up_to(kv, key, Some(seq)).await
+    }
+
+    /// [`Self::purge`], or [`Self::purge_through`] `seq`.
+    async fn purge_up_to(&self, kv: &kv::Store, key: &str, through: Option<u64>) -> Result<()> {
+        let what = match through {
+            None => format!("delete {}/{key}", kv.name),
+            Some(seq) => format!("delete {}/{key} through {seq}", kv.name),
+        };
         let subject = format!("{}{key}", kv.prefix);
         bounded_retry(self.op_timeout, &what, || async {
-            kv.stream
-                .purge()
-                .filter(subject.clone())
-                .sequence(seq.saturating_add(1))
-                .await
-                .map(|_| ())
-                .map_err(|e| unavailable(&what, e))
+            let purge = kv.stream.purge().filter(subject.clone());
+            match through {
+                None => purge.await,
+                Some(seq) => purge.sequence(seq.saturating_add(1)).await,
+            }
+            .map(|_| ())
+            .map_err(|e| unavailable(&what, e))
         })
         .await
     }
