@@ -739,3 +739,95 @@ fn forwarded_count(text: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A valid client that reaches a server in the moment between its listening and its
+/// node's authenticator subscribing has its callout published to nobody, and is refused
+/// when the server's callout timeout passes. The client library gets in anyway (async-nats
+/// took the server's first PING as connected, and reconnects after the refusal). A key
+/// the authenticator refuses is refused at once, by `connect`, and asked about once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_gets_in_after_a_refusal_nobody_decided_but_not_after_a_real_one() {
+    use unibus::auth::authenticator::ANSWER_WITHIN;
+    use unibus::client::{Client, ClientError, ClientOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = certs::init_cluster(&dir.path().join("secrets"), &["n1".into()], &[]).unwrap();
+    let server = callout_server("n1", dir.path(), &secrets, false);
+    let url = server.url();
+    let alice = KeyPair::new_user();
+    let alice_seed = dir.path().join("alice.seed");
+    unibus::auth::keys::write_seed(&alice_seed, &alice).unwrap();
+
+    // Stands in for "no authenticator yet": it takes the first callout and answers nothing.
+    let service_seed = std::fs::read_to_string(&secrets.service_seed).unwrap();
+    let hole = ConnectOptions::with_nkey(service_seed.trim().to_string())
+        .connect(&url)
+        .await
+        .unwrap();
+    let mut swallowed = hole.subscribe(AUTH_SUBJECT).await.unwrap();
+    hole.flush().await.unwrap();
+
+    let started = std::time::Instant::now();
+    let connecting = tokio::spawn(Client::connect(ClientOptions::new(
+        [url.clone()],
+        &alice_seed,
+    )));
+    let first = tokio::time::timeout(WAIT, swallowed.next())
+        .await
+        .expect("the client's first callout reaches the server")
+        .unwrap();
+    assert!(first.reply.is_some());
+    drop(swallowed);
+    hole.flush().await.unwrap();
+    let allow = HashMap::from([(alice.public_key(), vec!["r1".to_string()])]);
+    let responder = Responder::start(&url, None, &secrets, allow).await;
+
+    let client = tokio::time::timeout(WAIT * 2, connecting)
+        .await
+        .expect("Client::connect returns")
+        .unwrap()
+        .expect("admitted on the next attempt");
+    // Admission proven by a round trip: the server answers "no responders" only to a
+    // connection whose CONNECT it accepted.
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    loop {
+        let answer = client
+            .nats()
+            .request("unibus.ctl.probe.none", "".into())
+            .await;
+        if matches!(&answer, Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's connection was never admitted: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= ANSWER_WITHIN,
+        "the first attempt was not left undecided"
+    );
+    assert_eq!(responder.decision_for(&alice.public_key()), Some(Ok(())));
+
+    // A stranger is refused by the authenticator, fast, and only once.
+    let stranger = KeyPair::new_user();
+    let stranger_seed = dir.path().join("stranger.seed");
+    unibus::auth::keys::write_seed(&stranger_seed, &stranger).unwrap();
+    let started = std::time::Instant::now();
+    let refused = Client::connect(ClientOptions::new([url.clone()], &stranger_seed)).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Refused(e)) if e.kind == unibus::membership::api::ErrorKind::Unauthenticated),
+        "{:?}",
+        refused.err()
+    );
+    assert!(started.elapsed() < ANSWER_WITHIN);
+    let asked = responder
+        .decisions
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(r, _)| r.client_nkey.as_deref() == Some(stranger.public_key().as_str()))
+        .count();
+    assert_eq!(asked, 1, "a real refusal is final");
+}

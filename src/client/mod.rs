@@ -22,7 +22,12 @@
 //! # What the client does for the caller
 //!
 //! - **Connects** to several servers with the user's nkey (the auth callout admits it) and a
-//!   pinned CA, and reconnects forever: a node in lame duck or killed is a hiccup.
+//!   pinned CA, and reconnects forever: a node in lame duck or killed is a hiccup. That
+//!   covers a node's start-up window too: a server listening before its authenticator
+//!   subscribed refuses only when its callout timeout passes, by which time async-nats has
+//!   taken the server's first PING as "connected", so the refusal is a lost connection and
+//!   the next attempt gets in. A key the cluster does not admit is refused at once, before
+//!   that PING, and `connect` fails.
 //! - **Signs** every control-plane write and sends it on the key's own subject, binds every
 //!   read to its own inbox ([`crate::auth::envelope`]), and decodes the [`Reply`] into
 //!   `Result<T, ClientError>`, keeping the server's typed [`ErrorKind`].

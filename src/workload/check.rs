@@ -126,6 +126,12 @@ pub struct Report {
     /// Each denial of a valid user: when (seconds into the run), which server, and what
     /// the client was told — so a failed run says where to look.
     pub denials: Vec<String>,
+    /// Connections refused at first with nobody deciding in time (a server listening
+    /// before its authenticator subscribed) and tried once more, as clients do; the
+    /// retry's outcome is what the counts above hold.
+    pub connects_retried: u64,
+    /// Each of those first refusals, as `denials` lists denials.
+    pub retries: Vec<String>,
     /// Room messages are not part of the workload yet (no `unibus send/listen`).
     pub messages: Option<(u64, u64)>,
     pub isolation: Option<IsolationReport>,
@@ -184,6 +190,13 @@ impl Report {
             "connections unreachable:",
             self.connects_unreachable.to_string(),
         );
+        line(
+            "connections retried:",
+            format!("{} (first refusal undecided)", self.connects_retried),
+        );
+        for retry in &self.retries {
+            line("  retried:", retry.clone());
+        }
         line(
             "messages sent/delivered:",
             match self.messages {
@@ -247,6 +260,7 @@ pub fn analyse(
     let mut to_verify = Vec::new();
     let mut acked_at = Vec::new();
     let mut denied_at = Vec::new();
+    let mut retried_at = Vec::new();
     let (mut first, mut last) = (u64::MAX, 0u64);
     let mut iso = isolation.map(|w| IsolationReport {
         window: Some(w),
@@ -319,8 +333,13 @@ pub fn analyse(
                 outcome,
                 server,
                 message,
+                retried,
             } => {
                 last = last.max(*done_ms);
+                if let Some(refusal) = retried {
+                    r.connects_retried += 1;
+                    retried_at.push((*at_ms, server.clone(), Some(refusal.clone())));
+                }
                 let in_window = isolation.as_ref().map(|w| {
                     (
                         cut_off(w, *at_ms, *done_ms),
@@ -348,16 +367,15 @@ pub fn analyse(
             }
         }
     }
-    r.denials = denied_at
-        .into_iter()
-        .map(|(at, server, message)| {
-            format!(
-                "+{:.1} s {server}: {}",
-                at.saturating_sub(first.min(at)) as f64 / 1000.0,
-                message.as_deref().unwrap_or("(no message)")
-            )
-        })
-        .collect();
+    let when_where = |(at, server, message): (u64, String, Option<String>)| {
+        format!(
+            "+{:.1} s {server}: {}",
+            at.saturating_sub(first.min(at)) as f64 / 1000.0,
+            message.as_deref().unwrap_or("(no message)")
+        )
+    };
+    r.denials = denied_at.into_iter().map(when_where).collect();
+    r.retries = retried_at.into_iter().map(when_where).collect();
     acked_at.sort_unstable();
     if let Some((gap, at)) = acked_at
         .windows(2)
@@ -473,6 +491,7 @@ mod tests {
             server: "tls://n3:4222".into(),
             outcome,
             message: None,
+            retried: None,
         }
     }
 
@@ -487,6 +506,14 @@ mod tests {
             connect(1000, ConnectOutcome::Admitted),
             connect(2000, ConnectOutcome::Denied),
             connect(2500, ConnectOutcome::Unreachable),
+            Event::Connect {
+                at_ms: 2600,
+                done_ms: 6700,
+                server: "tls://n3:4222".into(),
+                outcome: ConnectOutcome::Admitted,
+                message: None,
+                retried: Some("refused after 4.0 s: authorization violation".into()),
+            },
         ];
         let (r, ids) = analyse(&events, None, Side::Isolated);
         assert_eq!(ids, vec!["a", "b", "c", "d"]);
@@ -499,10 +526,18 @@ mod tests {
                 r.valid_users_denied,
                 r.connects_unreachable
             ),
-            (1, 1, 1)
+            (2, 1, 1)
         );
         assert!(!r.passed(), "a denied valid user fails the check");
         assert!(r.table().contains("valid users denied:"));
+        // A retried probe counts by its second answer, and its first is listed.
+        assert_eq!(r.connects_retried, 1);
+        assert!(
+            r.retries[0].contains("+1.6 s tls://n3:4222: refused after 4.0 s"),
+            "{:?}",
+            r.retries
+        );
+        assert!(r.table().contains("connections retried:"), "{}", r.table());
     }
 
     #[test]

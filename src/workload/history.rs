@@ -64,6 +64,10 @@ pub enum Event {
         outcome: ConnectOutcome,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        /// The first attempt's refusal, when nobody decided it in time and the probe tried
+        /// again (`outcome` is then the second attempt's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retried: Option<String>,
     },
     /// The run stopped (duration over, or a signal).
     End { at_ms: u64, reason: String },

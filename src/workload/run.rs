@@ -11,7 +11,8 @@
 //!   does, instead of waiting for the server to drop it.
 //! - the **prober** opens a new connection every so often, to each server in turn, as a user
 //!   this run added (so a valid one), and records whether it was admitted, denied, or could
-//!   not reach the server.
+//!   not reach the server. After a refusal no authenticator decided ([`refusal_undecided`])
+//!   it tries once more, as the client library's reconnect would, and records both.
 //!
 //! Everything goes to the history ([`super::history`]); `workload check` judges it.
 
@@ -26,6 +27,7 @@ use tokio::sync::watch;
 
 use super::WorkloadError;
 use super::history::{ConnectOutcome, Event, FailKind, HistoryWriter, WriteOutcome, now_ms};
+use crate::auth::authenticator::ANSWER_WITHIN;
 use crate::auth::envelope::Envelope;
 use crate::membership::api::{ErrorKind, Reply};
 
@@ -339,6 +341,18 @@ fn addrs(servers: &[String]) -> Result<Vec<async_nats::ServerAddr>, WorkloadErro
         .collect()
 }
 
+/// Whether a connection refused after `elapsed` was refused by nobody's decision. The
+/// authenticator answers every callout within [`ANSWER_WITHIN`] of its arrival; a refusal
+/// after that is nats-server's own, when its callout timeout passed unanswered: a server
+/// listening before its node's authenticator subscribed (tens of milliseconds in a
+/// restart), or one whose authenticator is gone. A key the cluster does not admit is
+/// refused well inside that time, so retrying only these hides no real denial; a refusal
+/// the authenticator sends at the very end of its window (a store unavailable all along)
+/// is transient too.
+fn refusal_undecided(elapsed: Duration) -> bool {
+    elapsed >= ANSWER_WITHIN
+}
+
 /// Opens a new connection to each server in turn; returns (admitted, denied).
 async fn probe_loop(
     target: Target,
@@ -353,7 +367,19 @@ async fn probe_loop(
         let server = target.servers[turn % target.servers.len()].clone();
         turn += 1;
         let at = now_ms();
-        let (outcome, message) = probe(&target, &seed, &server).await;
+        let started = std::time::Instant::now();
+        let (mut outcome, mut message) = probe(&target, &seed, &server).await;
+        // As a client of the library would (it reconnects), a refusal nobody decided is
+        // tried once more, and the second answer is the one counted.
+        let mut retried = None;
+        if outcome == ConnectOutcome::Denied && refusal_undecided(started.elapsed()) {
+            retried = Some(format!(
+                "refused after {:.1} s: {}",
+                started.elapsed().as_secs_f64(),
+                message.take().unwrap_or_default()
+            ));
+            (outcome, message) = probe(&target, &seed, &server).await;
+        }
         match outcome {
             ConnectOutcome::Admitted => admitted += 1,
             ConnectOutcome::Denied => denied += 1,
@@ -365,6 +391,7 @@ async fn probe_loop(
             server,
             outcome,
             message,
+            retried,
         });
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
