@@ -37,6 +37,10 @@
 //! key or a bad signature is refused at once. The server waits
 //! [`super::server_config::CALLOUT_TIMEOUT_SECS`] for the answer, a second longer.
 //!
+//! **A user in too many rooms.** The answer is one JWT, at most 1 MiB; a user whose rooms'
+//! subjects do not fit is admitted without them, to the control plane only, rather than
+//! refused at every attempt ([`callout::fitted_allow_response`]).
+//!
 //! `bus-auth=soft` runs the same checks but admits everyone with open permissions,
 //! logging each would-be denial with its reason (and counting it in `/metrics`), so an operator can see who
 //! would break before turning `enforce` on.
@@ -175,8 +179,23 @@ impl Authenticator {
         };
         let signed = match (decision, self.mode) {
             (Ok(perms), _) => {
-                crate::metrics::get().auth_decision("admitted", "ok");
-                callout::allow_response(&request, &perms, &self.issuer, None)
+                let limit = client.server_info().max_payload;
+                callout::fitted_allow_response(&request, &perms, &self.issuer, limit).map(
+                    |(jwt, rooms_left_out)| {
+                        let reason = if rooms_left_out {
+                            tracing::warn!(
+                                client = ?request.client_nkey,
+                                "admitted without room subjects: the permissions for all its rooms do not fit in one callout answer ({} bytes at most); it can still use the control plane, and leave rooms",
+                                limit.min(callout::MAX_JWT_BYTES)
+                            );
+                            "rooms_over_limit"
+                        } else {
+                            "ok"
+                        };
+                        crate::metrics::get().auth_decision("admitted", reason);
+                        jwt
+                    },
+                )
             }
             (Err(why), BusAuth::Soft) => {
                 tracing::warn!(client = ?request.client_nkey, host = ?request.client_host, "bus-auth soft: would deny: {why}");

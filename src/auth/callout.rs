@@ -336,6 +336,35 @@ fn response(request: &AuthRequest, nats: Value, issuer: &KeyPair) -> Result<Stri
     jwt::encode(claims, issuer).map_err(|e| CalloutError::Sign(e.to_string()))
 }
 
+/// The longest JWT nats-server decodes (its JWT library's token limit, 1 MiB; a longer
+/// callout answer is rejected as "token too large").
+pub const MAX_JWT_BYTES: usize = 1 << 20;
+
+/// [`allow_response`], made to fit: in [`MAX_JWT_BYTES`], and in `max_payload`, the
+/// largest message the answering connection may publish. A user's permissions grow by
+/// about a kilobyte per joined room (five subjects, signed and base64-encoded twice), so a
+/// user in about a thousand rooms with long ids has more than fits; such an answer used to
+/// be dropped (never sent, or rejected), and the server refused the client when its
+/// callout timed out, again at every attempt. Now such a user is admitted with the subjects
+/// of a user in no room: the control plane and their own inbox, a subset of what they may
+/// do, so they can still connect and leave rooms. Returns the JWT and whether the rooms
+/// were left out.
+pub fn fitted_allow_response(
+    request: &AuthRequest,
+    permissions: &Permissions,
+    issuer: &KeyPair,
+    max_payload: usize,
+) -> Result<(String, bool), CalloutError> {
+    let jwt = allow_response(request, permissions, issuer, None)?;
+    match &request.client_nkey {
+        Some(key) if jwt.len() > max_payload.min(MAX_JWT_BYTES) => {
+            let without_rooms = permissions_for(key, &[], false);
+            Ok((allow_response(request, &without_rooms, issuer, None)?, true))
+        }
+        _ => Ok((jwt, false)),
+    }
+}
+
 /// Admits the connection into [`APP_ACCOUNT`] with `permissions`, signed by the callout
 /// `issuer` (account key). With `expiry`, the server disconnects the client when it runs
 /// out, so it reconnects and is checked again.
@@ -573,6 +602,42 @@ mod tests {
             allow_response(&req, &perms, &stranger, None),
             Err(CalloutError::IssuerMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn an_answer_too_large_to_send_admits_without_the_rooms() {
+        let server = KeyPair::new_server();
+        let issuer = KeyPair::new_account();
+        let client = KeyPair::new_user();
+        let key = client.public_key();
+        let req = decode_request(
+            request_jwt(&server, &issuer.public_key(), Some(&client), "x").as_bytes(),
+        )
+        .unwrap();
+        let rooms: Vec<String> = (0..200).map(|i| format!("{:a>55}{i:08}", "")).collect();
+        let perms = permissions_for(&key, &rooms, false);
+        let user_perms = |raw: &str| {
+            let resp = jwt::decode(raw.as_bytes()).unwrap();
+            let user =
+                jwt::decode(resp.claims["nats"]["jwt"].as_str().unwrap().as_bytes()).unwrap();
+            user.claims["nats"]["pub"]["allow"].clone()
+        };
+
+        // It fits: every room's subjects, and about a kilobyte per room.
+        let (jwt, left_out) = fitted_allow_response(&req, &perms, &issuer, 1 << 20).unwrap();
+        assert!(!left_out);
+        assert_eq!(user_perms(&jwt), json!(perms.pub_allow));
+        assert!(jwt.len() > 200 * 900, "{} bytes for 200 rooms", jwt.len());
+
+        // It does not: the control plane only, which does fit.
+        let (small, left_out) =
+            fitted_allow_response(&req, &perms, &issuer, jwt.len() - 1).unwrap();
+        assert!(left_out);
+        assert!(small.len() < jwt.len() - 1);
+        assert_eq!(
+            user_perms(&small),
+            json!(permissions_for(&key, &[], false).pub_allow)
+        );
     }
 
     #[test]

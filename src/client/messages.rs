@@ -30,17 +30,30 @@ impl Client {
     /// What goes on the wire for `body` in `room`, durable or live alike: the body itself,
     /// or in an encrypted room the body sealed under the current send epoch. Asks the
     /// control plane (member-checked) the first time a room is used.
+    ///
+    /// Fails with [`ClientError::Local`] when the result is larger than the server takes
+    /// (the `max_payload` it announced): a durable send would otherwise retry it until
+    /// its timeout.
     pub(crate) async fn payload_for(
         &self,
         room: &str,
         body: bytes::Bytes,
     ) -> Result<bytes::Bytes, ClientError> {
-        Ok(if self.is_encrypted(room).await? {
+        let size = body.len();
+        let payload: bytes::Bytes = if self.is_encrypted(room).await? {
             let (epoch, secret) = self.send_epoch(room).await?;
             e2e::seal(&secret, room, epoch, self.key(), &body)?.into()
         } else {
             body
-        })
+        };
+        let limit = self.inner.nats.server_info().max_payload;
+        if payload.len() > limit {
+            return Err(ClientError::Local(format!(
+                "a message of {size} bytes ({} on the wire) is larger than the {limit} bytes the server accepts",
+                payload.len()
+            )));
+        }
+        Ok(payload)
     }
 
     async fn publish_durable(&self, room: &str, payload: bytes::Bytes) -> Result<u64, ClientError> {
