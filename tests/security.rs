@@ -1042,6 +1042,80 @@ async fn a_user_in_too_many_rooms_is_admitted_to_the_control_plane_only() {
     }
 }
 
+/// A reply is one NATS message (1 MiB here), so listings come in pages ([`Page`]): with
+/// 3,000 users of long names an unpaged `users.list` (a client from before pages) would
+/// be over 1 MiB. It is refused at once with a clear `invalid`; it used to be dropped,
+/// and its caller waited out its timeout, told the cluster "may be failing over". The
+/// client library pages through all of them, in key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_come_in_pages_and_one_too_large_for_a_reply_is_refused_not_dropped() {
+    use unibus::client::{Client, ClientOptions};
+
+    let _heavy = HEAVY.lock().await;
+    let (node, secrets) = single_node("listed", &[]);
+    let url = format!("tls://{}", node.ports.listen);
+    let admin = Client::connect(
+        ClientOptions::new([url.clone()], &secrets.admin_seed).ca(&secrets.ca_cert),
+    )
+    .await
+    .unwrap();
+    let added = futures_util::stream::iter(0..3000)
+        .map(|i| {
+            let admin = admin.clone();
+            async move {
+                let name = format!("device {i:04} {}", "n".repeat(240));
+                admin
+                    .add_user(&KeyPair::new_user().public_key(), &name, false)
+                    .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(
+        added.iter().all(Result::is_ok),
+        "{:?}",
+        added.iter().find(|r| r.is_err())
+    );
+
+    let users = admin.list_users().await.unwrap();
+    assert_eq!(users.len(), 3001, "3000 added and the bootstrap admin");
+    assert!(
+        users.windows(2).all(|w| w[0].key < w[1].key),
+        "in key order, each once"
+    );
+
+    let key = unibus::auth::keys::read_user_seed(&secrets.admin_seed).unwrap();
+    let conn = connect(&url, &secrets.ca_cert, with_key(&key))
+        .await
+        .unwrap();
+    let page = ok(
+        conn.ctl(
+            &key,
+            "users.list",
+            json!({ "after": users[0].key, "limit": 2 }),
+        )
+        .await,
+        "a page of two",
+    );
+    let page: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, [users[1].key.as_str(), users[2].key.as_str()]);
+    let everything = conn.ctl(&key, "users.list", json!({})).await;
+    refused_with(
+        everything.clone(),
+        "invalid",
+        400,
+        "an unpaged listing over 1 MiB",
+    );
+    let message = everything.0["error"]["message"].as_str().unwrap();
+    assert!(message.contains("pages"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bus_auth_soft_admits_an_unknown_key_and_logs_the_would_be_denial() {
     let _heavy = HEAVY.lock().await;

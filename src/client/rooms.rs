@@ -23,8 +23,13 @@ impl Client {
         self.call(Op::UsersGet, &UserRef { key: key.into() }).await
     }
 
+    /// Every user, in key order (fetched page by page, see [`Client::all_pages`]).
     pub async fn list_users(&self) -> Result<Vec<User>, ClientError> {
-        self.call(Op::UsersList, &Empty {}).await
+        self.all_pages(
+            |u: &User| u.key.clone(),
+            |after, limit| async move { self.call(Op::UsersList, &ListUsers { after, limit }).await },
+        )
+        .await
     }
 
     pub async fn revoke_user(&self, key: &str) -> Result<User, ClientError> {
@@ -67,10 +72,18 @@ impl Client {
 
     /// The caller's rooms, or (admins) another user's; `None` as an admin lists all rooms.
     pub async fn list_rooms(&self, for_user: Option<&str>) -> Result<Vec<Room>, ClientError> {
-        let body = ForUser {
-            key: for_user.map(Into::into),
-        };
-        self.call(Op::RoomsList, &body).await
+        self.all_pages(
+            |r: &Room| r.id.clone(),
+            |after, limit| {
+                let body = ForUser {
+                    key: for_user.map(Into::into),
+                    after,
+                    limit,
+                };
+                async move { self.call(Op::RoomsList, &body).await }
+            },
+        )
+        .await
     }
 
     /// Deletes a room, its members, keys and stored history.
@@ -159,16 +172,69 @@ impl Client {
     }
 
     pub async fn members(&self, room: &str) -> Result<Vec<Member>, ClientError> {
-        self.call(Op::MembersList, &RoomRef { room: room.into() })
-            .await
+        self.all_pages(
+            |m: &Member| m.endpoint.clone(),
+            |after, limit| {
+                let body = ListMembers {
+                    room: room.into(),
+                    after,
+                    limit,
+                };
+                async move { self.call(Op::MembersList, &body).await }
+            },
+        )
+        .await
     }
 
     /// The memberships of the caller (or, admins, of `for_user`).
     pub async fn memberships(&self, for_user: Option<&str>) -> Result<Vec<Member>, ClientError> {
-        let body = ForUser {
-            key: for_user.map(Into::into),
-        };
-        self.call(Op::MembersRooms, &body).await
+        self.all_pages(
+            |m: &Member| m.room.clone(),
+            |after, limit| {
+                let body = ForUser {
+                    key: for_user.map(Into::into),
+                    after,
+                    limit,
+                };
+                async move { self.call(Op::MembersRooms, &body).await }
+            },
+        )
+        .await
+    }
+
+    /// Every item of a listing, a page ([`Page`]) at a time: `ask(after, limit)` asks for
+    /// one, and a page shorter than [`MAX_PAGE`] is the last. A node from before pages
+    /// refuses their fields as unknown (`invalid`); then the whole listing is asked for in
+    /// one reply, as before.
+    async fn all_pages<T, F, Fut>(
+        &self,
+        key: impl Fn(&T) -> String,
+        ask: F,
+    ) -> Result<Vec<T>, ClientError>
+    where
+        F: Fn(Option<String>, Option<usize>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<T>, ClientError>>,
+    {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = match ask(after.take(), Some(MAX_PAGE)).await {
+                Err(ClientError::Refused(e))
+                    if all.is_empty()
+                        && e.kind == ErrorKind::Invalid
+                        && e.message.contains("unknown field") =>
+                {
+                    return ask(None, None).await;
+                }
+                page => page?,
+            };
+            let last_page = page.len() < MAX_PAGE;
+            after = page.last().map(&key);
+            all.extend(page);
+            if last_page || after.is_none() {
+                return Ok(all);
+            }
+        }
     }
 
     // ---- keys

@@ -180,10 +180,42 @@ pub struct UserRef {
     pub key: String,
 }
 
-/// Operations without arguments (`users.list`).
+/// Operations without arguments.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
+
+/// The most items a listing's page holds. A reply must fit in one NATS message (1 MiB by
+/// default), and the largest item (a user with a long name) is about a kilobyte.
+pub const MAX_PAGE: usize = 500;
+
+/// Where a page of a listing starts and how long it is. Listings are in key order (users
+/// by key, rooms by id, members by endpoint, memberships by room); `after` is the last key
+/// of the previous page. Without `limit` the reply holds everything, as before paging, and
+/// is refused (`invalid`) when it does not fit in one message.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most [`MAX_PAGE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// `users.list`: a [`Page`] of users.
+pub type ListUsers = Page;
+
+/// `members.list`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListMembers {
+    pub room: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
 
 /// `rooms.create`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -196,20 +228,24 @@ pub struct CreateRoom {
     pub encrypted: bool,
 }
 
-/// `rooms.get`, `rooms.delete`, `members.join`, `members.leave`, `members.list`,
-/// `keys.latest`
+/// `rooms.get`, `rooms.delete`, `members.join`, `members.leave`, `keys.latest`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomRef {
     pub room: String,
 }
 
-/// `rooms.list`, `members.rooms`: the caller's own rooms, or (admins) another user's.
+/// `rooms.list`, `members.rooms`: the caller's own rooms, or (admins) another user's; a
+/// page of them as [`Page`] says.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForUser {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 /// `members.invite`, `members.remove`

@@ -402,9 +402,10 @@ impl Handler {
                 ok(store.get_user(&req.key).await?)
             }
             Op::UsersList => {
-                let _: Empty = parse(body)?;
+                let req: ListUsers = parse(body)?;
                 require_admin(caller)?;
-                ok(store.list_users().await?)
+                let users = store.list_users().await?;
+                ok(page(users, |u| &u.key, req.after, req.limit))
             }
             Op::UsersRevoke => {
                 let req: UserRef = parse(body)?;
@@ -457,7 +458,7 @@ impl Handler {
                         rooms
                     }
                 };
-                ok(rooms)
+                ok(page(rooms, |r| &r.id, req.after, req.limit))
             }
             Op::RoomsDelete => {
                 let req: RoomRef = parse(body)?;
@@ -567,14 +568,16 @@ impl Handler {
                 ok(serde_json::json!({}))
             }
             Op::MembersList => {
-                let req: RoomRef = parse(body)?;
+                let req: ListMembers = parse(body)?;
                 self.require_member(caller, &req.room, true).await?;
-                ok(store.list_members(&req.room).await?)
+                let members = store.list_members(&req.room).await?;
+                ok(page(members, |m| &m.endpoint, req.after, req.limit))
             }
             Op::MembersRooms => {
                 let req: ForUser = parse(body)?;
                 let key = self.self_or_admin(caller, req.key)?;
-                ok(store.list_rooms_for_endpoint(&key).await?)
+                let memberships = store.list_rooms_for_endpoint(&key).await?;
+                ok(page(memberships, |m| &m.room, req.after, req.limit))
             }
             Op::KeysLatest => {
                 let req: RoomRef = parse(body)?;
@@ -780,6 +783,46 @@ fn parse<T: DeserializeOwned>(body: &RawValue) -> Result<T, CtlError> {
     serde_json::from_str(text).map_err(|e| CtlError::invalid(format!("body: {e}")))
 }
 
+/// A reply larger than the server takes in a message would never be sent, and its caller
+/// would wait out its timeout; it is refused instead, saying why. (Only a listing without
+/// a page can grow that large.) Headers and subject get a kilobyte of the room.
+fn fit_reply(
+    op: Op,
+    body: Vec<u8>,
+    kind: Option<ErrorKind>,
+    max_payload: usize,
+) -> (Vec<u8>, Option<ErrorKind>) {
+    let room = max_payload.saturating_sub(1024);
+    if body.len() <= room {
+        return (body, kind);
+    }
+    let error = CtlError::invalid(format!(
+        "the reply to {} would be {} bytes, more than the {room} a reply may have: ask for pages (`after`, `limit`), as the client library does",
+        op.name(),
+        body.len()
+    ));
+    (json(&Reply::<()>::Error(error)), Some(ErrorKind::Invalid))
+}
+
+/// One page of a listing (see [`Page`]): `items` in the order of `key`, those after
+/// `after`, at most `limit` of them (capped at [`MAX_PAGE`]); without `limit`, all of them.
+/// The stores list in no order that holds across backends, so the order is made here.
+fn page<T>(
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> &String,
+    after: Option<String>,
+    limit: Option<usize>,
+) -> Vec<T> {
+    items.sort_by(|a, b| key(a).cmp(key(b)));
+    if let Some(after) = after {
+        items.retain(|item| key(item).as_str() > after.as_str());
+    }
+    if let Some(limit) = limit {
+        items.truncate(limit.min(MAX_PAGE));
+    }
+    items
+}
+
 /// The encoded success reply, `{"ok": value}`.
 fn ok<T: Serialize>(value: T) -> Result<Vec<u8>, CtlError> {
     serde_json::to_vec(&Reply::Ok(value))
@@ -886,6 +929,7 @@ pub async fn run(
             let (body, kind, revoke) = handler
                 .handle(op, &request.message.payload, to.as_deref(), own_key)
                 .await;
+            let (body, kind) = fit_reply(op, body, kind, listen.server_info().max_payload);
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
             crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());
             let mut headers = HeaderMap::new();
@@ -1001,5 +1045,38 @@ mod tests {
             .unwrap();
         assert_eq!(err.kind, ErrorKind::Invalid);
         assert!(err.message.contains("duplicate field"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_page_is_in_key_order_after_its_cursor_and_never_over_the_cap() {
+        let items: Vec<String> = (0..1200).rev().map(|i| format!("k{i:04}")).collect();
+        fn key(s: &String) -> &String {
+            s
+        }
+        let all = page(items.clone(), key, None, None);
+        assert_eq!(
+            all.len(),
+            1200,
+            "no limit: everything (clients from before pages)"
+        );
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        let first = page(items.clone(), key, None, Some(10_000));
+        assert_eq!(first.len(), MAX_PAGE);
+        assert_eq!(first[0], "k0000");
+        let next = page(items.clone(), key, first.last().cloned(), Some(3));
+        assert_eq!(next, ["k0500", "k0501", "k0502"]);
+        assert!(page(items, key, Some("k1199".into()), Some(5)).is_empty());
+
+        // A reply too large to send is refused, saying so; one that fits goes as it is.
+        let (body, kind) = fit_reply(Op::UsersList, vec![b'x'; 2000], None, 2048);
+        assert_eq!(kind, Some(ErrorKind::Invalid));
+        let reply: Reply<()> = serde_json::from_slice(&body).unwrap();
+        assert!(matches!(reply, Reply::Error(e) if e.message.contains("pages")));
+        assert_eq!(
+            fit_reply(Op::UsersList, vec![b'x'; 1000], None, 2048)
+                .0
+                .len(),
+            1000
+        );
     }
 }

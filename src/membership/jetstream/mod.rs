@@ -98,9 +98,9 @@ mod scan;
 
 pub use reconcile::INDEX_GRACE_TIMEOUTS;
 
-/// How many rooms' checks one `list_rooms_for_endpoint` keeps in flight (two leader reads
-/// each).
-const MEMBERSHIP_READS_IN_FLIGHT: usize = 32;
+/// How many leader reads one listing keeps in flight (`list_users`, `list_rooms`; rooms'
+/// checks in `list_rooms_for_endpoint`, two reads each).
+const READS_IN_FLIGHT: usize = 32;
 
 /// The five buckets, in the order they are opened and reported.
 pub const BUCKETS: [&str; 5] = ["users", "rooms", "members", "rooms_by_member", "room_keys"];

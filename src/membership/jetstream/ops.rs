@@ -33,13 +33,20 @@ impl KvStore {
     }
 
     pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
-        let mut out = Vec::new();
-        for key in self.keys(&self.users, ">").await? {
-            if let Some((user, _)) = self.get_json::<User>(&self.users, &key).await? {
-                out.push(user);
-            }
-        }
-        Ok(out)
+        self.read_all(&self.users).await
+    }
+
+    /// Every record of `kv`, read [`READS_IN_FLIGHT`] at a time (one leader read each: read
+    /// one after the other, ten thousand users took longer than a request may), in no
+    /// particular order; a key removed since the listing is left out.
+    async fn read_all<T: serde::de::DeserializeOwned>(&self, kv: &kv::Store) -> Result<Vec<T>> {
+        let keys = self.keys(kv, ">").await?;
+        futures_util::stream::iter(keys)
+            .map(|key| async move { self.get_json::<T>(kv, &key).await })
+            .buffer_unordered(READS_IN_FLIGHT)
+            .try_filter_map(|found| std::future::ready(Ok(found.map(|(value, _)| value))))
+            .try_collect()
+            .await
     }
 
     pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
@@ -206,13 +213,7 @@ impl KvStore {
     }
 
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
-        let mut out = Vec::new();
-        for key in self.keys(&self.rooms, ">").await? {
-            if let Some((room, _)) = self.get_json::<Room>(&self.rooms, &key).await? {
-                out.push(room);
-            }
-        }
-        Ok(out)
+        self.read_all(&self.rooms).await
     }
 
     pub(crate) async fn delete_room(&self, id: &str) -> Result<()> {
@@ -349,11 +350,11 @@ impl KvStore {
 
     pub(crate) async fn list_members(&self, room: &str) -> Result<Vec<Member>> {
         let room = ids::room_id(room)?;
-        let found = self.require_room(room).await?;
-        let mut out = Vec::new();
-        for key in self.keys(&self.members, &format!("{room}.>")).await? {
-            match self.get_json::<Member>(&self.members, &key).await? {
-                Some((m, _)) if m.belongs_to(&found) => out.push(m),
+        let found = &self.require_room(room).await?;
+        let keys = self.keys(&self.members, &format!("{room}.>")).await?;
+        let member = |key: String| async move {
+            Ok(match self.get_json::<Member>(&self.members, &key).await? {
+                Some((m, _)) if m.belongs_to(found) => Some(m),
                 // A member of an earlier room under this id (an invite that raced that
                 // room's delete): it grants nothing, and nothing else would remove it
                 // while this room lives. Remove it here, and only it: a write after it (an
@@ -363,10 +364,17 @@ impl KvStore {
                     if let Err(e) = self.purge_through(&self.members, &key, seq).await {
                         tracing::debug!(key, "leftover member of an earlier room left: {e}");
                     }
+                    None
                 }
-                None => {}
-            }
-        }
+                None => None,
+            })
+        };
+        let mut out: Vec<Member> = futures_util::stream::iter(keys)
+            .map(member)
+            .buffer_unordered(READS_IN_FLIGHT)
+            .try_filter_map(|member| std::future::ready(Ok(member)))
+            .try_collect()
+            .await?;
         out.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
         Ok(out)
     }
@@ -384,7 +392,7 @@ impl KvStore {
             .collect();
         let mut out: Vec<Member> = futures_util::stream::iter(rooms)
             .map(|room| self.live_member(room, &endpoint).boxed())
-            .buffer_unordered(MEMBERSHIP_READS_IN_FLIGHT)
+            .buffer_unordered(READS_IN_FLIGHT)
             .try_filter_map(|member| std::future::ready(Ok(member)))
             .try_collect()
             .await?;
