@@ -179,7 +179,7 @@ impl Authenticator {
         };
         let signed = match (decision, self.mode) {
             (Ok(perms), _) => {
-                let limit = client.server_info().max_payload;
+                let limit = client.max_payload();
                 callout::fitted_allow_response(&request, &perms, &self.issuer, limit).map(
                     |(jwt, rooms_left_out)| {
                         let reason = if rooms_left_out {

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 
 use crate::membership::api::{self, ErrorKind, MemberKey, Op, RoomRef, SetXkey};
@@ -46,7 +47,7 @@ impl Client {
         } else {
             body
         };
-        let limit = self.inner.nats.server_info().max_payload;
+        let limit = self.inner.nats.max_payload();
         if payload.len() > limit {
             return Err(ClientError::Local(format!(
                 "a message of {size} bytes ({} on the wire) is larger than the {limit} bytes the server accepts",
@@ -70,6 +71,14 @@ impl Client {
                     Ok(ack) => return Ok(ack.sequence),
                     Err(e) => e.to_string(),
                 },
+                // `payload_for` checked the body alone; with the message id header it
+                // may still be over, and no retry makes it smaller.
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(ClientError::Local(format!(
+                        "a message of {} bytes is, with its headers, larger than the server accepts",
+                        payload.len()
+                    )));
+                }
                 Err(e) => e.to_string(),
             };
             tracing::debug!(room, "publish not acknowledged, retrying: {last_error}");

@@ -204,8 +204,8 @@ impl Client {
 
     /// Every item of a listing, a page ([`Page`]) at a time: `ask(after, limit)` asks for
     /// one, and a page shorter than [`MAX_PAGE`] is the last. A node from before pages
-    /// refuses their fields as unknown (`invalid`); then the whole listing is asked for in
-    /// one reply, as before.
+    /// refuses their fields as unknown (`invalid`), and in a cluster being upgraded any
+    /// page may reach one: then the whole listing is asked for in one reply, as before.
     async fn all_pages<T, F, Fut>(
         &self,
         key: impl Fn(&T) -> String,
@@ -216,23 +216,30 @@ impl Client {
         Fut: std::future::Future<Output = Result<Vec<T>, ClientError>>,
     {
         let mut all = Vec::new();
-        let mut after = None;
+        let mut after: Option<String> = None;
         loop {
-            let page = match ask(after.take(), Some(MAX_PAGE)).await {
+            let page = match ask(after.clone(), Some(MAX_PAGE)).await {
                 Err(ClientError::Refused(e))
-                    if all.is_empty()
-                        && e.kind == ErrorKind::Invalid
-                        && e.message.contains("unknown field") =>
+                    if e.kind == ErrorKind::Invalid && e.message.contains("unknown field") =>
                 {
                     return ask(None, None).await;
                 }
                 page => page?,
             };
             let last_page = page.len() < MAX_PAGE;
-            after = page.last().map(&key);
+            let next = page.last().map(&key);
+            // A node that ignored the cursor would have this loop run forever.
+            if let (Some(next), Some(after)) = (&next, &after)
+                && next <= after
+            {
+                return Err(ClientError::Protocol(format!(
+                    "a listing's page after {after:?} ended at {next:?}, not after it"
+                )));
+            }
             all.extend(page);
-            if last_page || after.is_none() {
-                return Ok(all);
+            match next {
+                Some(next) if !last_page => after = Some(next),
+                _ => return Ok(all),
             }
         }
     }

@@ -180,7 +180,7 @@ pub struct UserRef {
     pub key: String,
 }
 
-/// Operations without arguments.
+/// A body without arguments (`users.list` took one before pages, and still accepts it).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
@@ -191,8 +191,10 @@ pub const MAX_PAGE: usize = 500;
 
 /// Where a page of a listing starts and how long it is. Listings are in key order (users
 /// by key, rooms by id, members by endpoint, memberships by room); `after` is the last key
-/// of the previous page. Without `limit` the reply holds everything, as before paging, and
-/// is refused (`invalid`) when it does not fit in one message.
+/// of the previous page. A node answers `limit` items, or all that are left, so a shorter
+/// page is the last; a `limit` outside 1..=[`MAX_PAGE`] is refused. Without `limit` the
+/// reply holds everything, as before pages, and is refused (`invalid`) when it does not
+/// fit in one message.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Page {

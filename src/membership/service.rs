@@ -405,7 +405,7 @@ impl Handler {
                 let req: ListUsers = parse(body)?;
                 require_admin(caller)?;
                 let users = store.list_users().await?;
-                ok(page(users, |u| &u.key, req.after, req.limit))
+                ok(page(users, |u| &u.key, req.after, req.limit)?)
             }
             Op::UsersRevoke => {
                 let req: UserRef = parse(body)?;
@@ -458,7 +458,7 @@ impl Handler {
                         rooms
                     }
                 };
-                ok(page(rooms, |r| &r.id, req.after, req.limit))
+                ok(page(rooms, |r| &r.id, req.after, req.limit)?)
             }
             Op::RoomsDelete => {
                 let req: RoomRef = parse(body)?;
@@ -571,13 +571,13 @@ impl Handler {
                 let req: ListMembers = parse(body)?;
                 self.require_member(caller, &req.room, true).await?;
                 let members = store.list_members(&req.room).await?;
-                ok(page(members, |m| &m.endpoint, req.after, req.limit))
+                ok(page(members, |m| &m.endpoint, req.after, req.limit)?)
             }
             Op::MembersRooms => {
                 let req: ForUser = parse(body)?;
                 let key = self.self_or_admin(caller, req.key)?;
                 let memberships = store.list_rooms_for_endpoint(&key).await?;
-                ok(page(memberships, |m| &m.room, req.after, req.limit))
+                ok(page(memberships, |m| &m.room, req.after, req.limit)?)
             }
             Op::KeysLatest => {
                 let req: RoomRef = parse(body)?;
@@ -784,8 +784,9 @@ fn parse<T: DeserializeOwned>(body: &RawValue) -> Result<T, CtlError> {
 }
 
 /// A reply larger than the server takes in a message would never be sent, and its caller
-/// would wait out its timeout; it is refused instead, saying why. (Only a listing without
-/// a page can grow that large.) Headers and subject get a kilobyte of the room.
+/// would wait out its timeout; it is refused instead, saying why: an unpaged listing, or
+/// a room's keys for thousands of members. A kilobyte is left for headers (an error
+/// reply's are under a hundred bytes; the subject does not count).
 fn fit_reply(
     op: Op,
     body: Vec<u8>,
@@ -796,8 +797,16 @@ fn fit_reply(
     if body.len() <= room {
         return (body, kind);
     }
+    let pages = if matches!(
+        op,
+        Op::UsersList | Op::RoomsList | Op::MembersList | Op::MembersRooms
+    ) {
+        ": ask for pages (`after`, `limit`), as the client library does"
+    } else {
+        ""
+    };
     let error = CtlError::invalid(format!(
-        "the reply to {} would be {} bytes, more than the {room} a reply may have: ask for pages (`after`, `limit`), as the client library does",
+        "the reply to {} would be {} bytes, more than the {room} a reply may have{pages}",
         op.name(),
         body.len()
     ));
@@ -805,22 +814,31 @@ fn fit_reply(
 }
 
 /// One page of a listing (see [`Page`]): `items` in the order of `key`, those after
-/// `after`, at most `limit` of them (capped at [`MAX_PAGE`]); without `limit`, all of them.
-/// The stores list in no order that holds across backends, so the order is made here.
+/// `after`, `limit` of them or as many as are left; without `limit`, all of them. A
+/// client takes a page shorter than its `limit` as the last, so a `limit` this node would
+/// not fill is refused rather than cut short. The stores list in key order already;
+/// sorting here keeps the cursor's order independent of the backend.
 fn page<T>(
     mut items: Vec<T>,
     key: impl Fn(&T) -> &String,
     after: Option<String>,
     limit: Option<usize>,
-) -> Vec<T> {
+) -> Result<Vec<T>, CtlError> {
+    if let Some(limit) = limit
+        && !(1..=MAX_PAGE).contains(&limit)
+    {
+        return Err(CtlError::invalid(format!(
+            "limit: {limit}; a page holds 1 to {MAX_PAGE} items"
+        )));
+    }
     items.sort_by(|a, b| key(a).cmp(key(b)));
     if let Some(after) = after {
         items.retain(|item| key(item).as_str() > after.as_str());
     }
     if let Some(limit) = limit {
-        items.truncate(limit.min(MAX_PAGE));
+        items.truncate(limit);
     }
-    items
+    Ok(items)
 }
 
 /// The encoded success reply, `{"ok": value}`.
@@ -929,7 +947,7 @@ pub async fn run(
             let (body, kind, revoke) = handler
                 .handle(op, &request.message.payload, to.as_deref(), own_key)
                 .await;
-            let (body, kind) = fit_reply(op, body, kind, listen.server_info().max_payload);
+            let (body, kind) = fit_reply(op, body, kind, listen.max_payload());
             let outcome = kind.map(ErrorKind::as_str).unwrap_or("ok");
             crate::metrics::get().ctl_request(op.name(), outcome, started.elapsed());
             let mut headers = HeaderMap::new();
@@ -1053,19 +1071,26 @@ mod tests {
         fn key(s: &String) -> &String {
             s
         }
-        let all = page(items.clone(), key, None, None);
+        let all = page(items.clone(), key, None, None).unwrap();
         assert_eq!(
             all.len(),
             1200,
             "no limit: everything (clients from before pages)"
         );
         assert!(all.windows(2).all(|w| w[0] < w[1]));
-        let first = page(items.clone(), key, None, Some(10_000));
+        let first = page(items.clone(), key, None, Some(MAX_PAGE)).unwrap();
         assert_eq!(first.len(), MAX_PAGE);
         assert_eq!(first[0], "k0000");
-        let next = page(items.clone(), key, first.last().cloned(), Some(3));
+        let next = page(items.clone(), key, first.last().cloned(), Some(3)).unwrap();
         assert_eq!(next, ["k0500", "k0501", "k0502"]);
-        assert!(page(items, key, Some("k1199".into()), Some(5)).is_empty());
+        let last = page(items.clone(), key, Some("k1199".into()), Some(5)).unwrap();
+        assert!(last.is_empty());
+        // A page this node would cut short is refused, not cut: the client takes a short
+        // page as the last.
+        for limit in [0, MAX_PAGE + 1] {
+            let refused = page(items.clone(), key, None, Some(limit)).err().unwrap();
+            assert_eq!(refused.kind, ErrorKind::Invalid, "limit {limit}");
+        }
 
         // A reply too large to send is refused, saying so; one that fits goes as it is.
         let (body, kind) = fit_reply(Op::UsersList, vec![b'x'; 2000], None, 2048);

@@ -341,16 +341,16 @@ fn addrs(servers: &[String]) -> Result<Vec<async_nats::ServerAddr>, WorkloadErro
         .collect()
 }
 
-/// Whether a connection refused after `elapsed` was refused by nobody's decision. The
-/// authenticator answers every callout within [`ANSWER_WITHIN`] of its arrival; a refusal
-/// after that is nats-server's own, when its callout timeout passed unanswered: a server
-/// listening before its node's authenticator subscribed (tens of milliseconds in a
-/// restart), or one whose authenticator is gone. A key the cluster does not admit is
-/// refused well inside that time, so retrying only these hides no real denial; a refusal
-/// the authenticator sends at the very end of its window (a store unavailable all along)
-/// is transient too.
+/// Whether a connection refused after `elapsed` was refused by nobody's decision: the
+/// authenticator answers every callout within [`ANSWER_WITHIN`] (3 s) of its arrival,
+/// some refusals (no quorum, a node starting) only at the end of that window, and
+/// nats-server refuses on its own when its callout timeout (4 s) passes unanswered, as for
+/// a client that reached a server listening before its node's authenticator subscribed.
+/// Half a second past the window, and with the TLS handshake counted in `elapsed`, tells
+/// the two apart. The second attempt's answer is the one counted either way, so the retry
+/// hides no denial.
 fn refusal_undecided(elapsed: Duration) -> bool {
-    elapsed >= ANSWER_WITHIN
+    elapsed >= ANSWER_WITHIN + Duration::from_millis(500)
 }
 
 /// Opens a new connection to each server in turn; returns (admitted, denied).

@@ -98,8 +98,8 @@ mod scan;
 
 pub use reconcile::INDEX_GRACE_TIMEOUTS;
 
-/// How many leader reads one listing keeps in flight (`list_users`, `list_rooms`; rooms'
-/// checks in `list_rooms_for_endpoint`, two reads each).
+/// How many leader reads one listing keeps in flight (`list_users`, `list_rooms`,
+/// `list_members`; rooms' checks in `list_rooms_for_endpoint`, two reads each).
 const READS_IN_FLIGHT: usize = 32;
 
 /// The five buckets, in the order they are opened and reported.

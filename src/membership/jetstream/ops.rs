@@ -36,14 +36,14 @@ impl KvStore {
         self.read_all(&self.users).await
     }
 
-    /// Every record of `kv`, read [`READS_IN_FLIGHT`] at a time (one leader read each: read
-    /// one after the other, ten thousand users took longer than a request may), in no
-    /// particular order; a key removed since the listing is left out.
+    /// Every record of `kv` in key order, read [`READS_IN_FLIGHT`] at a time (one leader read
+    /// each: read one after the other, ten thousand users took longer than a request may);
+    /// a key removed since the listing is left out.
     async fn read_all<T: serde::de::DeserializeOwned>(&self, kv: &kv::Store) -> Result<Vec<T>> {
         let keys = self.keys(kv, ">").await?;
         futures_util::stream::iter(keys)
             .map(|key| async move { self.get_json::<T>(kv, &key).await })
-            .buffer_unordered(READS_IN_FLIGHT)
+            .buffered(READS_IN_FLIGHT)
             .try_filter_map(|found| std::future::ready(Ok(found.map(|(value, _)| value))))
             .try_collect()
             .await
