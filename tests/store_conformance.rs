@@ -5,7 +5,7 @@ mod common;
 use common::user_key;
 use unibus::membership::jetstream::{KvOptions, KvStore};
 use unibus::membership::sqlite::SqliteStore;
-use unibus::membership::{MemberState, Role, Store, StoreError};
+use unibus::membership::{MemberState, Role, Store, StoreError, User};
 
 fn is_invalid(r: Result<impl std::fmt::Debug, StoreError>, field: &str) -> bool {
     matches!(r, Err(StoreError::Invalid { field: f, .. }) if f == field)
@@ -237,7 +237,17 @@ async fn users(store: &Store) {
     let list = store.list_users().await.unwrap();
     let mut want = vec![alice.clone(), bob.clone()];
     want.sort();
-    assert_eq!(list.iter().map(|u| u.key.clone()).collect::<Vec<_>>(), want);
+    let keys = |users: Vec<User>| users.into_iter().map(|u| u.key).collect::<Vec<_>>();
+    assert_eq!(keys(list), want);
+    // Pages: up to a limit, after a key, in key order.
+    assert_eq!(
+        keys(store.list_users_after(None, 1).await.unwrap()),
+        want[..1]
+    );
+    let rest = store.list_users_after(Some(&want[0]), 5).await.unwrap();
+    assert_eq!(keys(rest), want[1..]);
+    let past_the_end = store.list_users_after(Some(&want[1]), 5).await.unwrap();
+    assert!(past_the_end.is_empty());
 
     // Revoking: not authorized, no longer counts as admin, idempotent, still listed. Bob
     // is read first, so a store that caches users must drop what it holds.
@@ -319,6 +329,11 @@ async fn rooms(store: &Store) {
         .map(|r| r.id)
         .collect();
     assert_eq!(ids, ["a-room", "lobby"]);
+    let page = store.list_rooms_after(Some("a-room"), 1).await.unwrap();
+    assert_eq!(
+        page.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["lobby"]
+    );
 
     // Delete cascades: members, the reverse index and keys go with the room.
     let guest = user_key();
@@ -329,6 +344,12 @@ async fn rooms(store: &Store) {
     store.put_room_key("a-room", 1, b"k1").await.unwrap();
     store.delete_room("a-room").await.unwrap();
     assert!(is_not_found(store.get_room("a-room").await));
+    // A page skips the deleted room (on KV, its delete marker) and is filled from after it.
+    let page = store.list_rooms_after(None, 1).await.unwrap();
+    assert_eq!(
+        page.into_iter().map(|r| r.id).collect::<Vec<_>>(),
+        ["lobby"]
+    );
     assert!(
         is_not_found(store.list_members("a-room").await),
         "members of a deleted room"

@@ -408,6 +408,12 @@ impl Store {
         dispatch!(self.list_users())
     }
 
+    /// A page of users, ordered by key: up to `limit` after `after` (all of them from the
+    /// start without it). The KV store reads only the page's records, not the listing's.
+    pub async fn list_users_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<User>> {
+        dispatch!(self.list_users_after(after, limit))
+    }
+
     /// Marks a user revoked (idempotent: the first revocation time is kept).
     pub async fn revoke_user(&self, key: &str) -> Result<User> {
         dispatch!(self.revoke_user(key))
@@ -455,6 +461,11 @@ impl Store {
     /// All rooms, ordered by id.
     pub async fn list_rooms(&self) -> Result<Vec<Room>> {
         dispatch!(self.list_rooms())
+    }
+
+    /// A page of rooms, ordered by id, as [`Store::list_users_after`] pages users.
+    pub async fn list_rooms_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<Room>> {
+        dispatch!(self.list_rooms_after(after, limit))
     }
 
     /// Deletes a room with its members, index entries and keys.

@@ -404,7 +404,10 @@ impl Handler {
             Op::UsersList => {
                 let req: ListUsers = parse(body)?;
                 require_admin(caller)?;
-                let users = store.list_users().await?;
+                let users = match page_limit(req.limit)? {
+                    Some(limit) => store.list_users_after(req.after.as_deref(), limit).await?,
+                    None => store.list_users().await?,
+                };
                 ok(page(users, |u| &u.key, req.after, req.limit)?)
             }
             Op::UsersRevoke => {
@@ -444,7 +447,10 @@ impl Handler {
             Op::RoomsList => {
                 let req: ForUser = parse(body)?;
                 let rooms = match req.key {
-                    None if caller.admin => store.list_rooms().await?,
+                    None if caller.admin => match page_limit(req.limit)? {
+                        Some(limit) => store.list_rooms_after(req.after.as_deref(), limit).await?,
+                        None => store.list_rooms().await?,
+                    },
                     key => {
                         let key = self.self_or_admin(caller, key)?;
                         let mut rooms = Vec::new();
@@ -824,13 +830,7 @@ fn page<T>(
     after: Option<String>,
     limit: Option<usize>,
 ) -> Result<Vec<T>, CtlError> {
-    if let Some(limit) = limit
-        && !(1..=MAX_PAGE).contains(&limit)
-    {
-        return Err(CtlError::invalid(format!(
-            "limit: {limit}; a page holds 1 to {MAX_PAGE} items"
-        )));
-    }
+    page_limit(limit)?;
     items.sort_by(|a, b| key(a).cmp(key(b)));
     if let Some(after) = after {
         items.retain(|item| key(item).as_str() > after.as_str());
@@ -839,6 +839,16 @@ fn page<T>(
         items.truncate(limit);
     }
     Ok(items)
+}
+
+/// A page's `limit`, if it is one a page can have (see [`page`]).
+fn page_limit(limit: Option<usize>) -> Result<Option<usize>, CtlError> {
+    match limit {
+        Some(limit) if !(1..=MAX_PAGE).contains(&limit) => Err(CtlError::invalid(format!(
+            "limit: {limit}; a page holds 1 to {MAX_PAGE} items"
+        ))),
+        limit => Ok(limit),
+    }
 }
 
 /// The encoded success reply, `{"ok": value}`.

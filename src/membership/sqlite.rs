@@ -619,6 +619,19 @@ impl SqliteStore {
         })
     }
 
+    pub(crate) async fn list_users_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<User>> {
+        let (after, limit) = (after.unwrap_or("").to_string(), to_i64(limit as u64));
+        self.read(move |tx| {
+            let sql = format!("SELECT {USER_COLS} FROM users WHERE key > ?1 ORDER BY key LIMIT ?2");
+            let params = rusqlite::params![after, limit];
+            read_all(tx, "list users", &sql, params, user_from_row)
+        })
+    }
+
     pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
         let key = ids::user_key("user", key)?;
         let xkey = ids::xkey("xkey", xkey)?;
@@ -756,6 +769,19 @@ impl SqliteStore {
         self.read(|tx| {
             let sql = format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id");
             read_all(tx, "list rooms", &sql, [], room_from_row)
+        })
+    }
+
+    pub(crate) async fn list_rooms_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Room>> {
+        let (after, limit) = (after.unwrap_or("").to_string(), to_i64(limit as u64));
+        self.read(move |tx| {
+            let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id > ?1 ORDER BY id LIMIT ?2");
+            let params = rusqlite::params![after, limit];
+            read_all(tx, "list rooms", &sql, params, room_from_row)
         })
     }
 

@@ -33,20 +33,42 @@ impl KvStore {
     }
 
     pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
-        self.read_all(&self.users).await
+        self.read_page(&self.users, None, usize::MAX).await
     }
 
-    /// Every record of `kv` in key order, read [`READS_IN_FLIGHT`] at a time (one leader read
-    /// each: read one after the other, ten thousand users took longer than a request may);
-    /// a key removed since the listing is left out.
-    async fn read_all<T: serde::de::DeserializeOwned>(&self, kv: &kv::Store) -> Result<Vec<T>> {
-        let keys = self.keys(kv, ">").await?;
-        futures_util::stream::iter(keys)
+    pub(crate) async fn list_users_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<User>> {
+        self.read_page(&self.users, after, limit).await
+    }
+
+    /// Up to `limit` records of `kv` whose keys come after `after`, in key order. The key
+    /// listing is one request; only the records wanted are read (one leader read each),
+    /// [`READS_IN_FLIGHT`] at a time: read one after the other, ten thousand users took
+    /// longer than a request may. A key removed since the listing is skipped, and the
+    /// page filled from the keys after it.
+    async fn read_page<T: serde::de::DeserializeOwned>(
+        &self,
+        kv: &kv::Store,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<T>> {
+        let mut keys = self.keys(kv, ">").await?;
+        if let Some(after) = after {
+            keys.retain(|key| key.as_str() > after);
+        }
+        let records: Vec<Result<T>> = futures_util::stream::iter(keys)
             .map(|key| async move { self.get_json::<T>(kv, &key).await })
             .buffered(READS_IN_FLIGHT)
-            .try_filter_map(|found| std::future::ready(Ok(found.map(|(value, _)| value))))
-            .try_collect()
-            .await
+            .filter_map(|found| {
+                std::future::ready(found.map(|f| f.map(|(value, _)| value)).transpose())
+            })
+            .take(limit)
+            .collect()
+            .await;
+        records.into_iter().collect()
     }
 
     pub(crate) async fn set_user_xkey(&self, key: &str, xkey: &str) -> Result<User> {
@@ -213,7 +235,15 @@ impl KvStore {
     }
 
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
-        self.read_all(&self.rooms).await
+        self.read_page(&self.rooms, None, usize::MAX).await
+    }
+
+    pub(crate) async fn list_rooms_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Room>> {
+        self.read_page(&self.rooms, after, limit).await
     }
 
     pub(crate) async fn delete_room(&self, id: &str) -> Result<()> {
