@@ -911,6 +911,14 @@ async fn a_revoked_user_is_disconnected_everywhere_and_refused(
     }
 }
 
+/// The bootstrap admin through the client library.
+async fn admin_client(url: &str, secrets: &ClusterSecrets) -> unibus::client::Client {
+    let options = unibus::client::ClientOptions::new([url], &secrets.admin_seed);
+    unibus::client::Client::connect(options.ca(&secrets.ca_cert))
+        .await
+        .unwrap()
+}
+
 /// A single node started with `flags`, ready, with its dev secrets.
 fn single_node(name: &str, flags: &[&str]) -> (Node, ClusterSecrets) {
     let node = start(name, &Ports::pick(), &[], flags);
@@ -927,17 +935,13 @@ fn single_node(name: &str, flags: &[&str]) -> (Node, ClusterSecrets) {
 /// subjects (logged, counted), and gets them back once their rooms fit again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_in_too_many_rooms_is_admitted_to_the_control_plane_only() {
-    use unibus::client::{Client, ClientError, ClientOptions};
+    use unibus::client::ClientError;
     use unibus::membership::api::{CreateRoom, ErrorKind, Op, RoomRef};
 
     let _heavy = HEAVY.lock().await;
     let (node, secrets) = single_node("crowded", &[]);
     let url = format!("tls://{}", node.ports.listen);
-    let admin = Client::connect(
-        ClientOptions::new([url.clone()], &secrets.admin_seed).ca(&secrets.ca_cert),
-    )
-    .await
-    .unwrap();
+    let admin = admin_client(&url, &secrets).await;
     // The longest room ids (63 characters): about 1030 rooms fill a 1 MiB answer.
     let room = |i: usize| format!("{:r>55}{i:08}", "");
     let rooms = 1100;
@@ -1051,16 +1055,10 @@ async fn a_user_in_too_many_rooms_is_admitted_to_the_control_plane_only() {
 /// client library pages through all of them, in key order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_come_in_pages_and_one_too_large_for_a_reply_is_refused_not_dropped() {
-    use unibus::client::{Client, ClientOptions};
-
     let _heavy = HEAVY.lock().await;
     let (node, secrets) = single_node("listed", &[]);
     let url = format!("tls://{}", node.ports.listen);
-    let admin = Client::connect(
-        ClientOptions::new([url.clone()], &secrets.admin_seed).ca(&secrets.ca_cert),
-    )
-    .await
-    .unwrap();
+    let admin = admin_client(&url, &secrets).await;
     let added = futures_util::stream::iter(0..3000)
         .map(|i| {
             let admin = admin.clone();

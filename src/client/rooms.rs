@@ -72,18 +72,8 @@ impl Client {
 
     /// The caller's rooms, or (admins) another user's; `None` as an admin lists all rooms.
     pub async fn list_rooms(&self, for_user: Option<&str>) -> Result<Vec<Room>, ClientError> {
-        self.all_pages(
-            |r: &Room| r.id.clone(),
-            |after, limit| {
-                let body = ForUser {
-                    key: for_user.map(Into::into),
-                    after,
-                    limit,
-                };
-                async move { self.call(Op::RoomsList, &body).await }
-            },
-        )
-        .await
+        self.pages_for_user(Op::RoomsList, for_user, |r: &Room| r.id.clone())
+            .await
     }
 
     /// Deletes a room, its members, keys and stored history.
@@ -188,17 +178,25 @@ impl Client {
 
     /// The memberships of the caller (or, admins, of `for_user`).
     pub async fn memberships(&self, for_user: Option<&str>) -> Result<Vec<Member>, ClientError> {
-        self.all_pages(
-            |m: &Member| m.room.clone(),
-            |after, limit| {
-                let body = ForUser {
-                    key: for_user.map(Into::into),
-                    after,
-                    limit,
-                };
-                async move { self.call(Op::MembersRooms, &body).await }
-            },
-        )
+        self.pages_for_user(Op::MembersRooms, for_user, |m: &Member| m.room.clone())
+            .await
+    }
+
+    /// A [`ForUser`] listing (`rooms.list`, `members.rooms`), every page of it.
+    async fn pages_for_user<T: serde::de::DeserializeOwned>(
+        &self,
+        op: Op,
+        for_user: Option<&str>,
+        key: impl Fn(&T) -> String,
+    ) -> Result<Vec<T>, ClientError> {
+        self.all_pages(key, |after, limit| {
+            let body = ForUser {
+                key: for_user.map(Into::into),
+                after,
+                limit,
+            };
+            async move { self.call(op, &body).await }
+        })
         .await
     }
 

@@ -613,10 +613,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn list_users(&self) -> Result<Vec<User>> {
-        self.read(|tx| {
-            let sql = format!("SELECT {USER_COLS} FROM users ORDER BY key");
-            read_all(tx, "list users", &sql, [], user_from_row)
-        })
+        self.list_users_after(None, usize::MAX).await
     }
 
     pub(crate) async fn list_users_after(
@@ -766,10 +763,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn list_rooms(&self) -> Result<Vec<Room>> {
-        self.read(|tx| {
-            let sql = format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id");
-            read_all(tx, "list rooms", &sql, [], room_from_row)
-        })
+        self.list_rooms_after(None, usize::MAX).await
     }
 
     pub(crate) async fn list_rooms_after(
