@@ -28,6 +28,80 @@ async fn conformance(store: &Store) {
     reads_follow_writes(store).await;
     an_invite_racing_a_room_taken_again(store).await;
     bad_input(store).await;
+    racing_creates(store).await;
+}
+
+/// Two creates of one id at once: exactly one wins, and only the winner is a member of
+/// the room, whoever the loser is (on a finalized KV store both write their owner
+/// record before knowing who won; the loser's must grant nothing and be taken back,
+/// and when the loser is the winner's own retry, it must not take the winner's record
+/// with it).
+async fn racing_creates(store: &Store) {
+    let (a, b) = (user_key(), user_key());
+    store.add_user(&a, "a", false).await.unwrap();
+    store.add_user(&b, "b", false).await.unwrap();
+    for i in 0..12 {
+        for (first, second, what) in [(&a, &b, "rival"), (&a, &a, "self")] {
+            let room = format!("race-{what}-{i}");
+            let (x, y) = futures_util::future::join(
+                store.create_room(&room, "race", first, false),
+                store.create_room(&room, "race", second, false),
+            )
+            .await;
+            assert!(
+                x.is_ok() != y.is_ok(),
+                "{room}: exactly one create wins: {x:?} {y:?}"
+            );
+            let (winner, loser) = if x.is_ok() {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            assert!(is_conflict(if x.is_ok() { y } else { x }), "{room}");
+            // On KV the loser's own writes are gone once its create has answered (checked
+            // before any listing, which would remove them too).
+            if let Store::JetStream(kv) = store
+                && loser != winner
+            {
+                let member = kv.bucket("members").unwrap().get(format!("{room}.{loser}"));
+                assert!(member.await.unwrap().is_none(), "{room}: loser's record");
+                let entry = kv.bucket("rooms_by_member").unwrap();
+                let entry = entry.get(format!("{loser}.{room}"));
+                assert!(
+                    entry.await.unwrap().is_none(),
+                    "{room}: loser's index entry"
+                );
+            }
+            assert_eq!(store.get_room(&room).await.unwrap().owner, *winner);
+            assert_eq!(
+                members_of(store, &room).await,
+                vec![winner.clone()],
+                "{room}"
+            );
+            let is_in = |rooms: Vec<unibus::membership::Member>| {
+                rooms
+                    .iter()
+                    .any(|m| m.room == room && m.role == Role::Owner)
+            };
+            assert!(is_in(rooms_of(store, winner).await), "{room}: winner");
+            if loser != winner {
+                assert!(!is_in(rooms_of(store, loser).await), "{room}: loser");
+            }
+        }
+    }
+    // A member of a room who tries to create it again is refused and stays a member.
+    store.create_room("held", "held", &a, false).await.unwrap();
+    store
+        .add_member("held", &b, Role::Member, MemberState::Joined, &a)
+        .await
+        .unwrap();
+    assert!(is_conflict(
+        store.create_room("held", "again", &b, false).await
+    ));
+    assert!(rooms_of(store, &b).await.iter().any(|m| m.room == "held"));
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(members_of(store, "held").await, both);
 }
 
 /// `key`'s memberships, as the store lists them.
@@ -637,6 +711,128 @@ async fn jetstream_conformance() {
     let client = common::connect(&[srv.url()]).await;
     let store = Store::JetStream(KvStore::open(client, KvOptions::default()).await.unwrap());
     conformance(&store).await;
+    store.close().await.unwrap();
+}
+
+/// The cluster version on KV: a store created by this code starts finalized (and so
+/// creates rooms in one stage, the suite above); one from before the record (simulated by
+/// removing it) runs the two-stage create, passes the same suite, and is finalized only
+/// on request; a store finalized at a newer version than this code is refused.
+#[tokio::test]
+async fn jetstream_cluster_version_gates_what_needs_every_node() {
+    use unibus::membership::version;
+    let srv = common::NatsServer::single();
+    let client = common::connect(&[srv.url()]).await;
+    let fresh = KvStore::open(client.clone(), KvOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(fresh.cluster_version(), version::PROTOCOL);
+    let users = fresh.bucket("users").unwrap().clone();
+    users.purge(version::KEY).await.unwrap();
+
+    let legacy = KvStore::open(client.clone(), KvOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        legacy.cluster_version(),
+        0,
+        "an existing store is not finalized"
+    );
+    let store = Store::JetStream(legacy.clone());
+    assert!(!store.finalized_at(version::ONE_STAGE_CREATE));
+    conformance(&store).await;
+    assert_eq!(legacy.refresh_cluster_version().await.unwrap(), 0);
+
+    assert_eq!(legacy.finalize().await.unwrap(), version::PROTOCOL);
+    assert!(store.finalized_at(version::ONE_STAGE_CREATE));
+    assert_eq!(
+        fresh.refresh_cluster_version().await.unwrap(),
+        version::PROTOCOL
+    );
+    assert_eq!(
+        legacy.finalize().await.unwrap(),
+        version::PROTOCOL,
+        "idempotent"
+    );
+    // The record is never lowered, nor read as lower.
+    assert_eq!(
+        KvStore::open(client.clone(), KvOptions::default())
+            .await
+            .unwrap()
+            .cluster_version(),
+        version::PROTOCOL
+    );
+
+    let newer = serde_json::json!({ "version": version::PROTOCOL + 1, "finalized_at": 1 });
+    users
+        .put(version::KEY, serde_json::to_vec(&newer).unwrap().into())
+        .await
+        .unwrap();
+    let refused = KvStore::open(client.clone(), KvOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Invalid { field: "cluster version", reason } if reason.contains("at least as new")),
+        "{refused}"
+    );
+    store.close().await.unwrap();
+}
+
+/// A create that loses the race for an id may leave its owner record in the winner's
+/// room for a moment, carrying the same creation time (same millisecond). It must grant
+/// nothing: a creator's owner record counts only for the room's owner.
+#[tokio::test]
+async fn jetstream_a_creators_owner_record_counts_only_for_the_rooms_owner() {
+    let srv = common::NatsServer::single();
+    let client = common::connect(&[srv.url()]).await;
+    let kv = KvStore::open(client, KvOptions::default()).await.unwrap();
+    let store = Store::JetStream(kv.clone());
+    let (owner, rival) = (user_key(), user_key());
+    for (key, name) in [(&owner, "owner"), (&rival, "rival")] {
+        store.add_user(key, name, false).await.unwrap();
+    }
+    let room = store
+        .create_room("contested", "c", &owner, false)
+        .await
+        .unwrap();
+    let leftover = serde_json::json!({
+        "room": "contested", "endpoint": rival, "role": "owner", "state": "joined",
+        "added_by": rival, "added_at": room.created_at, "room_created_at": room.created_at,
+    });
+    let members = kv.bucket("members").unwrap();
+    members
+        .put(
+            format!("contested.{rival}"),
+            serde_json::to_vec(&leftover).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    kv.bucket("rooms_by_member")
+        .unwrap()
+        .put(format!("{rival}.contested"), "contested".into())
+        .await
+        .unwrap();
+    assert!(rooms_of(&store, &rival).await.is_empty());
+    assert_eq!(members_of(&store, "contested").await, vec![owner.clone()]);
+    // The listing took the leftover away; an invite of the rival now works as usual.
+    assert!(
+        members
+            .get(format!("contested.{rival}"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .add_member(
+            "contested",
+            &rival,
+            Role::Member,
+            MemberState::Invited,
+            &owner,
+        )
+        .await
+        .unwrap();
+    assert_eq!(rooms_of(&store, &rival).await.len(), 1);
     store.close().await.unwrap();
 }
 

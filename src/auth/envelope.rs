@@ -411,6 +411,36 @@ pub fn verify_on_own_subject(
     )
 }
 
+/// Accepts a write that arrived on `subject_key`'s own subject *without checking its
+/// signature*: the server lets only `subject_key`'s connections publish there, so it
+/// vouches for the publisher, as it does for connection-bound reads and room messages.
+/// The claimed key must be `subject_key`; operation, clock skew and the replay cache are
+/// checked as by [`verify_on_own_subject`]. Safe only under `bus-auth=enforce` and once
+/// no node of the cluster runs code that grants anyone else that subject (nodes from
+/// before own subjects granted `unibus.ctl.>`): the caller checks both
+/// (`membership::version`).
+pub fn accept_on_own_subject(
+    raw: &[u8],
+    expected_op: &str,
+    subject_key: &str,
+    now_ms: u64,
+    replay: &ReplayCache,
+    limits: &Limits,
+) -> Result<Verified, EnvelopeError> {
+    let mut envelope = parse(raw, limits)?;
+    let key = match envelope.key.take() {
+        Some(key) if key == subject_key => key,
+        Some(key) => {
+            return Err(EnvelopeError::NotOwnSubject {
+                key,
+                subject_key: subject_key.to_string(),
+            });
+        }
+        None => return Err(EnvelopeError::Unsigned),
+    };
+    admit(key, envelope, expected_op, now_ms, replay, limits)
+}
+
 /// Verifies a request for a read operation (`Op::is_read`) that came with reply subject
 /// `reply`. A signed envelope is verified as by [`verify`]. An unsigned one
 /// ([`Envelope::bound`]) is accepted for its claimed key only when `reply` is that key's
@@ -453,13 +483,13 @@ pub fn verify_read(
 
 fn verify_signed(
     sent: Sent,
-    envelope: Envelope,
+    mut envelope: Envelope,
     expected_op: &str,
     now_ms: u64,
     replay: &ReplayCache,
     limits: &Limits,
 ) -> Result<Verified, EnvelopeError> {
-    let (Some(key), Some(sig)) = (envelope.key, envelope.sig) else {
+    let (Some(key), Some(sig)) = (envelope.key.take(), envelope.sig.take()) else {
         return Err(EnvelopeError::Unsigned);
     };
     let sig = URL_SAFE_NO_PAD
@@ -477,6 +507,20 @@ fn verify_signed(
     public
         .verify(&input, &sig)
         .map_err(|_| EnvelopeError::BadSignature)?;
+    admit(key, envelope, expected_op, now_ms, replay, limits)
+}
+
+/// The checks after the signature (or in its place, see [`accept_on_own_subject`]): the
+/// operation, the clock skew, and last the replay cache, so only an envelope that passed
+/// everything else uses up a nonce.
+fn admit(
+    key: String,
+    envelope: Envelope,
+    expected_op: &str,
+    now_ms: u64,
+    replay: &ReplayCache,
+    limits: &Limits,
+) -> Result<Verified, EnvelopeError> {
     if envelope.op != expected_op {
         return Err(EnvelopeError::OpMismatch {
             expected: expected_op.to_string(),

@@ -1,4 +1,4 @@
-//! `unibus cluster status|replicas|init`.
+//! `unibus cluster status|replicas|init|finalize`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use unibus::auth::certs;
 use unibus::membership::jetstream::{BucketStatus, KvOptions, KvStore};
-use unibus::membership::{StoreError, history};
+use unibus::membership::{StoreError, history, version};
 use unibus::node::readiness::Readyz;
 
 use super::conn::{ConnArgs, app_jetstream, connect};
@@ -34,6 +34,18 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
     },
+    /// Record that every node runs this version, turning on what needs the whole cluster
+    /// on it (unsigned own-subject writes, the one-stage `rooms.create`). Checks first
+    /// that every node of the cluster answers on its admin HTTP and speaks this version.
+    /// Afterwards no node may run an older binary. Connects to the store as the nodes'
+    /// service user (--seed-file SECRETS/service.seed).
+    Finalize {
+        /// Every node's admin HTTP address (comma list).
+        #[arg(long, value_delimiter = ',', required = true)]
+        http: Vec<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Write the cluster's shared secrets once: CA, node certificates, callout issuer,
     /// service and bootstrap admin seeds, route credentials.
     Init {
@@ -57,7 +69,100 @@ pub async fn run(command: ClusterCommand) -> u8 {
             timeout_secs,
         } => cluster_replicas(n, &conn, Duration::from_secs(timeout_secs)).await,
         ClusterCommand::Init { out, nodes, hosts } => cluster_init(&out, &nodes, &hosts),
+        ClusterCommand::Finalize { http, conn } => cluster_finalize(&http, &conn).await,
     }
+}
+
+async fn cluster_finalize(http: &[String], conn: &ConnArgs) -> u8 {
+    let mut answers = Vec::with_capacity(http.len());
+    for addr in http {
+        answers.push((addr.clone(), fetch_readyz(addr).await.map(|(r, _)| r)));
+    }
+    if let Err(e) = every_node_speaks(&answers, version::PROTOCOL) {
+        eprintln!("error: not finalized: {e}");
+        return 1;
+    }
+    let client = match connect(conn).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let opts = KvOptions {
+        create: false,
+        ..KvOptions::default()
+    };
+    let recorded = match KvStore::open(client, opts).await {
+        Ok(kv) => kv.finalize().await,
+        Err(e) => Err(e),
+    };
+    match recorded {
+        Ok(v) => {
+            println!(
+                "cluster finalized at version {v}; nodes turn on what needs it within a few \
+                 seconds. From now on, run no unibus binary older than this one"
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `finalize`'s check on the nodes' `/readyz` answers: every address answered, each
+/// node once, each speaking `protocol` or later and seeing the JetStream meta group,
+/// every peer any of them has heard from among them, and as many nodes as the meta
+/// group's configured size (a node that is down counts there, so it is noticed rather
+/// than left to come back on old code).
+fn every_node_speaks(
+    answers: &[(String, Result<Readyz, String>)],
+    protocol: u32,
+) -> Result<(), String> {
+    use std::collections::BTreeSet;
+    let (mut names, mut peers) = (BTreeSet::new(), BTreeSet::new());
+    let mut cluster_size = 1;
+    for (addr, answer) in answers {
+        let readyz = answer.as_ref().map_err(|e| e.clone())?;
+        let node = &readyz.node;
+        let spoken = readyz.store.as_ref().and_then(|s| s.protocol).unwrap_or(0);
+        if spoken < protocol {
+            return Err(format!(
+                "node {node} ({addr}) speaks version {spoken}, not {protocol}; upgrade it first"
+            ));
+        }
+        if !names.insert(node.clone()) {
+            return Err(format!("node {node} is listed twice"));
+        }
+        match &readyz.cluster {
+            Some(c) if c.cluster_size == 0 => {
+                return Err(format!(
+                    "node {node} ({addr}) does not see the JetStream meta group yet; retry \
+                     once `unibus cluster status` shows a meta leader"
+                ));
+            }
+            Some(c) => {
+                cluster_size = cluster_size.max(c.cluster_size);
+                peers.extend(c.peers.iter().cloned());
+            }
+            None => {}
+        }
+    }
+    let missing: Vec<String> = peers.difference(&names).cloned().collect();
+    if !missing.is_empty() || names.len() < cluster_size {
+        let given = names.into_iter().collect::<Vec<_>>();
+        let missing = if missing.is_empty() {
+            String::new()
+        } else {
+            format!(", not {}", missing.join(", "))
+        };
+        return Err(format!(
+            "the cluster has {cluster_size} nodes and {} were given ({}){missing}; list \
+             every node's admin address",
+            given.len(),
+            given.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 fn cluster_init(out: &std::path::Path, nodes: &[String], hosts: &[String]) -> u8 {
@@ -225,5 +330,80 @@ async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
             return 1;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unibus::node::readiness::{ClusterView, Readiness, StoreView};
+
+    fn node(name: &str, protocol: Option<u32>, cluster_size: usize) -> Result<Readyz, String> {
+        let mut r = Readiness::new(name, true).snapshot();
+        r.cluster = Some(ClusterView {
+            meta_leader: Some("n1".into()),
+            peers: vec![name.into()],
+            cluster_size,
+        });
+        r.store = Some(StoreView {
+            protocol,
+            ..StoreView::default()
+        });
+        Ok(r)
+    }
+
+    fn at(addr: &str, r: Result<Readyz, String>) -> (String, Result<Readyz, String>) {
+        (addr.to_string(), r)
+    }
+
+    #[test]
+    fn finalize_needs_every_node_of_the_cluster_on_this_version() {
+        let p = version::PROTOCOL;
+        let all = [
+            at("a:1", node("n1", Some(p), 3)),
+            at("b:1", node("n2", Some(p), 3)),
+            at("c:1", node("n3", Some(p + 1), 3)),
+        ];
+        assert_eq!(every_node_speaks(&all, p), Ok(()));
+
+        let old = [
+            at("a:1", node("n1", Some(p), 3)),
+            at("b:1", node("n2", None, 3)),
+        ];
+        let err = every_node_speaks(&old, p).unwrap_err();
+        assert!(err.contains("n2") && err.contains("version 0"), "{err}");
+
+        let missing = [
+            at("a:1", node("n1", Some(p), 3)),
+            at("b:1", node("n2", Some(p), 3)),
+        ];
+        let err = every_node_speaks(&missing, p).unwrap_err();
+        assert!(err.contains("has 3 nodes and 2 were given"), "{err}");
+
+        // A node another has heard from must be among those given, whatever the size says.
+        let mut heard = node("n1", Some(p), 1).unwrap();
+        heard.cluster.as_mut().unwrap().peers = vec!["n1".into(), "n9".into()];
+        let err = every_node_speaks(&[at("a:1", Ok(heard))], p).unwrap_err();
+        assert!(err.contains("not n9"), "{err}");
+
+        // A node without a view of the meta group cannot vouch for the cluster's size.
+        let err = every_node_speaks(&[at("a:1", node("n1", Some(p), 0))], p).unwrap_err();
+        assert!(err.contains("meta group"), "{err}");
+
+        let twice = [
+            at("a:1", node("n1", Some(p), 2)),
+            at("a:2", node("n1", Some(p), 2)),
+        ];
+        assert!(every_node_speaks(&twice, p).unwrap_err().contains("twice"));
+
+        let down = [
+            at("a:1", node("n1", Some(p), 1)),
+            at("b:1", Err("cannot reach b:1".into())),
+        ];
+        assert!(
+            every_node_speaks(&down, p)
+                .unwrap_err()
+                .contains("cannot reach")
+        );
     }
 }

@@ -73,6 +73,7 @@ mod read_cache;
 pub mod recent;
 pub mod service;
 pub mod sqlite;
+pub mod version;
 
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -213,11 +214,18 @@ impl Member {
     }
 
     /// Whether this member belongs to `room`, rather than to an earlier room under the
-    /// same id (see [`Member::room_created_at`]). Two rooms under one id could only be
-    /// confused if the second were created in the very millisecond of the first.
+    /// same id (see [`Member::room_created_at`]) or to a create of the id that lost.
+    /// Two rooms under one id could only be confused by creation time if the second were
+    /// created in the very millisecond of the first, which two creators racing for one
+    /// id can do: the loser's owner record, written beside its room before the id was
+    /// known to be taken (`version::ONE_STAGE_CREATE`), would then match the winner's
+    /// room. A creator's record is the only owner record its holder adds for itself, so
+    /// such a record counts only if it names the room's owner.
     pub fn belongs_to(&self, room: &Room) -> bool {
+        let a_creators = self.role == Role::Owner && self.added_by == self.endpoint;
         self.room_created_at
             .is_none_or(|created_at| created_at == room.created_at)
+            && (!a_creators || self.endpoint == room.owner)
     }
 }
 
@@ -388,6 +396,28 @@ impl Store {
         match self {
             Store::Sqlite(_) => "sqlite",
             Store::JetStream(_) => "jetstream",
+        }
+    }
+
+    /// The cluster's finalized version as last read (see [`version`]). A single SQLite
+    /// node is the whole cluster, always at its own version.
+    pub fn cluster_version(&self) -> u32 {
+        match self {
+            Store::Sqlite(_) => version::PROTOCOL,
+            Store::JetStream(kv) => kv.cluster_version(),
+        }
+    }
+
+    /// True once every node is known to run code of `version` or later.
+    pub fn finalized_at(&self, version: u32) -> bool {
+        self.cluster_version() >= version
+    }
+
+    /// Reads the finalized version again (KV; a no-op on SQLite).
+    pub async fn refresh_cluster_version(&self) -> Result<u32> {
+        match self {
+            Store::Sqlite(_) => Ok(version::PROTOCOL),
+            Store::JetStream(kv) => kv.refresh_cluster_version().await,
         }
     }
 

@@ -25,7 +25,10 @@
 //! through another node are a replay too. A write on the caller's own subject skips that
 //! claim under `bus-auth=enforce`: the server lets nobody but the key's own connections
 //! publish there, and the key's holder gains nothing by replaying what it could sign anew.
-//! The claim is a replicated write, the dearest part of gate 1.
+//! The claim is a replicated write, the dearest part of gate 1. Once the cluster is
+//! finalized at [`super::version::OWN_SUBJECT_UNSIGNED`] (no node left that grants anyone
+//! else an own subject), such a write skips the signature check too
+//! ([`envelope::accept_on_own_subject`]), the other costly part.
 //!
 //! Only then does the store see the request for writing. `members.invite`'s two reads
 //! start beside gate 1's nonce claim and gate 2's lookup, to save a round trip, but their
@@ -50,7 +53,7 @@ use super::api::*;
 use super::history::History;
 use super::nonces::NonceLedger;
 use super::recent::{Callers, Rooms};
-use super::{MemberState, Role, Store, StoreError};
+use super::{MemberState, Role, Store, StoreError, version};
 use crate::auth::envelope::{self, ReplayCache};
 use crate::config::BusAuth;
 use crate::node::shutdown::Shutdown;
@@ -276,6 +279,22 @@ impl Handler {
         } else {
             let now = envelope::unix_ms_now();
             let verified = match own_key {
+                // The server vouches for who published on an own subject, and once the
+                // cluster is finalized no node grants anyone else's (`version`).
+                Some(subject_key)
+                    if self.config.bus_auth == BusAuth::Enforce
+                        && self.store.finalized_at(version::OWN_SUBJECT_UNSIGNED) =>
+                {
+                    envelope::accept_on_own_subject(
+                        raw,
+                        op.name(),
+                        subject_key,
+                        now,
+                        &self.replay,
+                        &limits,
+                    )
+                    .map(|v| envelope::Verified { nonce: None, ..v })
+                }
                 Some(subject_key) => envelope::verify_on_own_subject(
                     raw,
                     op.name(),
@@ -1064,6 +1083,77 @@ mod tests {
             assert_eq!(signer, me);
             assert_eq!(nonce.is_some(), claims, "{mode:?} {sent:?}");
         }
+    }
+
+    /// On a finalized cluster (a SQLite node always is) an enforce node takes a write on
+    /// its signer's own subject without checking the signature: the server vouches for
+    /// the publisher. Everywhere else a forged signature is still refused, and an own
+    /// subject still takes only its own key's requests.
+    #[tokio::test]
+    async fn a_finalized_enforce_node_trusts_the_own_subject_instead_of_the_signature() {
+        use crate::auth::envelope::{Envelope, Sent};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::Sqlite(
+            crate::membership::sqlite::SqliteStore::open(dir.path().join("s.db"))
+                .await
+                .unwrap(),
+        ));
+        assert!(store.finalized_at(version::OWN_SUBJECT_UNSIGNED));
+        let (me, forger) = (nkeys::KeyPair::new_user(), nkeys::KeyPair::new_user());
+        let body = serde_json::json!({ "room": "r1" });
+        // Signed by `forger`, claiming to be `me`.
+        let forged = |sent| {
+            let mut envelope = Envelope::sign_for(sent, "rooms.create", &body, &forger).unwrap();
+            envelope.key = Some(me.public_key());
+            envelope.to_vec()
+        };
+        let handler = |mode| {
+            let config = ServiceConfig {
+                bus_auth: mode,
+                ..ServiceConfig::default()
+            };
+            Handler::new(store.clone(), config, None)
+        };
+        let enforce = handler(BusAuth::Enforce);
+        let own = me.public_key();
+        let (signer, _, nonce) = enforce
+            .authenticate(Op::RoomsCreate, &forged(Sent::OwnSubject), None, Some(&own))
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!((signer, nonce), (own.clone(), None));
+        let refused = enforce
+            .authenticate(Op::RoomsCreate, &forged(Sent::Public), None, None)
+            .err()
+            .unwrap();
+        assert_eq!(refused.kind, ErrorKind::Unauthenticated);
+        // Someone else's own subject: refused before anything else.
+        let elsewhere = forger.public_key();
+        let refused = enforce
+            .authenticate(
+                Op::RoomsCreate,
+                &forged(Sent::OwnSubject),
+                None,
+                Some(&elsewhere),
+            )
+            .err()
+            .unwrap();
+        assert_eq!(refused.kind, ErrorKind::Unauthenticated);
+        // Where the server does not enforce the subject, the signature is checked.
+        let (signer, _, _) = handler(BusAuth::Soft)
+            .authenticate(Op::RoomsCreate, &forged(Sent::OwnSubject), None, Some(&own))
+            .unwrap();
+        assert_eq!(
+            signer, own,
+            "soft goes on with the claimed key, logging a would-deny"
+        );
+        // The operation is still checked: a write signed for another op is refused.
+        let other_op = Envelope::sign_for(Sent::OwnSubject, "rooms.delete", &body, &me)
+            .unwrap()
+            .to_vec();
+        assert!(
+            enforce
+                .authenticate(Op::RoomsCreate, &other_op, None, Some(&own))
+                .is_err()
+        );
     }
 
     #[test]

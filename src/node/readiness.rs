@@ -96,6 +96,13 @@ pub struct StoreView {
     pub replicas_wanted: Option<usize>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<BucketStatus>,
+    /// The cluster's finalized version as this node last read it (see
+    /// `membership::version`); absent from nodes older than the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_version: Option<u32>,
+    /// The version this node's code speaks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
 }
 
 /// The body of `/readyz`.

@@ -20,7 +20,7 @@ use super::shutdown::Shutdown;
 use crate::config::Config;
 use crate::membership::jetstream::{KvOptions, KvStore};
 use crate::membership::sqlite::SqliteStore;
-use crate::membership::{Store, StoreError};
+use crate::membership::{Store, StoreError, version};
 
 /// The SQLite file inside a node's data dir.
 pub const SQLITE_FILE: &str = "membership.db";
@@ -128,17 +128,23 @@ pub async fn view(
     config: &Config,
     data_dir: &Path,
 ) -> Result<StoreView, StoreError> {
+    let versions = StoreView {
+        cluster_version: Some(store.cluster_version()),
+        protocol: Some(version::PROTOCOL),
+        ..StoreView::default()
+    };
     Ok(match store {
         Store::Sqlite(_) => StoreView {
             backend: "sqlite".into(),
             path: Some(data_dir.join(SQLITE_FILE).to_string_lossy().into_owned()),
-            ..StoreView::default()
+            ..versions
         },
         Store::JetStream(kv) => StoreView {
             backend: "jetstream".into(),
             path: None,
             replicas_wanted: Some(config.replicas),
             buckets: kv.bucket_status().await?,
+            ..versions
         },
     })
 }
@@ -154,9 +160,27 @@ pub async fn watch(
     let reconcile_every = Duration::from_secs(config.reconcile_every_secs);
     let mut next_reconcile = tokio::time::Instant::now();
     loop {
+        // Features that need every node on this code turn on here, within one round of
+        // `unibus cluster finalize` (see `membership::version`).
+        // A node of older code than the cluster's finalized version stops being ready: it
+        // may not turn on what the newer version relies on.
+        let too_old = match store.refresh_cluster_version().await {
+            Ok(recorded) => version::check_supported(recorded).err(),
+            Err(e) => {
+                tracing::debug!("reading the cluster version: {e}");
+                None
+            }
+        };
         let (stage, view) = match view(&store, &config, &data_dir).await {
             Ok(view) => (store_stage(&view), Some(view)),
             Err(e) => (Stage::with_detail(StageState::Down, e.to_string()), None),
+        };
+        let stage = match too_old {
+            Some(e) => {
+                tracing::error!("{e}");
+                Stage::with_detail(StageState::Down, e.to_string())
+            }
+            None => stage,
         };
         if let Some(view) = &view {
             for b in &view.buckets {

@@ -2,6 +2,7 @@
 //! before a bucket is created or scaled.
 
 use super::*;
+use crate::membership::version;
 
 impl KvStore {
     /// Binds (or with `create`, creates) the five buckets and waits until each has a leader.
@@ -17,6 +18,7 @@ impl KvStore {
             .timeout(opts.op_timeout)
             .build(client.clone());
         let mut checked_size = false;
+        let mut created_users = false;
         let mut stores = Vec::with_capacity(BUCKETS.len());
         for bucket in BUCKETS {
             let stream_name = format!("KV_{bucket}");
@@ -58,6 +60,7 @@ impl KvStore {
                     check_cluster_size(&client, &js, replicas, opts.op_timeout).await?;
                     checked_size = true;
                 }
+                created_users |= bucket == "users";
                 let what = format!("create bucket {bucket}");
                 bounded(opts.op_timeout, &what, async {
                     js.create_key_value(kv::Config {
@@ -70,9 +73,15 @@ impl KvStore {
                     })
                     .await
                     .map_err(|e| {
-                        StoreError::Backend(format!(
-                            "{what} with {replicas} replicas: {e}; check `unibus cluster status`"
-                        ))
+                        let e = format!("{what} with {replicas} replicas: {e}");
+                        // The size check above placed as many replicas a moment ago, so
+                        // this is a peer the meta leader briefly counts as offline (a
+                        // cluster still forming): worth another try, unlike a refusal.
+                        if e.contains("no suitable peers") {
+                            StoreError::Unavailable(e)
+                        } else {
+                            StoreError::Backend(format!("{e}; check `unibus cluster status`"))
+                        }
                     })
                 })
                 .await?;
@@ -102,9 +111,93 @@ impl KvStore {
             index: Arc::new(index),
             keys: Arc::new(keys),
             quorum: Arc::default(),
+            finalized: Default::default(),
         };
         store.wait_for_leaders(opts.leader_timeout).await?;
+        if created_users {
+            store.finalize_if_new().await?;
+        }
+        let finalized = store.refresh_cluster_version().await?;
+        version::check_supported(finalized)?;
         Ok(store)
+    }
+
+    /// The cluster's finalized version as this store last read it (see
+    /// [`super::super::version`]).
+    pub fn cluster_version(&self) -> u32 {
+        self.finalized.get()
+    }
+
+    /// True once the cluster is finalized at `version` or later.
+    pub(crate) fn finalized_at(&self, version: u32) -> bool {
+        self.finalized.reached(version)
+    }
+
+    /// Reads the finalized version from the store (0: never finalized) and remembers it.
+    pub async fn refresh_cluster_version(&self) -> Result<u32> {
+        let recorded = self
+            .get_json::<version::Record>(&self.users, version::KEY)
+            .await?
+            .map_or(0, |(record, _)| record.version);
+        self.finalized.observe(recorded);
+        Ok(recorded)
+    }
+
+    /// Records this code's [`version::PROTOCOL`] as the cluster's finalized version,
+    /// unless the store already holds as much or more (a version is never lowered).
+    /// Returns the version now recorded. The caller checks every node runs this code
+    /// (`unibus cluster finalize`).
+    pub async fn finalize(&self) -> Result<u32> {
+        for _ in 0..3 {
+            // Delete markers included: a record deleted by another KV client is replaced
+            // at the marker's revision.
+            let (recorded, revision) = match self.last_message(&self.users, version::KEY).await? {
+                Some(msg) if is_delete_marker(&msg.headers) => (0, msg.sequence),
+                Some(msg) => (
+                    decode::<version::Record>("cluster version", &msg.payload)?.version,
+                    msg.sequence,
+                ),
+                None => (0, 0),
+            };
+            version::check_supported(recorded)?;
+            if recorded >= version::PROTOCOL {
+                self.finalized.observe(recorded);
+                return Ok(recorded);
+            }
+            let record = encode(&version::Record::now())?;
+            if let Cas::Written(_) = self
+                .cas(&self.users, version::KEY, record, revision)
+                .await?
+            {
+                self.finalized.observe(version::PROTOCOL);
+                return Ok(version::PROTOCOL);
+            }
+        }
+        Err(StoreError::conflict(
+            "the cluster version kept changing while finalizing; run it again",
+        ))
+    }
+
+    /// The `users` bucket was created by this open and has never held a message: the
+    /// cluster is being created now, by this code, and starts finalized. (Nodes creating
+    /// a cluster together each see the bucket missing; they write the same record
+    /// create-only, and the losers find it. A cluster must be created by nodes of one
+    /// version: an older node joining at that moment would not know the record.)
+    async fn finalize_if_new(&self) -> Result<()> {
+        let what = "read the users bucket's state";
+        let last_sequence = bounded_retry(self.op_timeout, what, || async {
+            self.js
+                .get_stream("KV_users")
+                .await
+                .map(|s| s.cached_info().state.last_sequence)
+                .map_err(|e| unavailable(what, e))
+        })
+        .await?;
+        if last_sequence == 0 {
+            let record = encode(&version::Record::now())?;
+            self.cas(&self.users, version::KEY, record, 0).await?;
+        }
+        Ok(())
     }
 
     /// The NATS connection this store uses.

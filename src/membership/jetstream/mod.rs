@@ -50,6 +50,12 @@
 //! the new room replaces it, and a listing of the new room's members removes it (only it,
 //! through its sequence: `KvStore::purge_through`), as does the new room's delete.
 //!
+//! Once the cluster is finalized at `version::ONE_STAGE_CREATE`, `create_room` writes the
+//! room, its owner's member record and index entry at once, before it knows the id is
+//! free; a create that loses takes its record and entry back through their own sequences,
+//! and until then its owner record grants nothing, since a creator's owner record counts
+//! only for the room's owner (`Member::belongs_to`). See `KvStore::create_room_in_one_stage`.
+//!
 //! # Two-bucket writes
 //!
 //! See the [module docs](super): `members` and index together on add, index first on
@@ -168,6 +174,9 @@ pub struct KvStore {
     pub(super) keys: Arc<kv::Store>,
     /// Shared by clones: barrier rounds of [`Self::confirm_quorum`].
     quorum: Arc<Quorum>,
+    /// Shared by clones: the cluster's finalized version as last read (see
+    /// [`super::version`]).
+    finalized: super::version::Finalized,
 }
 
 impl std::fmt::Debug for KvStore {

@@ -3,6 +3,7 @@
 
 use super::primitives::Created;
 use super::*;
+use crate::membership::version;
 
 impl KvStore {
     pub(crate) async fn add_user(&self, key: &str, name: &str, admin: bool) -> Result<User> {
@@ -178,19 +179,6 @@ impl KvStore {
         encrypted: bool,
     ) -> Result<Room> {
         let room = Room::new(id, name, owner, encrypted)?;
-        let reused = match self
-            .create_noting_reuse(&self.rooms, &room.id, encode(&room)?)
-            .await?
-        {
-            Created::Taken => {
-                return Err(StoreError::conflict(format!(
-                    "room {:?} already exists",
-                    room.id
-                )));
-            }
-            Created::Fresh => false,
-            Created::Reused => true,
-        };
         let owner = Member {
             room: room.id.clone(),
             endpoint: room.owner.clone(),
@@ -199,6 +187,17 @@ impl KvStore {
             added_by: room.owner.clone(),
             added_at: room.created_at,
             room_created_at: Some(room.created_at),
+        };
+        if self.finalized_at(version::ONE_STAGE_CREATE) {
+            return self.create_room_in_one_stage(room, owner).await;
+        }
+        let reused = match self
+            .create_noting_reuse(&self.rooms, &room.id, encode(&room)?)
+            .await?
+        {
+            Created::Taken => return Err(room_exists(&room.id)),
+            Created::Fresh => false,
+            Created::Reused => true,
         };
         let record = encode(&owner)?;
         // The id is ours now: write the owner's member record and index entry (together,
@@ -227,6 +226,102 @@ impl KvStore {
         )
         .await?;
         Ok(room)
+    }
+
+    /// [`Self::create_room`] once the cluster is finalized at
+    /// [`version::ONE_STAGE_CREATE`]: the room, its owner's member record and index entry
+    /// (both create-only) go out together, one fsynced stage instead of two, before the
+    /// id is known to be free. A create that loses the id leaves its owner record in the
+    /// winner's room until the undo below lands (or, if the undo fails, until a listing
+    /// of the room's members removes it): it grants nothing, because every node of this
+    /// version counts a creator's owner record only for the room's owner
+    /// ([`crate::membership::Member::belongs_to`]), and finalizing means no older node is
+    /// left to count it.
+    ///
+    /// Create-only, so that a record or entry already there (the caller's membership in
+    /// the winner's room, a leftover of an earlier room under the id) is never replaced
+    /// by a write this call may have to take back; and the undo removes only what this
+    /// call wrote, up to its own sequence ([`Self::purge_through`]), so a later write
+    /// under the same key survives.
+    async fn create_room_in_one_stage(&self, room: Room, owner: Member) -> Result<Room> {
+        let member_key = format!("{}.{}", owner.room, owner.endpoint);
+        let index_key = format!("{}.{}", owner.endpoint, owner.room);
+        let record = encode(&owner)?;
+        let pointer = Bytes::from(room.id.clone());
+        let (created, member, index) = futures_util::future::join3(
+            self.create_noting_reuse(&self.rooms, &room.id, encode(&room)?),
+            self.cas(&self.members, &member_key, record.clone(), 0),
+            self.cas(&self.index, &index_key, pointer.clone(), 0),
+        )
+        .await;
+        let ours = |written: &Result<Cas>| match written {
+            Ok(Cas::Written(seq)) => Some(*seq),
+            _ => None,
+        };
+        let (member_seq, index_seq) = (ours(&member), ours(&index));
+        let reused = match created {
+            Ok(Created::Fresh) => false,
+            Ok(Created::Reused) => true,
+            Ok(Created::Taken) => {
+                self.undo_lost_create(&member_key, member_seq, &index_key, index_seq)
+                    .await;
+                return Err(room_exists(&room.id));
+            }
+            // Unknown whether the room landed: if it did, go on (not knowing whether the
+            // id was used before, look for leftovers); if not, take back the rest.
+            Err(e) => {
+                let landed = matches!(
+                    self.get_json::<Room>(&self.rooms, &room.id).await,
+                    Ok(Some((found, _))) if found == room
+                );
+                if !landed {
+                    self.undo_lost_create(&member_key, member_seq, &index_key, index_seq)
+                        .await;
+                    return Err(e);
+                }
+                true
+            }
+        };
+        // Only once the room is ours may what an earlier room left under the id go.
+        if reused {
+            self.purge_room_leftovers(&room.id, &owner.endpoint).await?;
+        }
+        // The id is ours. Whatever was under the owner's keys (a leftover of an earlier
+        // room, or what a create of the same id by the same owner that lost wrote), or a
+        // write that failed, is replaced by a put, which lands after it, so that loser's
+        // undo cannot take it.
+        if member_seq.is_none() {
+            self.put(&self.members, &member_key, record).await?;
+        }
+        if index_seq.is_none() {
+            self.put(&self.index, &index_key, pointer).await?;
+        }
+        Ok(room)
+    }
+
+    /// Takes back what a create that lost its room's id wrote, each only through its own
+    /// sequence (None: this call wrote nothing there). The index entry goes only with the
+    /// member record: if a record of the caller was there already (its membership in the
+    /// winner's room), the entry points at it. Failures are logged, not returned: the
+    /// caller is told the id is taken either way, a leftover owner record grants nothing
+    /// and is removed by the room's next member listing, and the reconciler removes an
+    /// index entry without its member.
+    async fn undo_lost_create(
+        &self,
+        member_key: &str,
+        member_seq: Option<u64>,
+        index_key: &str,
+        index_seq: Option<u64>,
+    ) {
+        let Some(seq) = member_seq else { return };
+        if let Err(e) = self.purge_through(&self.members, member_key, seq).await {
+            tracing::warn!(member_key, "undoing a lost create's owner record: {e}");
+        }
+        if let Some(seq) = index_seq
+            && let Err(e) = self.purge_through(&self.index, index_key, seq).await
+        {
+            tracing::debug!(index_key, "undoing a lost create's index entry: {e}");
+        }
     }
 
     pub(crate) async fn get_room(&self, id: &str) -> Result<Room> {
@@ -556,4 +651,8 @@ impl KvStore {
         })
         .await
     }
+}
+
+fn room_exists(id: &str) -> StoreError {
+    StoreError::conflict(format!("room {id:?} already exists"))
 }

@@ -239,14 +239,13 @@ impl KvStore {
         &self,
         room: &str,
         endpoint: &str,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         self.put(
             &self.index,
             &format!("{endpoint}.{room}"),
             Bytes::from(room.to_string()),
         )
         .await
-        .map(|_| ())
     }
 
     /// Whether `kv` holds any message under `filter` (`prefix.>`), delete markers
