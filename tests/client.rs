@@ -294,6 +294,38 @@ fn two_users_on_three_nodes_through_the_cli_and_a_stranger_cannot_read() {
         &["listen", "r1", "--timeout", "2"],
     ));
     assert_eq!(out, "", "a new room with an old id inherits no history");
+
+    // The cluster was created by this code, so it started finalized (and the creates
+    // above ran in one stage): every node says so. Finalizing again checks every node
+    // and changes nothing; a list that leaves a node out is refused.
+    for node in &cluster.nodes {
+        let (_, readyz) = node.readyz().unwrap();
+        assert_eq!(
+            readyz["store"]["cluster_version"], readyz["store"]["protocol"],
+            "{readyz}"
+        );
+    }
+    let service = cluster.secrets.join("service.seed");
+    let https: Vec<&str> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.ports.http.as_str())
+        .collect();
+    let out = ok(cli(
+        &cluster,
+        1,
+        &service,
+        &["cluster", "finalize", "--http", &https.join(",")],
+    ));
+    assert!(out.contains("cluster finalized at version"), "{out}");
+    let (code, _, err) = cli(
+        &cluster,
+        1,
+        &service,
+        &["cluster", "finalize", "--http", &https[..2].join(",")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("has 3 nodes and 2 were given"), "{err}");
 }
 
 /// A connection to `node` as the node's own APP user: past the callout, allowed every
