@@ -1105,8 +1105,57 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
         subjects.push(subject);
     }
     let at_node = format!("unibus.ctl.rooms.create.{me}.s1");
-    assert_eq!(subjects, vec![at_node.clone(), at_node]);
-    for task in [public, any, silent] {
+    assert_eq!(subjects, vec![at_node.clone(), at_node.clone()]);
+    silent.abort();
+
+    // A node of a finalized cluster says it takes own-subject writes unsigned: from then
+    // on the client stops signing them. One refused as unauthenticated anyway (a node
+    // that has not read the finalized version yet) is signed and sent again.
+    let refuse_unsigned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut sub = raw.subscribe(at_node.clone()).await.unwrap();
+    raw.flush().await.unwrap();
+    let finalized = {
+        let (raw, seen_tx, refuse) = (raw.clone(), seen_tx.clone(), refuse_unsigned.clone());
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let envelope: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+                let signed = envelope["sig"].is_string();
+                let _ = seen_tx.send((signed.to_string(), msg.payload.clone()));
+                let mut headers = async_nats::HeaderMap::new();
+                let answer = if !signed && refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    headers.insert("Nats-Service-Error-Code", "401");
+                    r#"{"error":{"kind":"unauthenticated","message":"unsigned"}}"#
+                } else {
+                    headers.insert(unibus::membership::api::OWN_UNSIGNED_HEADER, "1");
+                    r#"{"ok":{}}"#
+                };
+                if let Some(reply) = msg.reply {
+                    let _ = raw
+                        .publish_with_headers(reply, headers, answer.into())
+                        .await;
+                    let _ = raw.flush().await;
+                }
+            }
+        })
+    };
+    let signed_or_not =
+        |seen: &mut tokio::sync::mpsc::UnboundedReceiver<(String, bytes::Bytes)>| {
+            let mut out = Vec::new();
+            while let Ok((signed, _)) = seen.try_recv() {
+                out.push(signed);
+            }
+            out
+        };
+    for _ in 0..2 {
+        client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+    }
+    assert_eq!(signed_or_not(&mut seen), ["true", "false"]);
+    refuse_unsigned.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answer = client.call_raw(Op::RoomsCreate, &body).await.unwrap();
+    assert_eq!(answer.as_ref(), br#"{"ok":{}}"#);
+    assert_eq!(signed_or_not(&mut seen), ["false", "true"]);
+    finalized.abort();
+    for task in [public, any] {
         task.abort();
     }
 }

@@ -146,6 +146,9 @@ struct Inner {
     epoch_check: tokio::sync::Mutex<()>,
     /// Until when writes skip own subjects (see [`ClientOptions::own_subjects_retry`]).
     own_subjects_unserved_until: Mutex<Option<std::time::Instant>>,
+    /// Set once a node said it takes own-subject writes unsigned
+    /// ([`api::OWN_UNSIGNED_HEADER`]): the cluster is finalized, which is never undone.
+    own_unsigned: std::sync::atomic::AtomicBool,
 }
 
 /// Connect options that authenticate as the key of `seed` (which signs the server's nonce),
@@ -261,6 +264,7 @@ impl Client {
                 send_epochs: Mutex::new(HashMap::new()),
                 epoch_check: tokio::sync::Mutex::new(()),
                 own_subjects_unserved_until: Mutex::new(None),
+                own_unsigned: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -305,6 +309,12 @@ impl Client {
     /// no node serves own subjects at all and the public subject answers, the cluster is
     /// one from before them: writes then go straight to the public subject for
     /// [`ClientOptions::own_subjects_retry`] instead of paying two such round trips each.
+    ///
+    /// Once a node has said that the cluster takes own-subject writes unsigned (an
+    /// `enforce` node of a finalized cluster, see `membership::version`), they go
+    /// unsigned, as reads do: the server vouches for the publisher. Should one be refused
+    /// as unauthenticated anyway (a node that has not read the finalized version yet, for
+    /// up to 2 s after `unibus cluster finalize`), it is signed and sent again.
     pub async fn call_raw<B: Serialize>(
         &self,
         op: Op,
@@ -312,7 +322,7 @@ impl Client {
     ) -> Result<bytes::Bytes, ClientError> {
         if op.is_read() {
             let envelope = Envelope::bound(op.name(), body, &self.inner.public);
-            return self.ctl_request(op, op.subject(), envelope).await;
+            return Ok(self.ctl_request(op, op.subject(), envelope).await?.payload);
         }
         let unserved = &self.inner.own_subjects_unserved_until;
         let skip_own = unserved
@@ -328,15 +338,17 @@ impl Client {
             }
             subjects.push(op.own_subject(key));
             for subject in subjects {
-                let own = Envelope::sign_for(Sent::OwnSubject, op.name(), body, &self.inner.key);
-                match self.ctl_request(op, subject, own).await {
+                match self.own_subject_request(op, subject, body).await {
                     Err(ClientError::NoResponders { .. }) => continue,
                     answer => return answer,
                 }
             }
         }
         let public = Envelope::sign(op.name(), body, &self.inner.key);
-        let answer = self.ctl_request(op, op.subject(), public).await;
+        let answer = self
+            .ctl_request(op, op.subject(), public)
+            .await
+            .map(|reply| reply.payload);
         // Only a reply (a refusal is one too) shows that a node serves the public subject
         // while none serves own subjects; a dropped connection shows nothing.
         if !skip_own && answer.is_ok() {
@@ -354,13 +366,50 @@ impl Client {
         answer
     }
 
-    /// One envelope to one control-plane subject, and its reply's bytes.
+    /// A write on an own subject (see [`Client::call_raw`]): unsigned once a node said
+    /// the cluster takes that, otherwise signed under the own-subject tag.
+    async fn own_subject_request<B: Serialize>(
+        &self,
+        op: Op,
+        subject: String,
+        body: &B,
+    ) -> Result<bytes::Bytes, ClientError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let unsigned = &self.inner.own_unsigned;
+        let signed = || Envelope::sign_for(Sent::OwnSubject, op.name(), body, &self.inner.key);
+        let reply = if unsigned.load(Relaxed) {
+            let bound = Envelope::bound(op.name(), body, &self.inner.public);
+            let reply = self.ctl_request(op, subject.clone(), bound).await?;
+            let refused = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error-Code"))
+                .is_some_and(|code| code.as_str() == ErrorKind::Unauthenticated.code().to_string());
+            if refused {
+                self.ctl_request(op, subject, signed()).await?
+            } else {
+                reply
+            }
+        } else {
+            self.ctl_request(op, subject, signed()).await?
+        };
+        if reply
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(api::OWN_UNSIGNED_HEADER).is_some())
+        {
+            unsigned.store(true, Relaxed);
+        }
+        Ok(reply.payload)
+    }
+
+    /// One envelope to one control-plane subject, and its reply.
     async fn ctl_request(
         &self,
         op: Op,
         subject: String,
         envelope: Result<Envelope, EnvelopeError>,
-    ) -> Result<bytes::Bytes, ClientError> {
+    ) -> Result<async_nats::Message, ClientError> {
         let envelope = envelope.map_err(|e| ClientError::Local(e.to_string()))?;
         let payload = serde_json::to_vec(&envelope)
             .map_err(|e| ClientError::Local(format!("encoding the request: {e}")))?;
@@ -388,7 +437,7 @@ impl Client {
                 _ => ClientError::Closed(e.to_string()),
             }
         })?;
-        Ok(response.payload)
+        Ok(response)
     }
 
     /// Reconnects so the server recomputes this connection's permissions (after a change

@@ -19,6 +19,11 @@ pub const CTL_PREFIX: &str = "unibus.ctl";
 /// The micro service's name (`$SRV.PING.unibus-membership` etc.).
 pub const SERVICE_NAME: &str = "unibus-membership";
 
+/// A reply header an `enforce` node of a finalized cluster sets on its answers to writes
+/// on own subjects: it no longer checks their signatures (`membership::version`), so the
+/// client may stop making them. Any value means yes.
+pub const OWN_UNSIGNED_HEADER: &str = "Unibus-Own-Unsigned";
+
 /// Every control-plane operation, with its endpoint name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {

@@ -257,6 +257,13 @@ impl Handler {
         Prefetched::Invite { room, invitee }
     }
 
+    /// Whether a write on its signer's own subject is taken without its signature: under
+    /// `enforce`, once the cluster is finalized at [`version::OWN_SUBJECT_UNSIGNED`].
+    pub fn takes_unsigned_own_writes(&self) -> bool {
+        self.config.bus_auth == BusAuth::Enforce
+            && self.store.finalized_at(version::OWN_SUBJECT_UNSIGNED)
+    }
+
     /// Gate 1: the envelope. Returns the signer's key, the operation's body and, when the
     /// signature verified, the nonce (for the cluster-wide replay check). A read may come
     /// connection-bound instead of signed (`envelope::verify_read`), and under `enforce` a
@@ -281,10 +288,7 @@ impl Handler {
             let verified = match own_key {
                 // The server vouches for who published on an own subject, and once the
                 // cluster is finalized no node grants anyone else's (`version`).
-                Some(subject_key)
-                    if self.config.bus_auth == BusAuth::Enforce
-                        && self.store.finalized_at(version::OWN_SUBJECT_UNSIGNED) =>
-                {
+                Some(subject_key) if self.takes_unsigned_own_writes() => {
                     envelope::accept_on_own_subject(
                         raw,
                         op.name(),
@@ -983,6 +987,9 @@ pub async fn run(
             if let Some(kind) = kind {
                 headers.insert("Nats-Service-Error", kind.as_str());
                 headers.insert("Nats-Service-Error-Code", kind.code().to_string().as_str());
+            }
+            if own_key.is_some() && handler.takes_unsigned_own_writes() {
+                headers.insert(OWN_UNSIGNED_HEADER, "1");
             }
             // Through the service (which counts it in `$SRV.STATS`) while it listens; once
             // stopping, its connection is closing: answer on the other one.
