@@ -60,6 +60,10 @@ fn a_decentralized_cluster_starts_at_r1_and_grows_to_r3_live() {
         assert!(out.contains(bucket), "{out}");
     }
     assert!(out.contains("meta leader: n"), "{out}");
+    // A cluster created by this code starts finalized.
+    let protocol = unibus::membership::version::PROTOCOL;
+    let finalized = format!("cluster version: {protocol} finalized, this node speaks {protocol}\n");
+    assert!(out.contains(&finalized), "{out}");
 
     // Operator tools connect as the nodes' service user: the store lives in its account.
     let conn = cluster.client_args(2, "service.seed");

@@ -225,6 +225,18 @@ fn cluster_table(r: &Readyz) -> String {
             r.node
         )),
     }
+    if let Some(s) = &r.store
+        && let (Some(finalized), Some(protocol)) = (s.cluster_version, s.protocol)
+    {
+        let note = if finalized < protocol {
+            " (run `unibus cluster finalize` once every node runs this version)"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "cluster version: {finalized} finalized, this node speaks {protocol}{note}\n"
+        ));
+    }
     match &r.store {
         Some(s) if !s.buckets.is_empty() => out.push_str(&buckets_table(&s.buckets)),
         Some(s) => out.push_str(&format!(
