@@ -522,6 +522,26 @@ async fn encrypted_rooms(cluster: LocalCluster) {
             assert!(!contains(material, b64.as_bytes()));
         }
     }
+
+    // This cluster was created by this code, so it is finalized: a node takes a write on
+    // its signer's own subject without a signature, and says so in the reply.
+    use unibus::auth::envelope::Envelope;
+    use unibus::membership::api::{OWN_UNSIGNED_HEADER, Op};
+    let me = admin.key().to_string();
+    let body = serde_json::json!({ "room": "unsigned", "name": "u", "encrypted": false });
+    let bound = Envelope::bound("rooms.create", &body, &me)
+        .unwrap()
+        .to_vec();
+    let reply = admin
+        .nats()
+        .request(Op::RoomsCreate.own_subject(&me), bound.into())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&reply.payload);
+    assert!(text.starts_with(r#"{"ok""#), "{text}");
+    let headers = reply.headers.expect("reply headers");
+    assert!(headers.get(OWN_UNSIGNED_HEADER).is_some());
+    assert_eq!(admin.get_room("unsigned").await.unwrap().owner, me);
 }
 
 /// A node remembers the rooms created or read through it for a second, for the owner check
@@ -1140,8 +1160,19 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     };
     let signed_or_not =
         |seen: &mut tokio::sync::mpsc::UnboundedReceiver<(String, bytes::Bytes)>| {
+            // Each checked the way a node checks it.
             let mut out = Vec::new();
-            while let Ok((signed, _)) = seen.try_recv() {
+            while let Ok((signed, payload)) = seen.try_recv() {
+                let (op, now) = ("rooms.create", now());
+                let verified =
+                    envelope::verify_on_own_subject(&payload, op, &me, now, &replay, &limits);
+                if signed == "true" {
+                    verified.unwrap();
+                } else {
+                    assert!(matches!(verified, Err(envelope::EnvelopeError::Unsigned)));
+                    envelope::accept_on_own_subject(&payload, op, &me, now, &replay, &limits)
+                        .unwrap();
+                }
                 out.push(signed);
             }
             out

@@ -715,9 +715,11 @@ async fn jetstream_conformance() {
 }
 
 /// The cluster version on KV: a store created by this code starts finalized (and so
-/// creates rooms in one stage, the suite above); one from before the record (simulated by
-/// removing it) runs the two-stage create, passes the same suite, and is finalized only
-/// on request; a store finalized at a newer version than this code is refused.
+/// creates rooms in one stage, the suite above), as does one whose `users` bucket is under
+/// a minute old (an open that created it and failed, retried); one from before the record
+/// (simulated by removing it and binding without `create`, which never finalizes) runs
+/// the two-stage create, passes the same suite, and is finalized only on request; a
+/// store finalized at a newer version than this code is refused.
 #[tokio::test]
 async fn jetstream_cluster_version_gates_what_needs_every_node() {
     use unibus::membership::version;
@@ -728,11 +730,31 @@ async fn jetstream_cluster_version_gates_what_needs_every_node() {
         .unwrap();
     assert_eq!(fresh.cluster_version(), version::PROTOCOL);
     let users = fresh.bucket("users").unwrap().clone();
-    users.purge(version::KEY).await.unwrap();
-
-    let legacy = KvStore::open(client.clone(), KvOptions::default())
+    // Removed without a trace (a purge of the subject, not a KV delete marker).
+    let remove_record = || async {
+        users
+            .stream
+            .purge()
+            .filter(format!("$KV.users.{}", version::KEY))
+            .await
+            .unwrap()
+    };
+    remove_record().await;
+    let retried = KvStore::open(client.clone(), KvOptions::default())
         .await
         .unwrap();
+    assert_eq!(
+        retried.cluster_version(),
+        version::PROTOCOL,
+        "a young bucket"
+    );
+    remove_record().await;
+
+    let bind = KvOptions {
+        create: false,
+        ..KvOptions::default()
+    };
+    let legacy = KvStore::open(client.clone(), bind.clone()).await.unwrap();
     assert_eq!(
         legacy.cluster_version(),
         0,

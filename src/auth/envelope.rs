@@ -35,7 +35,7 @@
 //! The connection proved the key when it was admitted (the auth callout verifies a nonce
 //! signature), so the reply reaches that key's holder and nobody else; a read changes
 //! nothing, so a replay or a forged claim gains nothing. That takes the two ed25519
-//! operations off every read, most of its cost. Writes stay signed.
+//! operations off every read, most of its cost. Writes stay signed, but for one case below.
 //!
 //! **Writes may go on the signer's own subject.** A write is signed either way. Sent to
 //! the public `unibus.ctl.<op>`, its nonce is claimed in the cluster-wide replay ledger (a
@@ -46,7 +46,9 @@
 //! the ledger's write is saved ([`verify_on_own_subject`]). Such an envelope is signed
 //! under its own tag ([`OWN_SUBJECT_SIGNING_TAG`]), so it never verifies on the public
 //! subject, where a copy (seen by a `bus-auth=soft` connection, say) would find its nonce
-//! unclaimed.
+//! unclaimed. Once the cluster is finalized (no node left that grants anyone else an own
+//! subject, `membership::version`), an `enforce` node takes such a write without its
+//! signature ([`accept_on_own_subject`]), and clients stop signing it.
 //!
 //! [`verify`] checks, in order: size (before parsing anything), JSON shape (unknown or
 //! duplicate fields are refused, so two parsers cannot read two different envelopes),

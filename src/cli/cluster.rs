@@ -230,6 +230,8 @@ fn cluster_table(r: &Readyz) -> String {
     {
         let note = if finalized < protocol {
             " (run `unibus cluster finalize` once every node runs this version)"
+        } else if finalized > protocol {
+            " (this node is too old for the cluster: upgrade it)"
         } else {
             ""
         };

@@ -28,8 +28,9 @@
 //!   taken the server's first PING as "connected", so the refusal is a lost connection and
 //!   the next attempt gets in. A key the cluster does not admit is refused at once, before
 //!   that PING, and `connect` fails.
-//! - **Signs** every control-plane write and sends it on the key's own subject, binds every
-//!   read to its own inbox ([`crate::auth::envelope`]), and decodes the [`Reply`] into
+//! - **Signs** every control-plane write and sends it on the key's own subject (unsigned
+//!   once a node says the cluster is finalized and takes that: [`Client::call_raw`]),
+//!   binds every read to its own inbox ([`crate::auth::envelope`]), and decodes the [`Reply`] into
 //!   `Result<T, ClientError>`, keeping the server's typed [`ErrorKind`].
 //! - **Refreshes its permissions** after a call that changes them (creating or joining a
 //!   room): the server computes a connection's permissions when it connects, so the client
@@ -383,7 +384,7 @@ impl Client {
             let refused = reply
                 .headers
                 .as_ref()
-                .and_then(|h| h.get("Nats-Service-Error-Code"))
+                .and_then(|h| h.get(api::SERVICE_ERROR_CODE_HEADER))
                 .is_some_and(|code| code.as_str() == ErrorKind::Unauthenticated.code().to_string());
             if refused {
                 self.ctl_request(op, subject, signed()).await?

@@ -24,6 +24,10 @@ pub const SERVICE_NAME: &str = "unibus-membership";
 /// client may stop making them. Any value means yes.
 pub const OWN_UNSIGNED_HEADER: &str = "Unibus-Own-Unsigned";
 
+/// The reply header carrying a refusal's [`ErrorKind::code`] (the micro service
+/// convention), beside `Nats-Service-Error` with its name.
+pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
+
 /// Every control-plane operation, with its endpoint name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -434,7 +438,9 @@ pub fn is_inbox_token(token: &str) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
-    /// No valid signature (or the signer is not an admitted user).
+    /// No valid signature (or the signer is not an admitted user). Only ever given
+    /// before anything was written (gates 1 and 2): the client resends an unsigned
+    /// write refused with it, signed, relying on that.
     Unauthenticated,
     /// Signed by someone the rules do not allow.
     Forbidden,

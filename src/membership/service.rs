@@ -323,7 +323,14 @@ impl Handler {
                 Err(e)
                     if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" =>
                 {
-                    tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
+                    // An unsigned write on its own subject is what clients of a finalized
+                    // cluster send, and what an enforce node would take: no alarm.
+                    let enforce_takes_it = own_key.is_some()
+                        && matches!(e, envelope::EnvelopeError::Unsigned)
+                        && self.store.finalized_at(version::OWN_SUBJECT_UNSIGNED);
+                    if !enforce_takes_it {
+                        tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
+                    }
                     let (key, body) = claimed(raw, op, &limits)?;
                     (key, body, None)
                 }
@@ -986,7 +993,7 @@ pub async fn run(
             let mut headers = HeaderMap::new();
             if let Some(kind) = kind {
                 headers.insert("Nats-Service-Error", kind.as_str());
-                headers.insert("Nats-Service-Error-Code", kind.code().to_string().as_str());
+                headers.insert(SERVICE_ERROR_CODE_HEADER, kind.code().to_string().as_str());
             }
             if own_key.is_some() && handler.takes_unsigned_own_writes() {
                 headers.insert(OWN_UNSIGNED_HEADER, "1");

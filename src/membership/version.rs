@@ -24,7 +24,8 @@
 //! readiness says why). Binaries from before the record cannot know it: after finalizing,
 //! the operator must never start one on the cluster again, which is the promise
 //! `finalize` asks for. A cluster created by this code starts finalized: the node that
-//! creates the `users` bucket writes the record before anything else.
+//! creates the `users` bucket writes the record (as does one that finds the bucket under a
+//! minute old without it: an open that created it may have failed and been retried).
 //!
 //! The cost is one more step in an upgrade from a cluster created before this code, and
 //! no way back to code older than the finalized version. A single SQLite node is the

@@ -4,6 +4,10 @@
 use super::*;
 use crate::membership::version;
 
+/// A `users` bucket younger than this without a version record belongs to a cluster being
+/// created now (see [`KvStore::finalize_if_new`]).
+const NEW_CLUSTER_WINDOW: Duration = Duration::from_secs(60);
+
 impl KvStore {
     /// Binds (or with `create`, creates) the five buckets and waits until each has a leader.
     pub async fn open(client: async_nats::Client, opts: KvOptions) -> Result<Self> {
@@ -114,8 +118,8 @@ impl KvStore {
             finalized: Default::default(),
         };
         store.wait_for_leaders(opts.leader_timeout).await?;
-        if created_users {
-            store.finalize_if_new().await?;
+        if opts.create {
+            store.finalize_if_new(created_users).await?;
         }
         let finalized = store.refresh_cluster_version().await?;
         version::check_supported(finalized)?;
@@ -178,22 +182,29 @@ impl KvStore {
         ))
     }
 
-    /// The `users` bucket was created by this open and has never held a message: the
-    /// cluster is being created now, by this code, and starts finalized. (Nodes creating
-    /// a cluster together each see the bucket missing; they write the same record
+    /// Whether the cluster is being created now, by this code, and so starts finalized:
+    /// this open created the `users` bucket, or it was created less than
+    /// [`NEW_CLUSTER_WINDOW`] ago and holds no version record yet (an open that created
+    /// it and then failed on a later bucket, retried). Whether the bucket is still empty
+    /// says nothing: a node that found it already there may have written its bootstrap
+    /// admin meanwhile. Nodes creating a cluster together write the same record
     /// create-only, and the losers find it. A cluster must be created by nodes of one
-    /// version: an older node joining at that moment would not know the record.)
-    async fn finalize_if_new(&self) -> Result<()> {
-        let what = "read the users bucket's state";
-        let last_sequence = bounded_retry(self.op_timeout, what, || async {
+    /// version: an older node joining in that first minute would not know the record.
+    async fn finalize_if_new(&self, created_users: bool) -> Result<()> {
+        let what = "read when the users bucket was created";
+        let created = bounded_retry(self.op_timeout, what, || async {
             self.js
                 .get_stream("KV_users")
                 .await
-                .map(|s| s.cached_info().state.last_sequence)
+                .map(|s| s.cached_info().created.unix_timestamp_nanos())
                 .map_err(|e| unavailable(what, e))
         })
         .await?;
-        if last_sequence == 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let young = now.saturating_sub(created) < NEW_CLUSTER_WINDOW.as_nanos() as i128;
+        if created_users || young {
             let record = encode(&version::Record::now())?;
             self.cas(&self.users, version::KEY, record, 0).await?;
         }
