@@ -1188,6 +1188,50 @@ async fn writes_go_to_the_nearest_subject_served_and_are_signed_for_it() {
     assert_eq!(answer.as_ref(), br#"{"ok":{}}"#);
     assert_eq!(signed_or_not(&mut seen), ["false", "true"]);
     finalized.abort();
+
+    // Reads: in full (key and nonce) until a node says every node takes minimal ones,
+    // then only op and body (the key is in the reply inbox).
+    let mut reads = raw.subscribe(Op::UsersGet.subject()).await.unwrap();
+    raw.flush().await.unwrap();
+    let reader = {
+        let (raw, seen_tx) = (raw.clone(), seen_tx.clone());
+        tokio::spawn(async move {
+            while let Some(msg) = reads.next().await {
+                let envelope: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+                let form = if envelope.get("key").is_some() {
+                    "full"
+                } else {
+                    "minimal"
+                };
+                let _ = seen_tx.send((form.to_string(), msg.payload.clone()));
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(unibus::membership::api::MINIMAL_READS_HEADER, "1");
+                if let Some(reply) = msg.reply {
+                    let _ = raw
+                        .publish_with_headers(reply, headers, "{\"ok\":{}}".into())
+                        .await;
+                    let _ = raw.flush().await;
+                }
+            }
+        })
+    };
+    let me_body = serde_json::json!({ "key": me });
+    for _ in 0..2 {
+        client.call_raw(Op::UsersGet, &me_body).await.unwrap();
+    }
+    let mut forms = Vec::new();
+    while let Ok((form, payload)) = seen.try_recv() {
+        if form == "minimal" {
+            let inbox = format!("_INBOX.{me}.x");
+            let read =
+                envelope::verify_read(&payload, "users.get", Some(&inbox), now(), &replay, &limits)
+                    .unwrap();
+            assert!(read.minimal && read.key == me);
+        }
+        forms.push(form);
+    }
+    assert_eq!(forms, ["full", "minimal"]);
+    reader.abort();
     for task in [public, any] {
         task.abort();
     }

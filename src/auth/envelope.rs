@@ -154,7 +154,11 @@ impl Default for Limits {
 pub struct Envelope {
     pub op: String,
     pub body: Box<RawValue>,
+    /// Absent (0) only in a minimal read ([`Envelope::minimal`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub ts: u64,
+    /// Absent (empty) only in a minimal read.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub nonce: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -173,6 +177,8 @@ pub struct Verified {
     /// connection-bound read, which needs no replay protection. (The service also drops it
     /// for a write on its signer's own subject under `bus-auth=enforce`.)
     pub nonce: Option<String>,
+    /// A minimal read ([`Envelope::minimal`]), whose key came from its reply inbox.
+    pub minimal: bool,
 }
 
 impl Verified {
@@ -252,6 +258,28 @@ impl Envelope {
         Envelope::sign_with(sent, op, body, key, unix_ms_now(), &nonce)
     }
 
+    /// The smallest connection-bound read: operation and body, nothing else. The key is
+    /// the one whose inbox the reply goes to ([`verify_read`]). Nodes before
+    /// `membership::version::MINIMAL_READS` refuse it as malformed, so the client sends it
+    /// only once a node said the cluster takes it.
+    pub fn minimal(op: &str, body: &impl Serialize) -> Result<Envelope, EnvelopeError> {
+        let body = serde_json::value::to_raw_value(body)
+            .map_err(|e| EnvelopeError::Sign(format!("body does not serialize: {e}")))?;
+        Ok(Envelope {
+            op: op.to_string(),
+            body,
+            ts: 0,
+            nonce: String::new(),
+            key: None,
+            sig: None,
+        })
+    }
+
+    /// Whether this is a minimal read ([`Envelope::minimal`]).
+    pub fn is_minimal(&self) -> bool {
+        self.ts == 0 && self.nonce.is_empty() && self.key.is_none() && self.sig.is_none()
+    }
+
     /// An unsigned, *connection-bound* envelope for a read by `key` (see [`verify_read`]):
     /// the server answers it only to `key`'s own inbox. It costs no signature, which is most
     /// of what a small read costs.
@@ -313,6 +341,10 @@ impl Envelope {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Size and shape checks only, no signature: for `bus-auth=off`, and the first half of
 /// [`verify`].
 pub fn parse(raw: &[u8], limits: &Limits) -> Result<Envelope, EnvelopeError> {
@@ -342,11 +374,12 @@ pub fn parse(raw: &[u8], limits: &Limits) -> Result<Envelope, EnvelopeError> {
             "op must be 1-64 characters of [a-z0-9._-]".into(),
         ));
     }
-    let nonce_ok = (16..=64).contains(&envelope.nonce.len())
-        && envelope
-            .nonce
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let nonce_ok = envelope.is_minimal()
+        || (16..=64).contains(&envelope.nonce.len())
+            && envelope
+                .nonce
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !nonce_ok {
         return Err(EnvelopeError::Malformed(
             "nonce must be 16-64 characters of base64url".into(),
@@ -462,8 +495,24 @@ pub fn verify_read(
     if envelope.sig.is_some() {
         return verify_signed(Sent::Public, envelope, expected_op, now_ms, replay, limits);
     }
-    let Some(key) = envelope.key else {
-        return Err(EnvelopeError::Unsigned);
+    let minimal = envelope.is_minimal();
+    let key = match envelope.key {
+        Some(key) => key,
+        // A minimal read names no key: the reply inbox does, and only that key's
+        // connections can subscribe there (checked below like any other claim).
+        None if envelope.is_minimal() => {
+            match reply.and_then(crate::membership::api::inbox_owner) {
+                Some(owner) => crate::membership::ids::user_key("key", owner).map_err(|_| {
+                    EnvelopeError::Malformed("the reply inbox names no user key".into())
+                })?,
+                None => {
+                    return Err(EnvelopeError::Unbound {
+                        reply: reply.unwrap_or_default().to_string(),
+                    });
+                }
+            }
+        }
+        None => return Err(EnvelopeError::Unsigned),
     };
     if envelope.op != expected_op {
         return Err(EnvelopeError::OpMismatch {
@@ -476,6 +525,7 @@ pub fn verify_read(
             key,
             body: envelope.body,
             nonce: None,
+            minimal,
         }),
         _ => Err(EnvelopeError::Unbound {
             reply: reply.unwrap_or_default().to_string(),
@@ -540,6 +590,7 @@ fn admit(
         key,
         body: envelope.body,
         nonce: Some(envelope.nonce),
+        minimal: false,
     })
 }
 
@@ -733,6 +784,61 @@ mod tests {
             verify(&raw, "rooms.create", now, &cache, &Limits::default()).unwrap_err(),
             EnvelopeError::Replayed
         );
+    }
+
+    /// A minimal read names nothing but its operation: the key is the one whose inbox the
+    /// reply goes to. It is a read only, and only bound to a user's inbox; anything else
+    /// without a nonce is malformed.
+    #[test]
+    fn a_minimal_read_takes_its_key_from_the_reply_inbox_and_is_nothing_else() {
+        let me = KeyPair::new_user().public_key();
+        let (cache, limits, now) = (ReplayCache::default(), Limits::default(), unix_ms_now());
+        let raw = Envelope::minimal("rooms.get", &json!({"room": "r1"}))
+            .unwrap()
+            .to_vec();
+        assert_eq!(
+            String::from_utf8_lossy(&raw),
+            r#"{"op":"rooms.get","body":{"room":"r1"}}"#
+        );
+        let inbox = format!("_INBOX.{me}.abc.1");
+        let ok = verify_read(&raw, "rooms.get", Some(&inbox), now, &cache, &limits).unwrap();
+        assert_eq!(
+            (ok.key.as_str(), ok.minimal, ok.nonce),
+            (me.as_str(), true, None)
+        );
+        // Not to an inbox, or to one that names no user: refused.
+        for reply in [None, Some("reply.somewhere"), Some("_INBOX.notakey.abc")] {
+            assert!(
+                verify_read(&raw, "rooms.get", reply, now, &cache, &limits).is_err(),
+                "{reply:?}"
+            );
+        }
+        // Another operation than the one it was sent to.
+        assert!(matches!(
+            verify_read(&raw, "users.get", Some(&inbox), now, &cache, &limits),
+            Err(EnvelopeError::OpMismatch { .. })
+        ));
+        // Never a write, on any subject.
+        assert_eq!(
+            verify(&raw, "rooms.get", now, &cache, &limits).unwrap_err(),
+            EnvelopeError::Unsigned
+        );
+        assert_eq!(
+            accept_on_own_subject(&raw, "rooms.get", &me, now, &cache, &limits).unwrap_err(),
+            EnvelopeError::Unsigned
+        );
+        // A key, a timestamp or a signature without a nonce is no minimal read.
+        for partial in [
+            json!({"op": "rooms.get", "body": {}, "key": me}),
+            json!({"op": "rooms.get", "body": {}, "ts": now}),
+            json!({"op": "rooms.get", "body": {}, "sig": "AAAA"}),
+        ] {
+            let raw = serde_json::to_vec(&partial).unwrap();
+            assert!(
+                matches!(parse(&raw, &limits), Err(EnvelopeError::Malformed(_))),
+                "{partial}"
+            );
+        }
     }
 
     #[test]

@@ -150,6 +150,8 @@ struct Inner {
     /// Set once a node said it takes own-subject writes unsigned
     /// ([`api::OWN_UNSIGNED_HEADER`]): the cluster is finalized, which is never undone.
     own_unsigned: std::sync::atomic::AtomicBool,
+    /// Set once a node said every node takes minimal reads ([`api::MINIMAL_READS_HEADER`]).
+    minimal_reads: std::sync::atomic::AtomicBool,
 }
 
 /// Connect options that authenticate as the key of `seed` (which signs the server's nonce),
@@ -266,6 +268,7 @@ impl Client {
                 epoch_check: tokio::sync::Mutex::new(()),
                 own_subjects_unserved_until: Mutex::new(None),
                 own_unsigned: std::sync::atomic::AtomicBool::new(false),
+                minimal_reads: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -322,8 +325,24 @@ impl Client {
         body: &B,
     ) -> Result<bytes::Bytes, ClientError> {
         if op.is_read() {
-            let envelope = Envelope::bound(op.name(), body, &self.inner.public);
-            return Ok(self.ctl_request(op, op.subject(), envelope).await?.payload);
+            use std::sync::atomic::Ordering::Relaxed;
+            let minimal = &self.inner.minimal_reads;
+            // Once a node said the cluster takes them, reads carry only op and body (the
+            // key is in the reply inbox); until then, the key and a nonce too.
+            let envelope = if minimal.load(Relaxed) {
+                Envelope::minimal(op.name(), body)
+            } else {
+                Envelope::bound(op.name(), body, &self.inner.public)
+            };
+            let reply = self.ctl_request(op, op.subject(), envelope).await?;
+            if reply
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(api::MINIMAL_READS_HEADER).is_some())
+            {
+                minimal.store(true, Relaxed);
+            }
+            return Ok(reply.payload);
         }
         let unserved = &self.inner.own_subjects_unserved_until;
         let skip_own = unserved

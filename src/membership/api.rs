@@ -24,6 +24,11 @@ pub const SERVICE_NAME: &str = "unibus-membership";
 /// client may stop making them. Any value means yes.
 pub const OWN_UNSIGNED_HEADER: &str = "Unibus-Own-Unsigned";
 
+/// A reply header a node of a cluster finalized at `version::MINIMAL_READS` sets on its
+/// answer to a read sent in full: every node now takes a minimal read
+/// (`Envelope::minimal`), so the client may send those. Any value means yes.
+pub const MINIMAL_READS_HEADER: &str = "Unibus-Minimal-Reads";
+
 /// The reply header carrying a refusal's [`ErrorKind::code`] (the micro service
 /// convention), beside `Nats-Service-Error` with its name.
 pub const SERVICE_ERROR_CODE_HEADER: &str = "Nats-Service-Error-Code";
@@ -353,6 +358,14 @@ pub const INBOX_ROOT: &str = "_INBOX";
 /// with it (`ConnectOptions::custom_inbox_prefix`), or they get no replies.
 pub fn inbox_prefix(key: &str) -> String {
     format!("{INBOX_ROOT}.{key}")
+}
+
+/// The key whose connections `reply` is an inbox of (`_INBOX.<key>.<more>`), unchecked:
+/// the caller validates it as a user key.
+pub fn inbox_owner(reply: &str) -> Option<&str> {
+    let rest = reply.strip_prefix(INBOX_ROOT)?.strip_prefix('.')?;
+    let (key, more) = rest.split_once('.')?;
+    (!key.is_empty() && !more.is_empty()).then_some(key)
 }
 
 /// Whether `reply` is an inbox of `key`'s connections (`_INBOX.<key>.<more>`).

@@ -100,6 +100,15 @@ pub struct Handler {
     history: Option<History>,
 }
 
+/// What gate 1 found: the claimed key, the body, the nonce to claim cluster-wide (if
+/// any) and whether the request was a minimal read (`envelope::Envelope::minimal`).
+struct Authenticated {
+    key: String,
+    body: Box<RawValue>,
+    nonce: Option<String>,
+    minimal: bool,
+}
+
 /// Who is asking, after authentication and the identity check.
 struct Caller {
     key: String,
@@ -161,10 +170,16 @@ impl Handler {
         raw: &[u8],
         reply: Option<&str>,
         own_key: Option<&str>,
-    ) -> (Vec<u8>, Option<ErrorKind>, Vec<String>) {
-        let mut revoke = Vec::new();
-        match self.process(op, raw, reply, own_key, &mut revoke).await {
-            Ok(encoded) => (encoded, None, revoke),
+    ) -> (Vec<u8>, Option<ErrorKind>, Vec<String>, bool) {
+        let (mut revoke, mut full_read) = (Vec::new(), false);
+        let processed = self
+            .process(op, raw, reply, own_key, &mut revoke, &mut full_read)
+            .await;
+        // A read sent in full to a node of a cluster where every node takes minimal ones:
+        // the reply says so.
+        let hint = full_read && self.store.finalized_at(version::MINIMAL_READS);
+        match processed {
+            Ok(encoded) => (encoded, None, revoke, hint),
             Err(e) => {
                 tracing::debug!(
                     op = op.name(),
@@ -173,7 +188,7 @@ impl Handler {
                     e.message
                 );
                 let kind = e.kind;
-                (json(&Reply::<()>::Error(e)), Some(kind), revoke)
+                (json(&Reply::<()>::Error(e)), Some(kind), revoke, hint)
             }
         }
     }
@@ -185,8 +200,15 @@ impl Handler {
         reply: Option<&str>,
         own_key: Option<&str>,
         revoke: &mut Vec<String>,
+        full_read: &mut bool,
     ) -> Result<Vec<u8>, CtlError> {
-        let (claimed_key, body, nonce) = self.authenticate(op, raw, reply, own_key)?;
+        let Authenticated {
+            key: claimed_key,
+            body,
+            nonce,
+            minimal,
+        } = self.authenticate(op, raw, reply, own_key)?;
+        *full_read = op.is_read() && !minimal;
         // A request that commits nothing to the store (a read, or `rooms.subscribe`, which
         // only opens a feed) and claims no nonce either would not notice a store leader that
         // lost its quorum and answers from a stale copy: a barrier does
@@ -275,14 +297,14 @@ impl Handler {
         raw: &[u8],
         reply: Option<&str>,
         own_key: Option<&str>,
-    ) -> Result<(String, Box<RawValue>, Option<String>), CtlError> {
+    ) -> Result<Authenticated, CtlError> {
         let limits = envelope::Limits {
             max_body: self.config.max_body,
             skew: self.config.skew,
         };
-        let (key, body, nonce) = if self.config.bus_auth == BusAuth::Off {
-            let (key, body) = claimed(raw, op, &limits)?;
-            (key, body, None)
+        let (key, body, nonce, minimal) = if self.config.bus_auth == BusAuth::Off {
+            let (key, body, minimal) = claimed(raw, op, reply, &limits)?;
+            (key, body, None, minimal)
         } else {
             let now = envelope::unix_ms_now();
             let verified = match own_key {
@@ -319,7 +341,7 @@ impl Handler {
                 None => envelope::verify(raw, op.name(), now, &self.replay, &limits),
             };
             match verified {
-                Ok(v) => (v.key, v.body, v.nonce),
+                Ok(v) => (v.key, v.body, v.nonce, v.minimal),
                 Err(e)
                     if self.config.bus_auth == BusAuth::Soft && e.code() == "unauthenticated" =>
                 {
@@ -331,13 +353,18 @@ impl Handler {
                     if !enforce_takes_it {
                         tracing::warn!(op = op.name(), "bus-auth soft: would deny: {e}");
                     }
-                    let (key, body) = claimed(raw, op, &limits)?;
-                    (key, body, None)
+                    let (key, body, minimal) = claimed(raw, op, reply, &limits)?;
+                    (key, body, None, minimal)
                 }
                 Err(e) => return Err(envelope_error(e)),
             }
         };
-        Ok((key, body, nonce))
+        Ok(Authenticated {
+            key,
+            body,
+            nonce,
+            minimal,
+        })
     }
 
     /// Gate 2: the signer is an active user.
@@ -783,8 +810,9 @@ fn require_admin(caller: &Caller) -> Result<(), CtlError> {
 fn claimed(
     raw: &[u8],
     op: Op,
+    reply: Option<&str>,
     limits: &envelope::Limits,
-) -> Result<(String, Box<RawValue>), CtlError> {
+) -> Result<(String, Box<RawValue>, bool), CtlError> {
     let env = envelope::parse(raw, limits).map_err(envelope_error)?;
     if env.op != op.name() {
         return Err(CtlError::invalid(format!(
@@ -793,10 +821,20 @@ fn claimed(
             op.name()
         )));
     }
+    // A minimal read names its key only through its reply inbox.
+    let from_inbox = || {
+        reply
+            .filter(|_| env.is_minimal() && op.is_read())
+            .and_then(inbox_owner)
+            .map(str::to_string)
+    };
     let key = env
         .key
+        .clone()
+        .or_else(from_inbox)
         .ok_or_else(|| CtlError::new(ErrorKind::Unauthenticated, "the request names no key"))?;
-    Ok((key, env.body))
+    let minimal = env.is_minimal();
+    Ok((key, env.body, minimal))
 }
 
 fn envelope_error(e: envelope::EnvelopeError) -> CtlError {
@@ -984,7 +1022,7 @@ pub async fn run(
             let started = std::time::Instant::now();
             let to = request.message.reply.clone();
             let own_key = op.own_subject_key(&request.message.subject);
-            let (body, kind, revoke) = handler
+            let (body, kind, revoke, minimal_reads) = handler
                 .handle(op, &request.message.payload, to.as_deref(), own_key)
                 .await;
             let (body, kind) = fit_reply(op, body, kind, listen.max_payload());
@@ -997,6 +1035,9 @@ pub async fn run(
             }
             if own_key.is_some() && handler.takes_unsigned_own_writes() {
                 headers.insert(OWN_UNSIGNED_HEADER, "1");
+            }
+            if minimal_reads {
+                headers.insert(MINIMAL_READS_HEADER, "1");
             }
             // Through the service (which counts it in `$SRV.STATS`) while it listens; once
             // stopping, its connection is closing: answer on the other one.
@@ -1091,7 +1132,9 @@ mod tests {
                 .unwrap()
                 .to_vec();
             let own_key = (sent == Sent::OwnSubject).then_some(me.as_str());
-            let (signer, _, nonce) = handler
+            let Authenticated {
+                key: signer, nonce, ..
+            } = handler
                 .authenticate(Op::RoomsCreate, &raw, None, own_key)
                 .unwrap_or_else(|e| panic!("{mode:?} {sent:?}: {}", e.message));
             assert_eq!(signer, me);
@@ -1130,7 +1173,9 @@ mod tests {
         };
         let enforce = handler(BusAuth::Enforce);
         let own = me.public_key();
-        let (signer, _, nonce) = enforce
+        let Authenticated {
+            key: signer, nonce, ..
+        } = enforce
             .authenticate(Op::RoomsCreate, &forged(Sent::OwnSubject), None, Some(&own))
             .unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!((signer, nonce), (own.clone(), None));
@@ -1152,7 +1197,7 @@ mod tests {
             .unwrap();
         assert_eq!(refused.kind, ErrorKind::Unauthenticated);
         // Where the server does not enforce the subject, the signature is checked.
-        let (signer, _, _) = handler(BusAuth::Soft)
+        let Authenticated { key: signer, .. } = handler(BusAuth::Soft)
             .authenticate(Op::RoomsCreate, &forged(Sent::OwnSubject), None, Some(&own))
             .unwrap();
         assert_eq!(

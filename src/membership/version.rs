@@ -1,7 +1,7 @@
 //! The cluster's finalized version: what every node of a cluster is known to run.
 //!
-//! Some changes are safe only once *no* node runs code from before them. Two are built so
-//! far, both on the write path:
+//! Some changes are safe only once *no* node runs code from before them. Three are built
+//! so far; two on the write path:
 //! - a write that arrives on its signer's own subject under `bus-auth=enforce` is not
 //!   signature-checked, because the server vouches for the publisher (as it already does
 //!   for connection-bound reads). A node from before own subjects grants its users
@@ -12,6 +12,10 @@
 //!   the loser's owner record sits under the winner's room id. Nodes of this version
 //!   never count a creator's owner record (one its holder added for itself) that does not name the room's owner
 //!   ([`super::Member::belongs_to`]); older nodes would, if its creation time matched.
+//!
+//! and one on the read path: a connection-bound read may leave out `ts`, `nonce` and `key`
+//! (the key is in its reply inbox), which nodes before [`MINIMAL_READS`] refuse as
+//! malformed, so clients send it only once a node says the cluster is finalized there.
 //!
 //! Polling the nodes cannot tell that no old node will run again: a node that is down
 //! does not answer, and may come back on old code between two polls. So, as databases do,
@@ -36,14 +40,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The protocol version of this code. 0 stands for every version before the record
-/// existed; 1 brought the unsigned own-subject writes and the one-stage `rooms.create`.
-pub const PROTOCOL: u32 = 1;
+/// existed; 1 brought the unsigned own-subject writes and the one-stage `rooms.create`;
+/// 2 the minimal read envelope.
+pub const PROTOCOL: u32 = 2;
 
 /// The version at which own-subject writes skip the signature check.
 pub const OWN_SUBJECT_UNSIGNED: u32 = 1;
 
 /// The version at which `rooms.create` writes in one stage.
 pub const ONE_STAGE_CREATE: u32 = 1;
+
+/// The version at which clients may send reads as minimal envelopes (`op` and `body`
+/// only, the key taken from the reply inbox): every node's code takes them from then on.
+pub const MINIMAL_READS: u32 = 2;
 
 /// The reserved key the finalized version is stored under (in the `users` bucket).
 pub const KEY: &str = "_version";
