@@ -36,6 +36,10 @@
 //! signature), so the reply reaches that key's holder and nobody else; a read changes
 //! nothing, so a replay or a forged claim gains nothing. That takes the two ed25519
 //! operations off every read, most of its cost. Writes stay signed, but for one case below.
+//! A *minimal* read ([`Envelope::minimal`]) carries only `op` and `body`: the key is the
+//! one the reply inbox names, so nothing else is needed. Nodes before
+//! `membership::version::MINIMAL_READS` refuse it as malformed, so clients send it only
+//! once a node says the cluster is finalized there.
 //!
 //! **Writes may go on the signer's own subject.** A write is signed either way. Sent to
 //! the public `unibus.ctl.<op>`, its nonce is claimed in the cluster-wide replay ledger (a
