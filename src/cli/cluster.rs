@@ -82,18 +82,11 @@ async fn cluster_finalize(http: &[String], conn: &ConnArgs) -> u8 {
         eprintln!("error: not finalized: {e}");
         return 1;
     }
-    let client = match connect(conn).await {
-        Ok(c) => c,
+    let kv = match bind_store(conn).await {
+        Ok(kv) => kv,
         Err(code) => return code,
     };
-    let opts = KvOptions {
-        create: false,
-        ..KvOptions::default()
-    };
-    let recorded = match KvStore::open(client, opts).await {
-        Ok(kv) => kv.finalize().await,
-        Err(e) => Err(e),
-    };
+    let recorded = kv.finalize().await;
     match recorded {
         Ok(v) => {
             println!(
@@ -268,21 +261,24 @@ fn buckets_table(buckets: &[BucketStatus]) -> String {
     out
 }
 
-async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
-    let client = match connect(conn).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+/// The store's existing buckets, reached as the nodes' service user (operator tools);
+/// on failure, the exit code, the error already printed.
+async fn bind_store(conn: &ConnArgs) -> Result<KvStore, u8> {
+    let client = connect(conn).await?;
     let opts = KvOptions {
         create: false,
         ..KvOptions::default()
     };
-    let kv = match KvStore::open(client, opts).await {
+    KvStore::open(client, opts).await.map_err(|e| {
+        eprintln!("error: {e}");
+        1
+    })
+}
+
+async fn cluster_replicas(n: usize, conn: &ConnArgs, timeout: Duration) -> u8 {
+    let kv = match bind_store(conn).await {
         Ok(kv) => kv,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 1;
-        }
+        Err(code) => return code,
     };
     if let Err(e) = kv.set_replicas(n).await {
         eprintln!("error: {e}");
